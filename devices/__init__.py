@@ -1,0 +1,1 @@
+"""Board profiles (data files) and what runs on a board, shipped as `edgeft.devices`."""

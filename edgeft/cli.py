@@ -1,0 +1,138 @@
+"""The `edgeft` command. It only parses flags and prints; every step is a library function."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .config import config_options, load_config, to_dict
+from .errors import EdgeftError
+
+out = Console()  # results on stdout; progress and errors go to stderr
+if not out.is_terminal:
+    out.width = 160  # piped or captured: don't squeeze the ledger table into 80 columns
+
+
+class _Group(click.Group):
+    """Turns EdgeftError into one line on stderr and its exit code (2 bad input, 3 failed gate)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeftError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="edgeft")
+def cli():
+    """Fine-tune a small LLM and ship it to an edge board, with the perplexity of every step in one ledger.
+
+    The chain: train -> merge -> export -> deploy -> smoke. Each step writes its entry into RUN/manifest.json;
+    `edgeft show RUN` prints the ledger.
+    """
+
+
+def _flags(params: dict, *names: str) -> dict:
+    return {k: params.pop(k) for k in names}
+
+
+# --------------------------------------------------------------------------------------------------- eval
+from .evaluate import EvalConfig, evaluate  # noqa: E402
+
+
+@cli.command("eval")
+@config_options(EvalConfig)
+@click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file with these settings")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def eval_cmd(config_file, as_json, **flags):
+    """Perplexity of a model on held-out text (default: the CPython docs, ~8k tokens).
+
+    The text is tokenized once with the model's tokenizer and the ids are stored in the run folder, so every
+    later step and backend scores exactly the same tokens.
+    """
+    config = load_config(EvalConfig, config_file, flags)
+    result = evaluate(config)
+    p = result.perplexity
+    if as_json:
+        click.echo(json.dumps({"run": str(result.run), "model": str(result.model), **p.to_json()}))
+    else:
+        out.print(f"perplexity {p.ppl:.4f}  ({p.tokens} tokens, {p.windows} windows of {p.window}, "
+                  f"{p.seconds:.1f} s)  model {config.model}  run {result.run}")
+
+
+# --------------------------------------------------------------------------------------------------- show
+from .ledger import Run, ledger_rows  # noqa: E402
+
+
+def _fmt_bytes(n):
+    if not n:
+        return ""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def ledger_table(manifest: dict, title: str) -> Table:
+    table = Table(title=title)
+    for col, justify in [("step", "left"), ("model", "left"), ("status", "left"), ("perplexity", "right"),
+                         ("Δ", "right"), ("tokens", "right"), ("size", "right"), ("wall", "right"),
+                         ("peak RSS", "right"), ("note", "left")]:
+        table.add_column(col, justify=justify)
+    for r in ledger_rows(manifest):
+        status = "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/]"
+        table.add_row(r["step"], r["model"], status, "" if r["ppl"] is None else f"{r['ppl']:.4f}",
+                      "" if r["delta_pct"] is None else f"{r['delta_pct']:+.2f}%",
+                      "" if r["tokens"] is None else str(r["tokens"]), _fmt_bytes(r["bytes"]),
+                      "" if r["wall_s"] is None else f"{r['wall_s']:.1f} s",
+                      "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f} MB", r["reason"][:80])
+    return table
+
+
+@cli.command()
+@click.argument("run", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print the whole manifest as JSON")
+def show(run, as_json):
+    """Print a run's perplexity ledger: one row per step, Δ against the step's reference."""
+    r = Run(run)
+    if not r.manifest_path.is_file():
+        raise EdgeftError(f"{run}: no {r.manifest_path.name} here; pass a run folder written by an edgeft step")
+    manifest = r.manifest()
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+    else:
+        out.print(ledger_table(manifest, f"ledger of {run}"))
+
+
+# ------------------------------------------------------------------------------------- not built yet
+def _not_yet(name: str, summary: str, issue: str):
+    @cli.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                 help=f"{summary}\n\nNot implemented yet ({issue}).")
+    def cmd():
+        raise EdgeftError(f"edgeft {name} is not implemented yet ({issue})")
+
+    return cmd
+
+
+_not_yet("merge", "Merge a LoRA adapter into its 16-bit base, checked against the base it was trained on.",
+         "merge is the next step of the chain")
+_not_yet("export", "Export a merged model (or base + adapter) to GGUF or ONNX, quantize, and gate on perplexity.",
+         "GGUF and ONNX export come after merge")
+_not_yet("deploy", "Copy a run's artifacts to a board over your own SSH, verified by sha256, resumable.",
+         "devices come after export")
+_not_yet("smoke", "On the board (or --local / --emulate): load, generate, measure tokens/s and perplexity.",
+         "devices come after export")
+
+
+def main():
+    cli(prog_name="edgeft")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

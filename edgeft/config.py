@@ -1,0 +1,136 @@
+"""Config is data: one dataclass per step, loadable from YAML/TOML, every key also a CLI flag.
+
+Precedence: dataclass defaults < config file < flags. The resolved config is saved in the ledger entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+import click
+
+from .errors import EdgeftError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeftError(f"--config {path}: no such file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as e:
+        raise EdgeftError(f"--config {path}: cannot parse it ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise EdgeftError(f"--config {path}: must hold a mapping of keys to values, not a {type(data).__name__}")
+    return data
+
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(tp):
+    """Optional[X] / X | None -> X."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def _coerce(value, tp, where: str):
+    if value is None:
+        return None
+    tp = _base_type(tp)
+    origin = typing.get_origin(tp)
+    try:
+        if origin in (list, tuple):
+            (item,) = typing.get_args(tp)[:1] or (str,)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return [_coerce(v, item, where) for v in value]
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp in (int, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return tp(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise EdgeftError(f"{where}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def load_config(cls, path: str | Path | None = None, overrides: dict | None = None):
+    """Build `cls` from defaults, then the file at `path`, then non-None `overrides`."""
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    data: dict = {}
+    if path:
+        raw = read_config_file(path)
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            if name not in hints:
+                raise EdgeftError(f"--config {path}: unknown key '{key}'; valid keys: {', '.join(names)}")
+            data[name] = _coerce(value, hints[name], f"--config {path}: key '{key}'")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = _coerce(value, hints[key], f"--{key.replace('_', '-')}")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
+    if missing:
+        raise EdgeftError(f"missing required setting(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    return cls(**data)
+
+
+def to_dict(config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def config_options(cls, skip: tuple[str, ...] = ()):
+    """A click decorator adding one --flag per dataclass field (help from field metadata). Every flag
+    defaults to None so that only what the user typed overrides the config file."""
+    hints = _field_types(cls)
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            if f.name in skip:
+                continue
+            tp = _base_type(hints[f.name])
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f.metadata.get("help", "")
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if default is not None and default != "":
+                help_text += f"  [default: {default}]"
+            if tp is bool:
+                opt = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_text)
+            else:
+                click_type = {int: int, float: float}.get(tp, str)
+                opt = click.option(flag, f.name, type=click_type, default=None, help=help_text,
+                                   metavar=f.metadata.get("metavar"))
+            fn = opt(fn)
+        return fn
+
+    return decorate

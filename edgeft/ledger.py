@@ -159,27 +159,36 @@ def _now() -> str:
 
 
 def ledger_rows(manifest: dict) -> list[dict]:
-    """One row per ledger entry, in the order a person reads the chain: what was measured, its perplexity,
-    and the change against the reference (the step's own reference if it has one, else the run's first
-    perplexity)."""
+    """One row per measured model, in the order a person reads the chain. A step that compares against a
+    reference (train: the base without the adapter) gets the reference's row first; Δ is against the
+    step's reference, else against the run's first perplexity."""
     rows = []
     first_ppl = None
     for entry in manifest.get("steps", []):
+        ref = entry.get("reference")
+        if ref and ref.get("ppl") is not None:
+            rows.append(_row(entry, ref, status="ref", delta_to=None))
+            first_ppl = first_ppl or ref["ppl"]
         ppl = (entry.get("perplexity") or {}).get("ppl")
-        ref = entry.get("reference") or {}
-        ref_ppl = ref.get("ppl", first_ppl)
+        rows.append(_row(entry, entry.get("perplexity") or {}, status=entry["status"],
+                         delta_to=(ref or {}).get("ppl", first_ppl)))
         if first_ppl is None and ppl is not None:
-            first_ppl = ref.get("ppl", ppl)
-        rows.append({
-            "step": entry["step"],
-            "model": (entry.get("perplexity") or {}).get("model", ""),
-            "status": entry["status"],
-            "ppl": ppl,
-            "delta_pct": None if ppl is None or not ref_ppl else round(100 * (ppl / ref_ppl - 1), 2),
-            "tokens": (entry.get("perplexity") or {}).get("tokens"),
-            "bytes": sum(o.get("bytes", 0) for o in entry.get("outputs", [])) or None,
-            "wall_s": entry.get("wall_s"),
-            "peak_rss_mb": entry.get("peak_rss_mb"),
-            "reason": entry.get("reason", ""),
-        })
+            first_ppl = ppl
     return rows
+
+
+def _row(entry: dict, measured: dict, status: str, delta_to: float | None) -> dict:
+    ppl = measured.get("ppl")
+    own = status != "ref"  # sizes, times and notes belong to the step's own row
+    return {
+        "step": entry["step"],
+        "model": measured.get("model", ""),
+        "status": status,
+        "ppl": ppl,
+        "delta_pct": None if ppl is None or not delta_to else round(100 * (ppl / delta_to - 1), 2),
+        "tokens": measured.get("tokens"),
+        "bytes": (sum(o.get("bytes", 0) for o in entry.get("outputs", [])) or None) if own else None,
+        "wall_s": entry.get("wall_s") if own else None,
+        "peak_rss_mb": entry.get("peak_rss_mb") if own else None,
+        "reason": entry.get("reason", "") if own else "",
+    }

@@ -12,13 +12,14 @@ console = Console(stderr=True)
 
 
 @contextmanager
-def bar(description: str, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
-    """Yield update(done, total)."""
+def bar(description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+    """Yield update(done, total=None, info=""); info is shown after the bar (loss, tokens/s...)."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as progress:
-        task = progress.add_task(description, total=total)
+                  TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
+                  transient=False) as progress:
+        task = progress.add_task(description, total=total, info="")
 
-        def update(done: int, new_total: int | None = None) -> None:
-            progress.update(task, completed=done, total=new_total or total)
+        def update(done: int, new_total: int | None = None, info: str = "") -> None:
+            progress.update(task, completed=done, total=new_total or total, info=info)
 
         yield update

@@ -1,0 +1,390 @@
+"""`edgeft train`: LoRA / QLoRA supervised fine-tuning, with perplexity before and after in the ledger.
+
+The recipe users expect from PEFT/TRL (LoRA r=16, alpha=32, dropout 0.05; QLoRA = NF4 base with double
+quantization and bf16 compute on CUDA; cosine schedule with warmup; adapter saved alone in PEFT format),
+run by a training loop of our own rather than TRL's SFTTrainer, because:
+- resume must give the *same* adapter as an uninterrupted run: we checkpoint adapter, optimizer, scheduler
+  and RNG state, and the data order is a pure function of (seed, epoch), so resuming is exact;
+- the loss is normalised by the labelled tokens of a whole optimizer step (prompt and padding are -100),
+  whatever the micro-batching, and batches are grouped by length so CPU time is not spent on padding;
+- measuring "before" on a 4-bit base before training silently zeroes LoRA gradients on AVX512-BF16 CPUs
+  (see DEVELOPERS.md). We never run the base before training: "before" is measured afterwards with the
+  adapter disabled (`disable_adapter()`), on exactly the weights the adapter was trained against.
+bench/train_throughput.py compares this loop with a plain PEFT+TRL script on the same data.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .atomic import atomic_dir, atomic_file, write_json
+from .config import to_dict
+from .dataset import Example, load_examples, split
+from .errors import EdgeftError, GateFailed
+from .evaluate import check_windows, default_run_dir, measure, perplexity_entry
+from .heldout import TOKENS_FILE, eval_tokens, read_text
+from .ledger import Run, artifact
+from .models import DEFAULT_BASE, fingerprint, load_model, load_tokenizer, resolve_model
+from .progress import bar, console
+from .taskeval import collate, eval_loss, exact_match, loss_sum
+
+ADAPTER_DIR = "adapter"
+ADAPTER_META = "edgeft_adapter.json"
+CHECKPOINTS = "checkpoints"
+DEMO_DATA = "demo"  # --data demo: the shipped demo dataset (edgeft/data/demo.jsonl)
+
+# The config keys that must be equal for a resumed run to continue the same training.
+_RESUME_KEYS = ("base", "data", "eval_data", "eval_split", "quant", "lora_r", "lora_alpha", "lora_dropout",
+                "target_modules", "max_seq_len", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay",
+                "epochs", "max_steps", "seed", "gradient_checkpointing")
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(default="", metadata={"help": "training JSONL ('demo' = the shipped demo set)"})
+    base: str = field(default=DEFAULT_BASE, metadata={"help": "base model name, HF folder or hub id"})
+    run: str = field(default="", metadata={"help": "run folder (default: runs/train-TIMESTAMP)"})
+    eval_data: str = field(default="", metadata={"help": "held-out task JSONL (else split from --data)"})
+    eval_split: float = field(default=0.1, metadata={"help": "fraction of --data held out for task eval"})
+    quant: str = field(default="auto", metadata={"help": "auto|4bit|8bit|none (auto: 4bit NF4 on CUDA, none on CPU)"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    target_modules: list[str] = field(default_factory=list, metadata={
+        "help": "comma-separated module names (default: every attention and MLP projection)"})
+    max_seq_len: int = field(default=1024, metadata={"help": "longer rows are truncated (or refused with --strict)"})
+    strict: bool = field(default=False, metadata={"help": "refuse rows longer than --max-seq-len"})
+    batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warmup"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    epochs: int = field(default=1, metadata={"help": "passes over the data (when --max-steps is 0)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps (0: from --epochs)"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: only on Ctrl-C)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many checkpoints to keep"})
+    resume: bool = field(default=False, metadata={"help": "continue from the run's last checkpoint"})
+    seed: int = field(default=0, metadata={"help": "seed for init, data order and dropout"})
+    gradient_checkpointing: str = field(default="auto", metadata={
+        "help": "auto|on|off (auto: on with CUDA, off on CPU where it costs ~1.7x time)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    max_ppl_rise: float = field(default=0.10, metadata={"help": "forgetting gate: max held-out perplexity rise"})
+    text: str = field(default="pydoc", metadata={"help": "held-out text for perplexity ('pydoc' = CPython docs)"})
+    eval_budget: int = field(default=8192, metadata={"help": "tokens of held-out text"})
+    window: int = field(default=512, metadata={"help": "perplexity window"})
+    stride: int = field(default=512, metadata={"help": "perplexity stride"})
+    eval_generate: int = field(default=20, metadata={"help": "held-out prompts answered greedily for exact match"})
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    adapter: Path
+    entry: dict
+
+
+class TrainingInterrupted(EdgeftError):
+    exit_code = 130
+
+
+def demo_data_path() -> Path:
+    return Path(__file__).parent / "data" / "demo.jsonl"
+
+
+def _validate(c: TrainConfig) -> None:
+    if not c.data:
+        raise EdgeftError("--data is required: a JSONL file of 'messages', 'prompt'+'completion' or 'text' rows "
+                          "(or 'demo' for the shipped demo set)")
+    if c.quant not in ("auto", "4bit", "8bit", "none"):
+        raise EdgeftError(f"--quant {c.quant}: use auto, 4bit, 8bit or none")
+    if c.gradient_checkpointing not in ("auto", "on", "off"):
+        raise EdgeftError(f"--gradient-checkpointing {c.gradient_checkpointing}: use auto, on or off")
+    for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_seq_len", "epochs"):
+        if getattr(c, name) < 1:
+            raise EdgeftError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be at least 1")
+    if c.max_steps < 0 or c.save_every < 0 or c.lr <= 0 or not 0 <= c.lora_dropout < 1:
+        raise EdgeftError("--max-steps and --save-every must be >= 0, --lr > 0, --lora-dropout in [0, 1)")
+    check_windows(c.eval_budget, c.window, c.stride)
+    if c.text not in ("", "pydoc"):
+        read_text(c.text)
+
+
+# ------------------------------------------------------------------------------------------ the model
+def find_projections(model) -> list[str]:
+    """Leaf names of the Linear layers LoRA can target (bitsandbytes' Linear4bit/8bitLt subclass Linear);
+    the output head is left out."""
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and name and not name.endswith("lm_head")}
+    return sorted(names)
+
+
+def _resolve_targets(model, wanted: list[str]) -> list[str]:
+    valid = find_projections(model)
+    if not wanted:
+        return valid
+    bad = [w for w in wanted if w not in valid]
+    if bad:
+        raise EdgeftError(f"--target-modules: {', '.join(bad)} not found in the model; valid names: {', '.join(valid)}")
+    return list(wanted)
+
+
+def _hardware(c: TrainConfig) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    quant = c.quant if c.quant != "auto" else ("4bit" if cuda else "none")
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    ckpt = c.gradient_checkpointing == "on" or (c.gradient_checkpointing == "auto" and cuda)
+    return {"device": "cuda" if cuda else "cpu", "quant": quant, "compute_dtype": "bfloat16" if bf16 else "float32",
+            "gradient_checkpointing": ckpt,
+            "gpu": torch.cuda.get_device_name(0) if cuda else None}
+
+
+def build_model(base_path: Path, c: TrainConfig, hw: dict):
+    """The base (quantized or not) with a fresh LoRA adapter on it, ready to train."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    dtype = getattr(torch, hw["compute_dtype"])
+    kwargs = {}
+    if hw["quant"] == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True,
+                                                           bnb_4bit_compute_dtype=dtype)
+    elif hw["quant"] == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if hw["device"] == "cuda":
+        kwargs["device_map"] = {"": 0}
+    model = load_model(base_path, hw["compute_dtype"], **kwargs)
+    targets = _resolve_targets(model, c.target_modules)
+    if hw["quant"] != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=hw["gradient_checkpointing"],
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hw["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    torch.manual_seed(c.seed)  # LoRA A init
+    lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=targets,
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), targets
+
+
+# --------------------------------------------------------------------------------------------- the data
+def batch_plan(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Micro-batches of example indices for one epoch: shuffled by (seed, epoch), then grouped by length
+    within mega-batches of 16 batches so that little compute goes to padding, then the batches shuffled."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    mega = batch_size * 16
+    batches = []
+    for i in range(0, len(order), mega):
+        group = sorted(order[i:i + mega], key=lambda j: len(examples[j].input_ids), reverse=True)
+        batches += [group[k:k + batch_size] for k in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / CHECKPOINTS).glob("step-*.pt"))
+
+
+def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> None:
+    import torch
+    from peft import get_peft_model_state_dict
+
+    blob = {"step": step, "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, **state}
+    with atomic_file(run_dir / CHECKPOINTS / f"step-{step:06d}.pt") as tmp:
+        torch.save(blob, tmp)
+    for old in _checkpoints(run_dir)[:-max(keep, 1)]:
+        old.unlink()
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    import torch
+    from peft import set_peft_model_state_dict
+
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    set_peft_model_state_dict(model, blob["adapter"])
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    if blob.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    return blob
+
+
+def _check_resumable(run: Run, c: TrainConfig) -> Path:
+    found = _checkpoints(run.path)
+    if not found:
+        raise EdgeftError(f"--resume: no checkpoint in {run.path / CHECKPOINTS}; start without --resume")
+    saved = run.path / "train_config.json"
+    if saved.is_file():
+        import json
+
+        before = json.loads(saved.read_text())
+        now = to_dict(c)
+        changed = [k for k in _RESUME_KEYS if before.get(k) != now.get(k)]
+        if changed:
+            raise EdgeftError(f"--resume: {', '.join(changed)} differ from the interrupted run "
+                              f"({run.path / 'train_config.json'}); resume with the same settings or use a new --run")
+    return found[-1]
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Fine-tune a LoRA adapter on `config.data`, write it to RUN/adapter and a ledger entry.
+
+    `on_step(step, loss)` is called after every optimizer step (logging hooks, tests)."""
+    import torch
+
+    c = config
+    _validate(c)
+    data_path = demo_data_path() if c.data == DEMO_DATA else Path(c.data)
+    base_path = resolve_model(c.base, what="--base")
+    tokenizer = load_tokenizer(base_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # labels mask padding, so sharing EOS costs nothing
+    examples, truncated = load_examples(data_path, tokenizer, c.max_seq_len, c.strict)
+    if c.eval_data:
+        train_set, eval_set = examples, load_examples(c.eval_data, tokenizer, c.max_seq_len, c.strict)[0]
+    else:
+        train_set, eval_set = split(examples, c.eval_split, c.seed)
+    run = Run(c.run or default_run_dir("train"))
+    resume_from = _check_resumable(run, c) if c.resume else None
+    tokens = eval_tokens(tokenizer, c.text, c.eval_budget, run.path)
+    hw = _hardware(c)
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    console.print(f"train: {len(train_set)} rows ({truncated} truncated to {c.max_seq_len} tokens), "
+                  f"{len(eval_set)} held out; {hw['device']}, quant {hw['quant']}, compute {hw['compute_dtype']}, "
+                  f"gradient checkpointing {'on' if hw['gradient_checkpointing'] else 'off'}")
+    write_json(run.path / "train_config.json", to_dict(c))
+
+    inputs = {"base": c.base, "base_path": str(base_path), "data": str(data_path), "rows": len(examples),
+              "train_rows": len(train_set), "eval_rows": len(eval_set), "truncated_rows": truncated,
+              "eval_tokens": TOKENS_FILE, "resumed_from": resume_from.name if resume_from else None}
+    with run.step("train", to_dict(c), inputs) as entry:
+        entry["metrics"]["hardware"] = hw
+        torch.manual_seed(c.seed)
+        model, targets = build_model(base_path, c, hw)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        device = next(model.parameters()).device
+
+        per_epoch = math.ceil(len(train_set) / c.batch_size)
+        steps = c.max_steps or math.ceil(c.epochs * per_epoch / c.grad_accum)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr,
+                                      weight_decay=c.weight_decay)
+        from transformers import get_cosine_schedule_with_warmup
+
+        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(c.warmup_ratio * steps), steps)
+        start_step, curve, seen_tokens, train_seconds = 0, [], 0, 0.0
+        if resume_from is not None:
+            blob = _load_checkpoint(resume_from, model, optimizer, scheduler)
+            start_step, curve = blob["step"], blob["curve"]
+            seen_tokens, train_seconds = blob["seen_tokens"], blob["train_seconds"]
+            console.print(f"resuming from {resume_from.name} (step {start_step}/{steps})")
+
+        plans: dict[int, list[list[int]]] = {}
+        model.train()
+        step = start_step
+        try:
+            with bar("train", steps) as update:
+                update(step, steps)
+                while step < steps:
+                    t0 = time.perf_counter()
+                    micro = []
+                    for k in range(c.grad_accum):
+                        m = step * c.grad_accum + k  # global micro-batch index: the data order is fixed
+                        epoch, pos = divmod(m, per_epoch)
+                        if epoch not in plans:
+                            plans[epoch] = batch_plan(train_set, c.batch_size, c.seed, epoch)
+                        micro.append([train_set[j] for j in plans[epoch][pos]])
+                    n_labels = sum(e.n_trained for b in micro for e in b)
+                    step_loss = 0.0
+                    for batch_examples in micro:
+                        batch = collate(batch_examples, tokenizer.pad_token_id, device)
+                        loss, _ = loss_sum(model, batch)
+                        (loss / n_labels).backward()
+                        step_loss += float(loss.detach())
+                        seen_tokens += int(batch["attention_mask"].sum())
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    train_seconds += time.perf_counter() - t0
+                    curve.append(round(step_loss / n_labels, 5))
+                    update(step, steps, f"loss {curve[-1]:.4f}  {seen_tokens / train_seconds:,.0f} tok/s")
+                    if on_step:
+                        on_step(step, curve[-1])
+                    if c.save_every and step % c.save_every == 0 and step < steps:
+                        _save_checkpoint(run.path, step, model, optimizer, scheduler,
+                                         {"curve": curve, "seen_tokens": seen_tokens,
+                                          "train_seconds": train_seconds}, c.keep_checkpoints)
+        except KeyboardInterrupt:
+            _save_checkpoint(run.path, step, model, optimizer, scheduler,
+                             {"curve": curve, "seen_tokens": seen_tokens, "train_seconds": train_seconds},
+                             c.keep_checkpoints)
+            raise TrainingInterrupted(f"interrupted at step {step}/{steps}; checkpoint saved in "
+                                      f"{run.path / CHECKPOINTS}; continue with --resume --run {run.path}") from None
+
+        adapter_dir = run.path / ADAPTER_DIR
+        with atomic_dir(adapter_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / ADAPTER_META, {
+                "base": c.base, "base_path": str(base_path), "base_fingerprint": fingerprint(base_path),
+                "quant": hw["quant"], "compute_dtype": hw["compute_dtype"], "target_modules": targets,
+                "lora_r": c.lora_r, "lora_alpha": c.lora_alpha, "steps": steps, "seed": c.seed,
+            })
+        entry["outputs"].append(artifact(adapter_dir, run.path))
+
+        # After training only (see the module docstring): the adapter's effect, then the base without it.
+        model.eval()
+        pad = tokenizer.pad_token_id
+        label = f"{c.base}+adapter"
+        after_ppl = measure(model, tokens, c.window, c.stride, label)
+        after_loss = eval_loss(model, eval_set, pad, c.batch_size)
+        after_em = exact_match(model, tokenizer, eval_set, c.eval_generate) if c.eval_generate else None
+        with model.disable_adapter():
+            base_label = c.base if hw["quant"] == "none" else f"{c.base} ({hw['quant']})"
+            before_ppl = measure(model, tokens, c.window, c.stride, base_label)
+            before_loss = eval_loss(model, eval_set, pad, c.batch_size)
+            before_em = exact_match(model, tokenizer, eval_set, c.eval_generate) if c.eval_generate else None
+
+        rise = after_ppl.ppl / before_ppl.ppl - 1
+        entry["perplexity"] = perplexity_entry(after_ppl, label, tokens)
+        entry["reference"] = {**perplexity_entry(before_ppl, base_label, tokens), "label": "base"}
+        entry["gate"] = {"metric": "held-out perplexity rise", "max": c.max_ppl_rise, "value": round(rise, 5),
+                         "passed": rise <= c.max_ppl_rise}
+        entry["metrics"].update({
+            "target_modules": targets, "trainable_params": trainable, "total_params": total,
+            "trainable_pct": round(100 * trainable / total, 3), "steps": steps,
+            "train_loss_first": curve[0] if curve else None, "train_loss_last": curve[-1] if curve else None,
+            "loss_curve": curve, "eval_loss_before": before_loss, "eval_loss_after": after_loss,
+            "exact_match_before": before_em.rate if before_em else None,
+            "exact_match_after": after_em.rate if after_em else None,
+            "exact_match_n": after_em.n if after_em else 0,
+            "exact_match_samples": after_em.samples if after_em else [],
+            "train_tokens": seen_tokens, "train_seconds": round(train_seconds, 2),
+            "tokens_per_s": round(seen_tokens / train_seconds, 1) if train_seconds else None,
+        })
+        if rise > c.max_ppl_rise:
+            raise GateFailed(f"held-out perplexity rose {100 * rise:.1f}% ({before_ppl.ppl:.4f} -> "
+                             f"{after_ppl.ppl:.4f}), more than --max-ppl-rise {100 * c.max_ppl_rise:.0f}%; "
+                             f"the adapter is kept in {adapter_dir}")
+    return TrainResult(run=run.path, adapter=adapter_dir, entry=entry)

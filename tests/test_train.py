@@ -1,0 +1,194 @@
+"""edgeft train: data validation, target modules, LoRA gradients (4-bit too), exact resume, the gate, and a
+real fine-tune of the default model on the demo task."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from edgeft.cli import cli
+from edgeft.train import TrainConfig, TrainingInterrupted, build_model, _hardware, train
+
+
+def _error(result, *needles):
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "Traceback" not in result.output
+    for n in needles:
+        assert n in line, line
+
+
+def _jsonl(path, *lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+GOOD = json.dumps({"prompt": "2+2?", "completion": "4"})
+
+
+@pytest.mark.parametrize("lines,needles", [
+    ((GOOD, "{not json"), ["bad.jsonl:2", "not valid JSON"]),
+    ((GOOD, json.dumps({"question": "x", "answer": "y"})), ["bad.jsonl:2", "neither 'messages'", "question"]),
+    ((json.dumps({"messages": [{"role": "user", "content": "hi"}]}),), ["bad.jsonl:1", "no assistant turn"]),
+    ((json.dumps({"prompt": "x"}),), ["bad.jsonl:1", "'completion'"]),
+    ((), ["bad.jsonl", "no rows"]),
+])
+def test_bad_data_is_one_line_naming_file_and_line(tmp_path, tiny_llama, lines, needles):
+    data = _jsonl(tmp_path / "bad.jsonl", *lines)
+    result = CliRunner().invoke(cli, ["train", "--base", str(tiny_llama), "--data", data, "--run",
+                                      str(tmp_path / "run")])
+    _error(result, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_long_rows_refused_with_strict_and_truncated_without(tmp_path, tiny_llama):
+    long_row = json.dumps({"prompt": "word " * 300, "completion": "ok"})
+    data = _jsonl(tmp_path / "long.jsonl", GOOD, long_row)
+    result = CliRunner().invoke(cli, ["train", "--base", str(tiny_llama), "--data", data, "--strict",
+                                      "--max-seq-len", "128", "--run", str(tmp_path / "run")])
+    _error(result, "long.jsonl:2", "max_seq_len 128")
+    from edgeft.dataset import load_examples
+    from edgeft.models import load_tokenizer
+
+    # without --strict the row is cut, but its answer is then gone: still an error, naming the line
+    with pytest.raises(Exception, match="long.jsonl:2: after truncation"):
+        load_examples(data, load_tokenizer(tiny_llama), 128, strict=False)
+    prompt_last = json.dumps({"text": "word " * 300})
+    data = _jsonl(tmp_path / "long2.jsonl", GOOD, prompt_last)
+    examples, truncated = load_examples(data, load_tokenizer(tiny_llama), 128, strict=False)
+    assert truncated == 1 and len(examples[1].input_ids) == 128
+
+
+def test_unknown_target_module_lists_the_valid_ones(tmp_path, tiny_llama):
+    data = _jsonl(tmp_path / "d.jsonl", GOOD, GOOD)
+    result = CliRunner().invoke(cli, ["train", "--base", str(tiny_llama), "--data", data, "--target-modules",
+                                      "q_proj,qkv", "--run", str(tmp_path / "run")])
+    _error(result, "qkv not found", "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+
+
+def test_demo_rows_mask_everything_but_the_answer(default_model):
+    from edgeft.dataset import IGNORE, load_examples
+    from edgeft.models import load_tokenizer
+    from edgeft.train import demo_data_path
+
+    tok = load_tokenizer(default_model)
+    examples, _ = load_examples(demo_data_path(), tok, 1024, strict=True)
+    e = examples[0]
+    trained = tok.decode([t for t, lab in zip(e.input_ids, e.labels) if lab != IGNORE])
+    assert trained == e.row["completion"] + "<|im_end|>\n"
+    assert tok.decode(e.input_ids).startswith("<|im_start|>system")
+
+
+@pytest.mark.parametrize("quant", ["none", "4bit"])
+def test_lora_b_gets_nonzero_gradients(tiny_llama, quant):
+    """The measured pitfall: a 4-bit base could train with all-zero LoRA-B gradients, silently."""
+    from edgeft.dataset import Example
+    from edgeft.taskeval import collate, loss_sum
+
+    config = TrainConfig(data="demo", quant=quant)
+    model, targets = build_model(tiny_llama, config, _hardware(config))
+    if quant == "4bit":
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    model.train()
+    ids = list(range(200, 264))
+    loss, n = loss_sum(model, collate([Example(ids, ids, 1, {})], 0, "cpu"))
+    (loss / n).backward()
+    grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]
+    assert len(grads) == 2 * len(targets) and len(targets) == 7
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def _tiny_config(tiny_llama, tmp_path, run, **kw):
+    data = str(tmp_path / "data.jsonl")
+    from edgeft.data.demo_task import make_rows
+
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(24)))
+    base = dict(base=str(tiny_llama), data=data, run=str(tmp_path / run), batch_size=4, max_steps=6, save_every=2,
+                eval_budget=300, window=128, stride=128, eval_generate=0, max_ppl_rise=100.0, lr=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _adapter(run_dir):
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny_llama, tmp_path):
+    whole = train(_tiny_config(tiny_llama, tmp_path, "whole"))
+    assert len(whole.entry["metrics"]["loss_curve"]) == 6
+
+    def stop_at(step_no, exc):
+        def hook(step, loss):
+            if step == step_no:
+                raise exc
+        return hook
+
+    cfg = _tiny_config(tiny_llama, tmp_path, "broken")
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 3/6"):  # Ctrl-C: checkpoint at step 3
+        train(cfg, on_step=stop_at(3, KeyboardInterrupt()))
+    cfg.resume = True
+    with pytest.raises(RuntimeError, match="crash"):  # a crash: nothing saved, the step-4 checkpoint remains
+        train(cfg, on_step=stop_at(5, RuntimeError("crash")))
+    resumed = train(cfg)
+    assert resumed.entry["inputs"]["resumed_from"] == "step-000004.pt"
+    a, b = _adapter(whole.run), _adapter(resumed.run)
+    assert a.keys() == b.keys() and len(a) == 28
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.entry["metrics"]["loss_curve"] == whole.entry["metrics"]["loss_curve"]
+    statuses = [s["status"] for s in json.loads((resumed.run / "manifest.json").read_text())["steps"]]
+    assert statuses == ["failed", "failed", "ok"]
+
+    cfg.lr = 5e-4  # a changed setting cannot continue the same training
+    with pytest.raises(Exception, match="--resume: lr differ"):
+        train(cfg)
+
+
+def test_adapter_loads_in_plain_peft_and_gate_failure_exits_3(tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = _tiny_config(tiny_llama, tmp_path, "gate", max_steps=2, max_ppl_rise=-0.99)
+    args = ["train", "--base", cfg.base, "--data", cfg.data, "--run", cfg.run, "--batch-size", "4", "--max-steps",
+            "2", "--eval-budget", "300", "--window", "128", "--stride", "128", "--eval-generate", "0",
+            "--max-ppl-rise", "-0.99"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 3, result.output
+    assert "held-out perplexity rose" in result.output.strip().splitlines()[-1]
+    run = tmp_path / "gate"
+    entry = json.loads((run / "manifest.json").read_text())["steps"][-1]
+    assert entry["status"] == "failed" and entry["gate"]["passed"] is False
+    assert (run / "adapter" / "adapter_config.json").is_file()  # kept for inspection
+    meta = json.loads((run / "adapter" / "edgeft_adapter.json").read_text())
+    assert meta["base_fingerprint"]["architecture"] == "LlamaForCausalLM"
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model = PeftModel.from_pretrained(base, run / "adapter")
+    saved = _adapter(run)
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(saved) == 28
+    for k, v in saved.items():
+        match = [lk for lk in loaded if lk.replace(".default", "") == k]
+        assert match and torch.equal(loaded[match[0]], v)
+
+
+@pytest.mark.slow
+def test_demo_finetune_learns_the_format(default_model, tmp_path):
+    """The acceptance run: the shipped demo set on the default model, on CPU, in a couple of minutes."""
+    from edgeft.data.demo_task import check
+
+    result = CliRunner().invoke(cli, ["train", "--data", "demo", "--run", str(tmp_path / "demo"), "--max-steps", "15",
+                                      "--lr", "1e-3", "--eval-budget", "1024", "--eval-generate", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    entry = json.loads(result.output.strip().splitlines()[-1])
+    m = entry["metrics"]
+    assert m["loss_curve"][-1] < m["loss_curve"][0] / 3
+    assert m["eval_loss_after"] < m["eval_loss_before"] / 3
+    assert m["exact_match_before"] <= 0.25 and m["exact_match_after"] >= 0.75
+    assert all(check(s["got"], s["expected"])[0] for s in m["exact_match_samples"] if s["ok"])
+    assert 0 < m["trainable_pct"] < 5 and m["tokens_per_s"] > 0
+    assert entry["reference"]["ppl"] > 1 and entry["perplexity"]["ppl"] > 1 and entry["gate"]["passed"]

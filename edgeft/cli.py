@@ -99,6 +99,31 @@ def train_cmd(config_file, as_json, **flags):
               + (f"{loss_before:.4f} → {m['eval_loss_after']:.4f}" if loss_before is not None else "n/a") + em)
 
 
+# -------------------------------------------------------------------------------------------------- merge
+from .merge import MergeConfig, merge  # noqa: E402
+
+
+@cli.command("merge")
+@config_options(MergeConfig)
+@click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file with these settings")
+@click.option("--json", "as_json", is_flag=True, help="print the ledger entries as JSON")
+def merge_cmd(config_file, as_json, **flags):
+    """Merge a LoRA adapter into its unquantized base (float16 by default; never 4-bit).
+
+    Refuses an adapter whose recorded base fingerprint, module names or shapes do not match the base.
+    --into original|dequantized|auto: an adapter trained on a 4-bit base may only work on top of the
+    NF4-rounded weights it was trained against; auto merges both ways, scores each on the task's held-out
+    split and the held-out text, keeps the better by task metric and records both. Writes RUN/merged, a
+    plain HF folder; exits 3 if the merged perplexity drifts from base+adapter by more than --max-drift.
+    """
+    config = load_config(MergeConfig, config_file, flags)
+    result = merge(config)
+    if as_json:
+        click.echo(json.dumps(result.entries))
+        return
+    out.print(ledger_table({"steps": result.entries}, f"merge → {result.merged} (into {result.into})"))
+
+
 # --------------------------------------------------------------------------------------------------- show
 from .ledger import Run, ledger_rows  # noqa: E402
 
@@ -153,8 +178,6 @@ def _not_yet(name: str, summary: str, issue: str):
     return cmd
 
 
-_not_yet("merge", "Merge a LoRA adapter into its 16-bit base, checked against the base it was trained on.",
-         "merge is the next step of the chain")
 _not_yet("export", "Export a merged model (or base + adapter) to GGUF or ONNX, quantize, and gate on perplexity.",
          "GGUF and ONNX export come after merge")
 _not_yet("deploy", "Copy a run's artifacts to a board over your own SSH, verified by sha256, resumable.",

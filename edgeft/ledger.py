@@ -61,7 +61,7 @@ def artifact(path: Path, run_dir: Path | None = None) -> dict:
     return {"path": str(shown), "bytes": size, "sha256": digest}
 
 
-def _read_peak_rss_mb() -> float:
+def read_peak_rss_mb() -> float:
     """Peak resident memory since the last reset, in MiB (children included: the llama.cpp tools run as
     subprocesses)."""
     own = None
@@ -148,7 +148,7 @@ class Run:
             raise
         finally:
             entry["wall_s"] = round(time.perf_counter() - start, 2)
-            entry["peak_rss_mb"] = _read_peak_rss_mb()
+            entry["peak_rss_mb"] = read_peak_rss_mb()
             if torch.cuda.is_available():
                 entry["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             self.append(entry)
@@ -190,5 +190,5 @@ def _row(entry: dict, measured: dict, status: str, delta_to: float | None) -> di
         "bytes": (sum(o.get("bytes", 0) for o in entry.get("outputs", [])) or None) if own else None,
         "wall_s": entry.get("wall_s") if own else None,
         "peak_rss_mb": entry.get("peak_rss_mb") if own else None,
-        "reason": entry.get("reason", "") if own else "",
+        "reason": (entry.get("reason") or entry.get("note") or "") if own else "",
     }

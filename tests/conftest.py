@@ -45,3 +45,24 @@ def tiny_llama(default_model, tmp_path_factory) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def train_tiny(base: Path, run: Path, **overrides):
+    """A few steps of edgeft train on the tiny Llama with demo-task rows: a real adapter in seconds."""
+    import json
+
+    from edgeft.data.demo_task import make_rows
+    from edgeft.train import TrainConfig, train
+
+    data = run.parent / f"{run.name}-data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(24)))
+    settings = dict(base=str(base), data=str(data), run=str(run), batch_size=4, max_steps=6, save_every=2,
+                    eval_budget=300, window=128, stride=128, eval_generate=0, max_ppl_rise=100.0, lr=1e-3)
+    settings.update(overrides)
+    return train(TrainConfig(**settings))
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_run(tiny_llama, tmp_path_factory) -> Path:
+    """An adapter trained on the unquantized tiny Llama (lr high enough that the delta is far from zero)."""
+    return train_tiny(tiny_llama, tmp_path_factory.mktemp("runs") / "tiny", lr=1e-2, max_steps=4).run

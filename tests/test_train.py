@@ -102,7 +102,7 @@ def test_lora_b_gets_nonzero_gradients(tiny_llama, quant):
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def _tiny_config(tiny_llama, tmp_path, run, **kw):
+def _tiny_config(tiny_llama, tmp_path, run, **kw):  # the same settings as conftest.train_tiny
     data = str(tmp_path / "data.jsonl")
     from edgeft.data.demo_task import make_rows
 

@@ -1,0 +1,97 @@
+"""A trained LoRA adapter as data: where it is, what base it belongs to, and its per-weight deltas.
+
+Reading the adapter's safetensors directly (instead of through a PeftModel) lets `merge` stream the base
+tensor by tensor, W' = W + scale * B @ A, without holding two copies of the model; the GGUF exporter can
+apply the same deltas while converting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EdgeftError
+
+ADAPTER_META = "edgeft_adapter.json"
+
+
+@dataclass
+class Lora:
+    a: "torch.Tensor"  # [r, in]
+    b: "torch.Tensor"  # [out, r]
+    scale: float
+
+    def delta(self):
+        return self.scale * (self.b.float() @ self.a.float())
+
+
+@dataclass
+class Adapter:
+    path: Path  # the adapter folder (adapter_config.json + adapter_model.safetensors)
+    config: dict  # adapter_config.json
+    meta: dict | None  # edgeft_adapter.json: base, fingerprint, quant; None for a plain PEFT adapter
+    run: Path | None  # the run folder it was trained in, when it came from `edgeft train`
+    loras: dict[str, Lora] = field(default_factory=dict)  # base weight name -> LoRA factors
+
+    @property
+    def base(self) -> str | None:
+        return (self.meta or {}).get("base") or self.config.get("base_model_name_or_path")
+
+    @property
+    def trained_quant(self) -> str:
+        return (self.meta or {}).get("quant", "none")
+
+
+def find_adapter(arg: str | Path) -> Adapter:
+    """`arg` is a run folder (with adapter/) or an adapter folder."""
+    p = Path(arg)
+    if (p / "adapter" / "adapter_config.json").is_file():
+        p = p / "adapter"
+    if not (p / "adapter_config.json").is_file():
+        raise EdgeftError(f"--adapter {arg}: no adapter_config.json there (nor in {arg}/adapter); pass a run "
+                          f"folder from `edgeft train` or a PEFT adapter folder")
+    config = json.loads((p / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise EdgeftError(f"--adapter {arg}: a {config.get('peft_type')} adapter; only LoRA can be merged")
+    if config.get("use_dora"):
+        raise EdgeftError(f"--adapter {arg}: DoRA adapters are not supported yet; train a plain LoRA")
+    meta_file = p / ADAPTER_META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    run = p.parent if (p.parent / "manifest.json").is_file() else None
+    adapter = Adapter(path=p, config=config, meta=meta, run=run)
+    adapter.loras = _read_loras(p, config, arg)
+    return adapter
+
+
+def _read_loras(p: Path, config: dict, arg) -> dict[str, Lora]:
+    from safetensors.torch import load_file
+
+    weights = p / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise EdgeftError(f"--adapter {arg}: no adapter_model.safetensors in {p}")
+    tensors = load_file(weights)
+    r, alpha = config["r"], config["lora_alpha"]
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    loras: dict[str, Lora] = {}
+    for key in tensors:
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0]
+        name = module.removeprefix("base_model.model.")
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        if b_key not in tensors:
+            raise EdgeftError(f"--adapter {arg}: {key} has no matching lora_B tensor; the adapter is damaged")
+        short = module.rsplit(".", 1)[-1]
+        mr = next((v for k, v in rank_pattern.items() if module.endswith(k)), r)
+        ma = next((v for k, v in alpha_pattern.items() if module.endswith(k)), alpha)
+        scale = ma / math.sqrt(mr) if config.get("use_rslora") else ma / mr
+        a, b = tensors[key], tensors[b_key]
+        if config.get("fan_in_fan_out"):
+            raise EdgeftError(f"--adapter {arg}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported; "
+                              f"module {short}")
+        loras[f"{name}.weight"] = Lora(a=a, b=b, scale=scale)
+    if not loras:
+        raise EdgeftError(f"--adapter {arg}: no LoRA tensors in {weights}")
+    return loras

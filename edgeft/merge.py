@@ -1,0 +1,375 @@
+"""`edgeft merge`: a LoRA adapter folded into an unquantized 16-bit base, checked against its training base.
+
+Merging into a 4-bit base rounds the delta away (peft warns about it), so edgeft never does. The base is
+streamed tensor by tensor from its safetensors files, W' = W + scale * B @ A is computed in float32 and
+cast to the output dtype, and shards are written as they fill: peak RAM stays near one shard plus one
+tensor, not two copies of the model.
+
+Which base to merge into is measured, not guessed. A QLoRA adapter was trained against the NF4-rounded
+base, so it may only work on top of that rounding (measured on the default model: merged into the
+original weights it lost the trained format). `--into`:
+  original     the base weights as they are;
+  dequantized  every Linear weight first rounded through NF4 exactly as bitsandbytes did in training;
+  auto         (default) for an adapter trained on a quantized base: both, scored on the task's held-out
+               split (exact answers, then eval loss) and on the held-out text; the better by task metric
+               is kept and both rows go to the ledger with the reason. Else: original.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .adapter import Adapter, find_adapter
+from .atomic import atomic_dir, write_json
+from .config import to_dict
+from .dataset import load_examples, split
+from .errors import EdgeftError, GateFailed
+from .evaluate import measure, perplexity_entry
+from .heldout import TOKENS_FILE, eval_tokens
+from .ledger import Run, artifact, read_peak_rss_mb
+from .models import fingerprint, load_model, load_tokenizer, resolve_model
+from .progress import bar, console
+from .taskeval import eval_loss, exact_match
+
+DTYPES = ("float16", "bfloat16", "float32")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+@dataclass
+class MergeConfig:
+    adapter: str = field(default="", metadata={"help": "run folder from `edgeft train`, or a PEFT adapter folder"})
+    base: str = field(default="", metadata={"help": "base model (default: the one recorded with the adapter)"})
+    dtype: str = field(default="float16", metadata={"help": "float16|bfloat16|float32 for the merged weights"})
+    into: str = field(default="auto", metadata={"help": "original|dequantized|auto (see `edgeft merge --help`)"})
+    force: bool = field(default=False, metadata={"help": "merge even if the base fingerprint differs (recorded)"})
+    run: str = field(default="", metadata={"help": "run folder for the ledger (default: the adapter's run)"})
+    out: str = field(default="", metadata={"help": "output folder (default: RUN/merged)"})
+    shard_mb: int = field(default=2000, metadata={"help": "max safetensors shard size in MB"})
+    max_drift: float = field(default=0.01, metadata={
+        "help": "gate: max relative perplexity change merged vs unmerged base+adapter"})
+    eval_generate: int = field(default=20, metadata={"help": "held-out prompts answered greedily (auto choice)"})
+    text: str = field(default="pydoc", metadata={"help": "held-out text if the run has no eval tokens yet"})
+    eval_budget: int = field(default=8192, metadata={"help": "tokens of held-out text if the run has none yet"})
+    window: int = field(default=512, metadata={"help": "perplexity window"})
+    stride: int = field(default=512, metadata={"help": "perplexity stride"})
+
+
+@dataclass
+class MergeResult:
+    run: Path
+    merged: Path
+    into: str
+    entries: list[dict]
+
+
+# ------------------------------------------------------------------------------------- checks on the base
+def _base_weights(base_path: Path) -> dict[str, tuple[Path, list[int]]]:
+    """Every weight name in the base's safetensors -> (file, shape), read from headers only."""
+    from safetensors import safe_open
+
+    files = sorted(base_path.glob("*.safetensors"))
+    if not files:
+        raise EdgeftError(f"--base {base_path}: no .safetensors weights; re-save the model with "
+                          f"save_pretrained(safe_serialization=True)")
+    out = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for k in st.keys():
+                out[k] = (f, list(st.get_slice(k).get_shape()))
+    return out
+
+
+def check_adapter_fits(adapter: Adapter, base_path: Path, weights: dict, force: bool) -> dict:
+    """Refuse an adapter that does not belong to this base. Returns the fingerprint record for the ledger."""
+    record = {"checked": False, "forced": False}
+    recorded = (adapter.meta or {}).get("base_fingerprint")
+    if recorded:
+        actual = fingerprint(base_path)
+        record.update(checked=True, recorded=recorded, actual=actual)
+        if recorded != actual:
+            if not force:
+                raise EdgeftError(
+                    f"adapter {adapter.path} was trained on {adapter.base} ({recorded['architecture']}, weights "
+                    f"{recorded['weights_sha256'][:12]}) but --base {base_path} is {actual['architecture']}, weights "
+                    f"{actual['weights_sha256'][:12]}; pass the base it was trained on, or --force")
+            record["forced"] = True
+            console.print(f"[yellow]warning: base fingerprint differs from the adapter's; merging anyway (--force)")
+    else:
+        console.print("[yellow]warning: the adapter has no edgeft fingerprint (not from `edgeft train`); "
+                      "only module names and shapes are checked")
+    missing = [n for n in adapter.loras if n not in weights]
+    if missing:
+        raise EdgeftError(f"adapter {adapter.path} targets {len(missing)} module(s) the base {base_path} does not have "
+                          f"(e.g. {missing[0].removesuffix('.weight')}); it was trained on another architecture")
+    for name, lora in adapter.loras.items():
+        want = [lora.b.shape[0], lora.a.shape[1]]
+        if weights[name][1] != want:
+            raise EdgeftError(f"adapter {adapter.path}: {name} is {weights[name][1]} in the base but the adapter "
+                              f"expects {want}; it was trained on a model of another size")
+    return record
+
+
+def quantized_linear_weights(base_path: Path) -> set[str]:
+    """Weights bitsandbytes quantizes when the base is loaded in 4/8 bit: every nn.Linear but the output head.
+    Found on an empty (meta-device) model built from the config, so nothing is loaded."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path))
+    head = model.get_output_embeddings()
+    return {f"{name}.weight" for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head}
+
+
+def nf4_roundtrip(weight, compute_dtype: str):
+    """The weight as the 4-bit training base saw it: quantized to NF4 (block 64, double quant) from the
+    compute dtype, then dequantized; bit-identical to what bitsandbytes' Linear4bit multiplies with."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    w = weight.to(getattr(torch, compute_dtype))
+    q, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    return bnbf.dequantize_4bit(q, state).float()
+
+
+# ------------------------------------------------------------------------------------------- the merge
+def write_merged(base_path: Path, adapter: Adapter, weights: dict, out: Path, dtype: str, into: str,
+                 shard_mb: int) -> None:
+    """Stream base + deltas into `out` (written under a temp name, renamed when complete)."""
+    import torch
+    from safetensors import safe_open
+
+    target = getattr(torch, dtype)
+    rounded = quantized_linear_weights(base_path) if into == "dequantized" else set()
+    compute = (adapter.meta or {}).get("compute_dtype", "float32")
+    by_file: dict[Path, list[str]] = {}
+    for name, (f, _) in weights.items():
+        by_file.setdefault(f, []).append(name)
+    with atomic_dir(out) as tmp, bar(f"merge into {into} ({dtype})", len(weights)) as update:
+        shards = ShardWriter(tmp, shard_mb * 1_000_000)
+        for f, names in by_file.items():
+            with safe_open(f, framework="pt") as st:
+                for name in names:
+                    t = st.get_tensor(name)
+                    if name in rounded or name in adapter.loras:
+                        t = t.float()
+                        if name in rounded:
+                            t = nf4_roundtrip(t, compute)
+                        if name in adapter.loras:
+                            t = t + adapter.loras[name].delta()
+                    shards.add(name, t.to(target) if t.is_floating_point() else t)
+                    update(shards.count)
+        shards.close()
+        config = json.loads((base_path / "config.json").read_text())
+        config.pop("quantization_config", None)
+        config["dtype"] = dtype
+        write_json(tmp / "config.json", config)
+        if (base_path / "generation_config.json").is_file():
+            shutil.copy(base_path / "generation_config.json", tmp / "generation_config.json")
+        tok_src = adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base_path
+        for name in _TOKENIZER_FILES:
+            if (tok_src / name).is_file():
+                shutil.copy(tok_src / name, tmp / name)
+
+
+class ShardWriter:
+    """Collects tensors into safetensors shards of at most `limit` bytes, writing each as it fills, and
+    names them the way transformers expects (model.safetensors, or model-0000i-of-0000n + index)."""
+
+    def __init__(self, folder: Path, limit: int):
+        self.folder, self.limit = folder, limit
+        self.current: dict = {}
+        self.size = 0
+        self.count = 0
+        self.parts: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.current and self.size + nbytes > self.limit:
+            self._write()
+        self.current[name] = tensor.contiguous()
+        self.size += nbytes
+        self.count += 1
+
+    def _write(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.folder / f"part-{len(self.parts):05d}.safetensors"
+        save_file(self.current, path, metadata={"format": "pt"})
+        self.parts.append((path, list(self.current)))
+        self.current, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.current:
+            self._write()
+        if len(self.parts) == 1:
+            self.parts[0][0].rename(self.folder / "model.safetensors")
+            return
+        index = {"metadata": {"total_size": 0}, "weight_map": {}}
+        for i, (path, names) in enumerate(self.parts, 1):
+            final = self.folder / f"model-{i:05d}-of-{len(self.parts):05d}.safetensors"
+            path.rename(final)
+            index["metadata"]["total_size"] += final.stat().st_size
+            index["weight_map"].update({n: final.name for n in names})
+        write_json(self.folder / "model.safetensors.index.json", index)
+
+
+# -------------------------------------------------------------------------------------------- scoring
+def _unmerged_model(base_path: Path, adapter: Adapter, into: str):
+    """base (+ NF4 rounding for `dequantized`) with the adapter applied by PEFT, unmerged, in float32."""
+    import torch
+    from peft import PeftModel
+
+    model = load_model(base_path, "float32")
+    if into == "dequantized":
+        compute = (adapter.meta or {}).get("compute_dtype", "float32")
+        names = quantized_linear_weights(base_path)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in names:
+                    p.copy_(nf4_roundtrip(p.data, compute))
+    return PeftModel.from_pretrained(model, adapter.path).eval()
+
+
+def _task_split(adapter: Adapter, tokenizer) -> list:
+    """The held-out split the adapter's training used, rebuilt from the run's train_config.json."""
+    cfg_file = adapter.run / "train_config.json" if adapter.run else None
+    if not cfg_file or not cfg_file.is_file():
+        return []
+    from .train import DEMO_DATA, demo_data_path
+
+    c = json.loads(cfg_file.read_text())
+    data = demo_data_path() if c["data"] == DEMO_DATA else Path(c["data"])
+    if c.get("eval_data"):
+        return load_examples(c["eval_data"], tokenizer, c["max_seq_len"], False)[0]
+    if not data.is_file():
+        return []
+    examples, _ = load_examples(data, tokenizer, c["max_seq_len"], False)
+    return split(examples, c["eval_split"], c["seed"])[1]
+
+
+def _score(model, tokenizer, tokens, task, c: MergeConfig, label: str) -> dict:
+    ppl = measure(model, tokens, c.window, c.stride, label)
+    loss = eval_loss(model, task, tokenizer.pad_token_id) if task else None
+    em = exact_match(model, tokenizer, task, c.eval_generate) if task and c.eval_generate else None
+    return {"ppl": ppl, "eval_loss": loss, "exact_match": em.rate if em else None, "exact_match_n": em.n if em else 0}
+
+
+def merge(config: MergeConfig) -> MergeResult:
+    c = config
+    if not c.adapter:
+        raise EdgeftError("--adapter is required: a run folder from `edgeft train` or a PEFT adapter folder")
+    if c.dtype not in DTYPES:
+        raise EdgeftError(f"--dtype {c.dtype}: use float16, bfloat16 or float32 (never 4-bit: see `merge --help`)")
+    if c.into not in ("auto", "original", "dequantized"):
+        raise EdgeftError(f"--into {c.into}: use original, dequantized or auto")
+    adapter = find_adapter(c.adapter)
+    base_name = c.base or adapter.base
+    if not base_name:
+        raise EdgeftError(f"--adapter {c.adapter}: no base recorded with it; pass --base")
+    base_path = resolve_model(base_name, what="--base")
+    weights = _base_weights(base_path)
+    fp_record = check_adapter_fits(adapter, base_path, weights, c.force)
+    quantized = adapter.trained_quant in ("4bit", "8bit")
+    if c.into == "auto":
+        candidates = ["original", "dequantized"] if adapter.trained_quant == "4bit" else ["original"]
+    else:
+        candidates = [c.into]
+    if "dequantized" in candidates and adapter.trained_quant == "8bit":
+        raise EdgeftError("--into dequantized: only 4-bit (NF4) training is reproduced; use --into original")
+
+    run_dir = Path(c.run) if c.run else (adapter.run or Path("runs") / f"merge-{time.strftime('%Y%m%d-%H%M%S')}")
+    run = Run(run_dir)
+    out = Path(c.out) if c.out else run.path / "merged"
+    tokenizer = load_tokenizer(adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokens = eval_tokens(tokenizer, c.text, c.eval_budget, run.path)
+    task = _task_split(adapter, tokenizer)
+
+    entries: list[dict] = []
+    scored: dict[str, dict] = {}
+    inputs = {"adapter": str(adapter.path), "base": base_name, "base_path": str(base_path),
+              "trained_quant": adapter.trained_quant, "eval_tokens": TOKENS_FILE, "task_rows": len(task)}
+    for into in candidates:
+        folder = out if len(candidates) == 1 else out.with_name(f"{out.name}-{into}")
+        with run.step("merge", to_dict(c), {**inputs, "into": into}) as entry:
+            entry["metrics"]["fingerprint"] = fp_record
+            write_merged(base_path, adapter, weights, folder, c.dtype, into, c.shard_mb)
+            entry["metrics"]["merge_peak_rss_mb"] = read_peak_rss_mb()  # the merge itself, before scoring
+            unmerged = _unmerged_model(base_path, adapter, into)
+            ref = _score(unmerged, tokenizer, tokens, task, c, f"{base_name}+adapter unmerged ({into})")
+            del unmerged
+            merged = load_model(folder, "float32").eval()
+            got = _score(merged, tokenizer, tokens, task, c, f"merged ({into}, {c.dtype})")
+            del merged
+            drift = got["ppl"].ppl / ref["ppl"].ppl - 1
+            entry["perplexity"] = perplexity_entry(got["ppl"], f"merged ({into}, {c.dtype})", tokens)
+            entry["reference"] = {**perplexity_entry(ref["ppl"], f"{base_name}+adapter ({into})", tokens),
+                                  "label": "unmerged"}
+            entry["metrics"].update({
+                "into": into, "dtype": c.dtype, "drift_vs_unmerged": round(drift, 6),
+                "eval_loss": got["eval_loss"], "eval_loss_unmerged": ref["eval_loss"],
+                "exact_match": got["exact_match"], "exact_match_unmerged": ref["exact_match"],
+                "exact_match_n": got["exact_match_n"],
+            })
+            entry["gate"] = {"metric": "perplexity drift merged vs unmerged", "max": c.max_drift,
+                             "value": round(abs(drift), 6), "passed": abs(drift) <= c.max_drift}
+            entry["outputs"].append(artifact(folder, run.path))
+            scored[into] = {"entry": entry, "folder": folder, **got}
+            entries.append(entry)
+            if abs(drift) > c.max_drift:
+                raise GateFailed(f"merged ({into}, {c.dtype}) perplexity {got['ppl'].ppl:.4f} differs "
+                                 f"{100 * drift:+.2f}% from unmerged {ref['ppl'].ppl:.4f}, more than --max-drift "
+                                 f"{100 * c.max_drift:.1f}%")
+
+    chosen, reason = _choose(scored, quantized)
+    if len(candidates) > 1:
+        final = out
+        with atomic_dir(final) as tmp:  # move the winner's files under the final name, drop the loser
+            for f in scored[chosen]["folder"].iterdir():
+                shutil.move(str(f), tmp / f.name)
+        for s in scored.values():
+            shutil.rmtree(s["folder"], ignore_errors=True)
+        decision = {"step": "merge-choice", "status": "ok", "started": entries[-1]["started"], "inputs": inputs,
+                    "outputs": [artifact(final, run.path)], "perplexity": scored[chosen]["entry"]["perplexity"],
+                    "metrics": {"chosen": chosen, "reason": reason,
+                                "candidates": {k: {"ppl": v["ppl"].ppl, "eval_loss": v["eval_loss"],
+                                                   "exact_match": v["exact_match"]} for k, v in scored.items()}},
+                    "config": to_dict(c), "note": reason, "wall_s": 0.0,
+                    "peak_rss_mb": read_peak_rss_mb()}
+        run.append(decision)
+        entries.append(decision)
+    return MergeResult(run=run.path, merged=out, into=chosen, entries=entries)
+
+
+def _choose(scored: dict[str, dict], quantized: bool) -> tuple[str, str]:
+    if len(scored) == 1:
+        only = next(iter(scored))
+        return only, f"merged into the {only} base" + (" (adapter trained on an unquantized base)" if not quantized
+                                                         else "")
+
+    def key(name):
+        s = scored[name]
+        em = s["exact_match"] if s["exact_match"] is not None else -1
+        loss = s["eval_loss"] if s["eval_loss"] is not None else s["ppl"].ppl
+        return (-em, loss)
+
+    best = min(scored, key=key)
+    other = next(k for k in scored if k != best)
+    b, o = scored[best], scored[other]
+    if b["exact_match"] is not None:
+        why = (f"{best}: exact answers {b['exact_match']:.0%} vs {o['exact_match']:.0%}, task eval loss "
+               f"{b['eval_loss']:.4f} vs {o['eval_loss']:.4f}")
+    elif b["eval_loss"] is not None:
+        why = f"{best}: task eval loss {b['eval_loss']:.4f} vs {o['eval_loss']:.4f}"
+    else:
+        why = f"{best}: held-out perplexity {b['ppl'].ppl:.4f} vs {o['ppl'].ppl:.4f} (no task split to score)"
+    return best, why + f"; held-out text perplexity {b['ppl'].ppl:.4f} vs {o['ppl'].ppl:.4f}"

@@ -78,6 +78,16 @@ def read_peak_rss_mb() -> float:
     return round(max(own, children), 1)
 
 
+def current_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _reset_peak_rss() -> None:
     # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0), so each step reports its own peak.
     try:
@@ -130,6 +140,7 @@ class Run:
         entry: dict = {"step": name, "status": "running", "started": _now(), "inputs": inputs, "outputs": [],
                        "perplexity": None, "metrics": {}, "config": config, "versions": versions()}
         _reset_peak_rss()
+        entry["rss_at_start_mb"] = current_rss_mb()  # peak minus this is what the step itself added
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()

@@ -93,10 +93,31 @@ def embedded_gguf(name: str) -> Path:
     raise EdgeftError(f"no file {spec_info.gguf_glob} in the package {spec_info.package}; reinstall it")
 
 
+# Bumped when materialisation changes what it writes; an older cached folder is rebuilt.
+MATERIALISE_VERSION = 2
+
+
+def _gguf_pre_tokenizer(gguf_path: Path):
+    """The HF pre-tokenizer equal to the GGUF's `tokenizer.ggml.pre`, where transformers' GGUF loader gets
+    it wrong. It maps every GPT-2-style vocabulary to plain ByteLevel, but SmolLM's pre-tokenizer first splits
+    digits one by one: left as is, HF and llama.cpp tokenize the CPython docs differently (14,503 vs 14,501
+    tokens on their first 60k characters), and every cross-backend perplexity would compare other ids."""
+    from gguf import GGUFReader
+    from tokenizers import pre_tokenizers
+
+    field = GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
+    pre = field.contents() if field is not None else None
+    if pre == "smollm":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return None
+
+
 def materialise_embedded(name: str) -> Path:
     """Save the embedded GGUF once as a plain HF folder under $EDGEFT_HOME/models/NAME and return it."""
     target = edgeft_home() / "models" / name
-    if (target / "config.json").is_file():
+    source = target / "edgeft_source.json"
+    if source.is_file() and json.loads(source.read_text()).get("version") == MATERIALISE_VERSION:
         return target  # atomic_dir guarantees that a folder with this name is complete
     gguf_path = embedded_gguf(name)
     from rich.console import Console
@@ -106,6 +127,9 @@ def materialise_embedded(name: str) -> Path:
 
         _quiet_transformers()
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        pre = _gguf_pre_tokenizer(gguf_path)
+        if pre is not None:
+            tokenizer.backend_tokenizer.pre_tokenizer = pre
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="float32")
         # transformers marks a GGUF-loaded model "quantized" and refuses to save it; the weights are
         # already plain float32 tensors, so dropping the marker is all that is needed.
@@ -115,6 +139,7 @@ def materialise_embedded(name: str) -> Path:
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "edgeft_source.json", {
                 "name": name,
+                "version": MATERIALISE_VERSION,
                 "gguf": gguf_path.name,
                 "gguf_sha256": sha256_file(gguf_path),
                 "note": "dequantized to float32 by transformers; weights equal the GGUF's Q4_1 values",

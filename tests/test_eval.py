@@ -90,3 +90,18 @@ def test_eval_default_model_records_ledger_and_reuses_tokens(default_model, tmp_
     entry = manifest["steps"][0]
     assert entry["perplexity"]["ppl"] == first["ppl"] and entry["peak_rss_mb"] > 100
     assert entry["config"]["budget"] == 1024 and entry["versions"]["transformers"]
+
+
+def test_default_tokenizer_matches_llama_cpp_on_the_source_gguf(default_model):
+    """llama.cpp's tokenization of the shipped GGUF is the reference; the materialised HF tokenizer must agree
+    on the held-out text (digits included: SmolLM splits them one by one)."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from edgeft.heldout import read_text
+    from edgeft.models import embedded_gguf
+
+    text = read_text(None)[0][:60000] + " In 1998 she paid 12345.67 dollars"
+    reference = Llama(model_path=str(embedded_gguf("smollm2-135m")), vocab_only=True, verbose=False)
+    ids = AutoTokenizer.from_pretrained(default_model)(text, add_special_tokens=False)["input_ids"]
+    assert ids == reference.tokenize(text.encode(), add_bos=False, special=False)

@@ -124,6 +124,39 @@ def merge_cmd(config_file, as_json, **flags):
     out.print(ledger_table({"steps": result.entries}, f"merge → {result.merged} (into {result.into})"))
 
 
+# ------------------------------------------------------------------------------------------------- export
+from .export_gguf import ExportConfig, export_gguf  # noqa: E402
+
+
+@cli.command("export")
+@config_options(ExportConfig)
+@click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file with these settings")
+@click.option("--json", "as_json", is_flag=True, help="print the ledger entries as JSON")
+def export_cmd(config_file, as_json, **flags):
+    """Export a merged model (or base + adapter, fused while converting) to GGUF and quantize it.
+
+    Our own streaming converter writes the unquantized GGUF; llama.cpp quantizes it. Every artifact is
+    validated into the ledger: tokenizer parity with HF, llama.cpp perplexity on the run's token ids (the
+    unquantized GGUF within 0.1% of HF), KL divergence and top-1 agreement vs it, a greedy sample answer,
+    and a perplexity-rise gate per quant (exit 3 when one fails). An Ollama Modelfile sits next to each GGUF.
+    """
+    config = load_config(ExportConfig, config_file, flags)
+    if config.format != "gguf":
+        raise EdgeftError(f"--format {config.format}: only gguf is implemented yet (ONNX export is planned)")
+    result = export_gguf(config)
+    if as_json:
+        click.echo(json.dumps(result.entries))
+        return
+    out.print(ledger_table({"steps": result.entries}, f"export → {result.run / 'gguf'}"))
+    for e in result.entries:
+        m = e["metrics"]
+        extra = ""
+        if "kl_mean" in m:
+            extra = f"KL {m['kl_mean']:.4f}, top-1 {100 * m['top1_agreement']:.1f}%; "
+        if "sample" in m:
+            out.print(f"{e['inputs']['quant']}: {extra}sample: {m['sample']['answer'][:100]!r}")
+
+
 # --------------------------------------------------------------------------------------------------- show
 from .ledger import Run, ledger_rows  # noqa: E402
 
@@ -178,8 +211,6 @@ def _not_yet(name: str, summary: str, issue: str):
     return cmd
 
 
-_not_yet("export", "Export a merged model (or base + adapter) to GGUF or ONNX, quantize, and gate on perplexity.",
-         "GGUF and ONNX export come after merge")
 _not_yet("deploy", "Copy a run's artifacts to a board over your own SSH, verified by sha256, resumable.",
          "devices come after export")
 _not_yet("smoke", "On the board (or --local / --emulate): load, generate, measure tokens/s and perplexity.",

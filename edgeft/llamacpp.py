@@ -1,0 +1,81 @@
+"""llama.cpp as a backend, through llama-cpp-python: logits per window, tokenization, greedy generation,
+quantization (`llama_model_quantize`, the same code as the `llama-quantize` tool).
+
+Scoring uses perplexity.score with these logits, so a GGUF is measured on exactly the run's token ids in
+exactly the windows `edgeft eval` uses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgeftError
+
+# --quant name -> llama.cpp file type (llama_ftype); f16/bf16/f32 come from the converter itself.
+QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+               "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+               "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+               "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M"}
+
+
+def _threads(threads: int | None) -> int:
+    return threads or max(1, os.cpu_count() or 1)
+
+
+class LlamaCpp:
+    """One loaded GGUF (optionally with a LoRA GGUF applied at load time, as `--lora` does)."""
+
+    def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, lora: Path | None = None):
+        from llama_cpp import Llama
+
+        self.path = Path(path)
+        try:
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                             n_threads=_threads(threads), lora_path=str(lora) if lora else None, verbose=False,
+                             seed=0)
+        except (ValueError, RuntimeError) as e:
+            raise EdgeftError(f"{path}: llama.cpp cannot load it ({e})") from None
+        self.n_ctx = n_ctx
+
+    def logits(self, window_ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(window_ids)
+        return np.asarray(self.llm.scores[: len(window_ids)], dtype=np.float32)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def generate(self, prompt_ids: list[int], max_tokens: int = 48) -> tuple[list[int], bool]:
+        """Greedy continuation of `prompt_ids`; returns (new ids, stopped at an end-of-generation token)."""
+        from llama_cpp import llama_token_is_eog
+
+        self.llm.reset()
+        out: list[int] = []
+        vocab = self.llm._model.vocab
+        for tok in self.llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
+            if llama_token_is_eog(vocab, tok):
+                return out, True
+            out.append(tok)
+            if len(out) >= max_tokens or len(prompt_ids) + len(out) >= self.n_ctx:
+                break
+        return out, False
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
+    import llama_cpp
+
+    if quant not in QUANT_TYPES:
+        raise EdgeftError(f"--quant {quant}: use f16, bf16, f32 or one of {', '.join(QUANT_TYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
+    params.nthread = _threads(threads)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise EdgeftError(f"llama.cpp could not quantize {src} to {quant} (code {rc})")

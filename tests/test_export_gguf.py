@@ -1,0 +1,139 @@
+"""edgeft export --format gguf with real llama.cpp: exactness on tiny Llama and Qwen2 models, the fused
+adapter, the GGUF adapter, refusals, and the default model quantized and gated."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from gguf import GGUFReader
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+from edgeft.cli import cli
+from edgeft.converters.hf_to_gguf import convert
+from edgeft.llamacpp import LlamaCpp
+from edgeft.merge import MergeConfig, merge
+
+WINDOW = ["--window", "128", "--stride", "128", "--eval-budget", "300"]
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tiny_llama, tmp_path_factory):
+    """A Qwen2 (q/k/v biases, NEOX RoPE, untied head) with the default tokenizer and random weights."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(3)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # random init leaves biases at zero; make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])
+def test_tiny_models_convert_and_score_the_same_in_llama_cpp(which, request, tmp_path):
+    folder = request.getfixturevalue(which)
+    gguf_path = tmp_path / "m.gguf"
+    convert(folder, gguf_path, "f32")
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    cpp = LlamaCpp(gguf_path, n_ctx=128, threads=2)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for prompt in ["The capital of France is", "def add(a, b):\n    return", "In 1998, 12 cats"]:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert cpp.tokenize(prompt) == ids
+        with torch.no_grad():
+            want = hf(torch.tensor([ids])).logits[0].numpy()
+        got = cpp.logits(ids)
+        np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3)
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+    cpp.close()
+
+
+def test_fused_adapter_equals_merge_then_convert_and_gguf_adapter_matches(tiny_llama, tiny_adapter_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_adapter_run, run)
+    merge(MergeConfig(adapter=str(run), dtype="float32", window=128, stride=128))
+    convert(run / "merged", tmp_path / "merged.gguf", "f32")
+    result = CliRunner().invoke(cli, ["export", "--adapter", str(run), "--quant", "f32,q8_0", "--adapter-only",
+                                      "--json", *WINDOW])
+    assert result.exit_code == 0, result.output
+    entries = json.loads(result.output.strip().splitlines()[-1])
+    assert [e["inputs"]["quant"] for e in entries] == ["f32", "q8_0", "lora"]
+    (fused_path,) = (run / "gguf").glob("*-fused-F32.gguf")
+    fused = GGUFReader(fused_path)
+    merged = GGUFReader(tmp_path / "merged.gguf")
+    assert [t.name for t in fused.tensors] == [t.name for t in merged.tensors]
+    for a, b in zip(fused.tensors, merged.tensors):
+        np.testing.assert_allclose(a.data, b.data, atol=1e-6, err_msg=a.name)
+    lora = entries[-1]
+    assert lora["status"] == "ok" and lora["gate"]["value"] <= 0.005
+    (lora_path,) = (run / "gguf").glob("*-fused-LoRA-F16.gguf")
+    names = [t.name for t in GGUFReader(lora_path).tensors]
+    assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names
+
+
+def _one_line(result, *needles):
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error:") and "Traceback" not in result.output
+    for n in needles:
+        assert n in line, line
+
+
+def test_refusals_leave_no_partial_gguf(tiny_llama, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(gpt2)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(gpt2)
+    out = tmp_path / "out"
+    _one_line(CliRunner().invoke(cli, ["export", "--model", str(gpt2), "--out", str(out), "--run", str(tmp_path / "r"),
+                                       *WINDOW]), "GPT2LMHeadModel is not supported", "LlamaForCausalLM")
+
+    no_tok = tmp_path / "no-tok"
+    shutil.copytree(tiny_llama, no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    (no_tok / "tokenizer_config.json").unlink()
+    _one_line(CliRunner().invoke(cli, ["export", "--model", str(no_tok), "--out", str(out), *WINDOW]), "tokenizer")
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_llama, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    _one_line(CliRunner().invoke(cli, ["export", "--model", str(truncated), "--out", str(out),
+                                       "--run", str(tmp_path / "r"), *WINDOW]), "truncated safetensors")
+    assert not out.exists() or not list(out.glob("*.gguf*")) and not list(out.glob(".*"))
+
+    args = ["export", "--model", str(tiny_llama), "--quant", "f16", "--out", str(out), "--run", str(tmp_path / "r"),
+            *WINDOW]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    _one_line(CliRunner().invoke(cli, args), "already exists", "--overwrite")
+    assert CliRunner().invoke(cli, args + ["--overwrite"]).exit_code == 0
+
+
+@pytest.mark.slow
+def test_default_model_f16_q8_q4km_gated_with_kl(default_model, tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["export", "--model", "smollm2-135m", "--run", str(run), "--eval-budget", "2048",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    f16, q8, q4 = json.loads(result.output.strip().splitlines()[-1])
+    assert f16["metrics"]["tokenizer_parity"]["equal"]
+    assert f16["gate"]["passed"] and f16["gate"]["value"] < 0.001  # llama.cpp F16 within 0.1% of HF
+    assert "Paris" in f16["metrics"]["sample"]["answer"] and f16["metrics"]["sample"]["stopped_at_eos"]
+    for q in (q8, q4):
+        assert q["status"] == "ok" and q["gate"]["passed"]
+        assert 0 < q["metrics"]["kl_mean"] < 0.5 and q["metrics"]["top1_agreement"] > 0.8
+        assert q["metrics"]["sample"]["ok"]
+    assert q8["metrics"]["kl_mean"] < q4["metrics"]["kl_mean"]
+    assert q8["outputs"][0]["bytes"] < f16["outputs"][0]["bytes"] * 0.6
+    modelfile = (run / "gguf" / "smollm2-135m-Q8_0.Modelfile").read_text()
+    assert modelfile.startswith("FROM ./smollm2-135m-Q8_0.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile

@@ -39,6 +39,23 @@ class SourceTensor:
     file: Path
     shape: tuple[int, ...]
     dtype: str
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+_NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def read_tensor(src: SourceTensor, fh) -> np.ndarray:
+    """One tensor as float32, read with a plain positioned read: no mmap, so the file's pages never count
+    as our memory, and no torch needed (BF16 is widened by shifting its 16 bits into a float32)."""
+    if src.dtype not in _NUMPY:
+        raise ConversionError(f"{src.file}: tensor {src.name} has dtype {src.dtype}; only F32/F16/BF16 are supported")
+    fh.seek(src.offset)
+    data = np.fromfile(fh, dtype=_NUMPY[src.dtype], count=src.nbytes // np.dtype(_NUMPY[src.dtype]).itemsize)
+    if src.dtype == "BF16":
+        data = (data.astype(np.uint32) << 16).view(np.float32)
+    return data.astype(np.float32, copy=False).reshape(src.shape)
 
 
 def read_safetensors_index(model_dir: Path) -> list[SourceTensor]:
@@ -66,8 +83,10 @@ def read_safetensors_index(model_dir: Path) -> list[SourceTensor]:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            end = max(end, info["data_offsets"][1])
-            out.append(SourceTensor(name, f, tuple(info["shape"]), info["dtype"]))
+            start, stop = info["data_offsets"]
+            end = max(end, stop)
+            out.append(SourceTensor(name, f, tuple(info["shape"]), info["dtype"], 8 + header_len + start,
+                                    stop - start))
         if 8 + header_len + end > size:
             raise ConversionError(f"{f}: truncated safetensors file (needs {8 + header_len + end} bytes, has {size}); "
                                   f"copy or save it again")
@@ -127,7 +146,6 @@ def convert(model_dir: Path, out_path: Path, outtype: str = "f16", loras: dict |
             progress: Callable[[int, int], None] | None = None, name: str | None = None) -> ConvertResult:
     """Write `model_dir` (an HF folder) as a GGUF at `out_path`. The caller makes the write atomic."""
     import gguf
-    from safetensors import safe_open
 
     if outtype not in OUTTYPES:
         raise ConversionError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)}")
@@ -233,13 +251,12 @@ def convert(model_dir: Path, out_path: Path, outtype: str = "f16", loras: dict |
         for i, (gguf_name, src, qtype, permute) in enumerate(plan):
             if isinstance(src, SourceTensor):
                 if src.file not in handles:
-                    handles[src.file] = safe_open(src.file, framework="pt")
-                t = handles[src.file].get_tensor(src.name).float()
+                    handles[src.file] = open(src.file, "rb")
+                data = read_tensor(src, handles[src.file])
                 lora = loras.get(src.name)
                 if lora is not None:
-                    t = t + lora.delta()
+                    data = data + lora.delta().numpy()
                     used += 1
-                data = t.numpy()
                 if permute:
                     data = permute_qk(data, permute)
             else:
@@ -255,7 +272,33 @@ def convert(model_dir: Path, out_path: Path, outtype: str = "f16", loras: dict |
                 progress(i + 1, len(plan))
     finally:
         writer.close()
+        for fh in handles.values():
+            fh.close()
     if used != len(loras):
         missing = sorted(set(loras) - {p[1].name for p in plan if isinstance(p[1], SourceTensor)})
         raise ConversionError(f"adapter targets {len(missing)} tensor(s) not in {model_dir} (e.g. {missing[:1]})")
     return ConvertResult(path=out_path, arch=arch, tensors=len(plan), outtype=outtype, fused_loras=used)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m edgeft.converters.hf_to_gguf MODEL_DIR OUT.gguf [--outtype f16]: the bare converter
+    (no validation; `edgeft export` is the checked path)."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--outtype", default="f16", choices=OUTTYPES)
+    a = ap.parse_args(argv)
+    try:
+        result = convert(a.model_dir, a.out, a.outtype)
+    except ValueError as e:  # ConversionError and VocabError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {result.path} ({result.tensors} tensors, {result.arch}, {result.outtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,1 +1,102 @@
-"""Board profiles (data files) and what runs on a board, shipped as `edgeft.devices`."""
+"""Board profiles (data: one YAML file per board, shipped in the wheel) and what runs on a board.
+
+A profile says what llama.cpp must be built for (arch, CMake flags), how much RAM and how many threads
+the board has, and its memory bandwidth with the source of that figure (decode speed is bound by
+bandwidth / model size). Users add their own boards as YAML files in $EDGEFT_HOME/devices/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..errors import EdgeftError
+
+_FIELDS = ("name", "description", "arch", "cpu", "threads", "ram_gb", "memory_bandwidth_gbs",
+           "memory_bandwidth_source", "cmake", "c_flags", "qemu_cpu")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    arch: str
+    cpu: str
+    threads: int
+    ram_gb: tuple[float, ...]
+    memory_bandwidth_gbs: float | None
+    memory_bandwidth_source: str
+    cmake: tuple[str, ...]
+    c_flags: str
+    qemu_cpu: str | None
+    source: Path
+
+    @property
+    def ram_bytes(self) -> int:
+        """The smallest RAM variant, or the host's RAM for a profile that says 0."""
+        smallest = min(self.ram_gb)
+        if smallest:
+            return int(smallest * 2**30)
+        import psutil
+
+        return psutil.virtual_memory().total
+
+
+def _user_dir() -> Path:
+    from ..models import edgeft_home
+
+    return edgeft_home() / "devices"
+
+
+def _load(path: Path) -> Profile:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise EdgeftError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    missing = [f for f in _FIELDS if f not in data]
+    if missing:
+        raise EdgeftError(f"{path}: missing {', '.join(missing)}; see the shipped profiles in {Path(__file__).parent}")
+    ram = data["ram_gb"] if isinstance(data["ram_gb"], list) else [data["ram_gb"]]
+    return Profile(**{**{f: data[f] for f in _FIELDS}, "ram_gb": tuple(float(r) for r in ram),
+                      "cmake": tuple(data["cmake"]), "threads": int(data["threads"]), "source": path})
+
+
+def profiles() -> dict[str, Profile]:
+    """Shipped profiles, then the user's (a user file with a shipped name replaces it)."""
+    found: dict[str, Profile] = {}
+    for folder in (Path(__file__).parent, _user_dir()):
+        for f in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+            p = _load(f)
+            found[p.name] = p
+    return found
+
+
+def get(name: str) -> Profile:
+    known = profiles()
+    if name not in known:
+        raise EdgeftError(f"--device {name}: unknown board; known: {', '.join(known)} (add yours as YAML in "
+                          f"{_user_dir()})")
+    return known[name]
+
+
+RUNTIME_OVERHEAD = 256 * 2**20  # llama.cpp's compute buffers and the process itself, for a small model
+USABLE_RAM = 0.8  # the OS, the SSH session and page cache need the rest
+
+
+def kv_cache_bytes(config: dict, context: int) -> int:
+    """F16 K and V for every layer at `context` tokens (llama.cpp's default cache type)."""
+    n_head = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    return config["num_hidden_layers"] * context * 2 * config.get("num_key_value_heads", n_head) * head_dim * 2
+
+
+def memory_need(model_bytes: int, config: dict, context: int) -> int:
+    return model_bytes + kv_cache_bytes(config, context) + RUNTIME_OVERHEAD
+
+
+def fits(profile: Profile, need_bytes: int, ram_bytes: int | None = None) -> tuple[bool, int]:
+    """(whether `need_bytes` fits in the usable part of the board's RAM, the usable bytes)."""
+    usable = int(USABLE_RAM * (ram_bytes or profile.ram_bytes))
+    return need_bytes <= usable, usable

@@ -157,6 +157,27 @@ def export_cmd(config_file, as_json, **flags):
             out.print(f"{e['inputs']['quant']}: {extra}sample: {m['sample']['answer'][:100]!r}")
 
 
+# ------------------------------------------------------------------------------------------------ devices
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="print the profiles as JSON")
+def devices(as_json):
+    """List the board profiles (shipped, plus yours in $EDGEFT_HOME/devices/*.yaml)."""
+    from .devices import profiles
+
+    found = profiles()
+    if as_json:
+        click.echo(json.dumps({n: {**p.__dict__, "source": str(p.source)} for n, p in found.items()}))
+        return
+    table = Table(title="board profiles")
+    for col in ("name", "arch", "cpu", "threads", "RAM GB", "bandwidth GB/s", "description"):
+        table.add_column(col)
+    for p in found.values():
+        table.add_row(p.name, p.arch, p.cpu, str(p.threads or "all"),
+                      "/".join(f"{r:g}" for r in p.ram_gb) if min(p.ram_gb) else "host",
+                      f"{p.memory_bandwidth_gbs:g}" if p.memory_bandwidth_gbs else "?", p.description)
+    out.print(table)
+
+
 # --------------------------------------------------------------------------------------------------- show
 from .ledger import Run, ledger_rows  # noqa: E402
 

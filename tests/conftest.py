@@ -66,3 +66,53 @@ def train_tiny(base: Path, run: Path, **overrides):
 def tiny_adapter_run(tiny_llama, tmp_path_factory) -> Path:
     """An adapter trained on the unquantized tiny Llama (lr high enough that the delta is far from zero)."""
     return train_tiny(tiny_llama, tmp_path_factory.mktemp("runs") / "tiny", lr=1e-2, max_steps=4).run
+
+
+@pytest.fixture(scope="session")
+def board(tmp_path_factory):
+    """A real OpenSSH server on 127.0.0.1 standing in for a board, with a throwaway host key and client key.
+    The ssh config it returns has: `board` (known host key), `stranger` (same server, key not in known_hosts)
+    and `nowhere` (a closed port)."""
+    import getpass
+    import shutil
+    import socket
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not Path(sshd).exists() or not shutil.which("ssh"):
+        pytest.skip("openssh-server/openssh-client not installed (apt-get install openssh-server openssh-client)")
+    d = tmp_path_factory.mktemp("board")
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port, closed = free_port(), free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+        f"KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n")
+    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation folder sshd insists on
+    proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(d / "sshd_config")], stderr=open(d / "sshd.log", "w"))
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {(d / 'host_key.pub').read_text()}")
+    (d / "empty_known_hosts").write_text("")
+    common = (f"  HostName 127.0.0.1\n  User {getpass.getuser()}\n  IdentityFile {d / 'client_key'}\n"
+              f"  IdentitiesOnly yes\n  StrictHostKeyChecking yes\n  LogLevel ERROR\n")
+    (d / "ssh_config").write_text(
+        f"Host board\n  Port {port}\n{common}  UserKnownHostsFile {d / 'known_hosts'}\n"
+        f"Host stranger\n  Port {port}\n{common}  UserKnownHostsFile {d / 'empty_known_hosts'}\n"
+        f"Host nowhere\n  Port {closed}\n{common}  UserKnownHostsFile {d / 'known_hosts'}\n")
+    yield SimpleNamespace(config=str(d / "ssh_config"), root=d)
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -3,6 +3,7 @@ adapter, the GGUF adapter, refusals, and the default model quantized and gated."
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,37 @@ def test_default_model_f16_q8_q4km_gated_with_kl(default_model, tmp_path):
     assert q8["outputs"][0]["bytes"] < f16["outputs"][0]["bytes"] * 0.6
     modelfile = (run / "gguf" / "smollm2-135m-Q8_0.Modelfile").read_text()
     assert modelfile.startswith("FROM ./smollm2-135m-Q8_0.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_quant_auto_picks_the_smallest_passing_quant_that_fits_the_board(tiny_llama, tmp_path):
+    args = ["export", "--model", str(tiny_llama), "--quant", "auto", "--device", "rpi4", "--run", str(tmp_path / "r"),
+            "--json", *WINDOW]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    entries = json.loads(result.output.strip().splitlines()[-1])
+    choice = entries[-1]
+    assert choice["step"] == "export-gguf-choice" and choice["status"] == "ok"
+    rows = {r["quant"]: r for r in choice["metrics"]["candidates"]}
+    assert set(rows) == {"q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"}
+    passing = [q for q, r in rows.items() if r["fits"] and r["gate_passed"]]
+    assert choice["metrics"]["chosen"] == min(passing, key=lambda q: rows[q]["bytes"])
+
+    # a board too small for any of them: the choice fails, exit 3, and the ledger says why
+    result = CliRunner().invoke(cli, args[:-len(WINDOW) - 1] + ["--device-ram-gb", "0.0001", "--overwrite", *WINDOW])
+    assert result.exit_code == 3, result.output
+    assert "fits rpi4" in result.output.strip().splitlines()[-1]
+
+
+def test_devices_lists_the_shipped_profiles_and_a_user_profile(edgeft_home):
+    import edgeft.devices
+
+    user = edgeft_home / "devices"
+    user.mkdir(exist_ok=True)
+    shipped = Path(edgeft.devices.__file__).parent / "rpi5.yaml"
+    (user / "myboard.yaml").write_text(shipped.read_text().replace("name: rpi5", "name: myboard"))
+    result = CliRunner().invoke(cli, ["devices", "--json"])
+    assert result.exit_code == 0
+    found = json.loads(result.output)
+    assert {"rpi4", "rpi5", "jetson-orin-nano", "x86-64", "x86-64-native", "myboard"} <= set(found)
+    assert found["rpi5"]["memory_bandwidth_gbs"] == 17.1 and found["rpi5"]["memory_bandwidth_source"]
+    (user / "myboard.yaml").unlink()

@@ -1,0 +1,172 @@
+// edgeft-board: what edgeft runs on a board, linked statically against llama.cpp.
+//
+// It scores token ids, not text: the host tokenizes once with the model's HF tokenizer, so the board's
+// perplexity uses exactly the windows and ids of every other backend (see edgeft/perplexity.py, whose
+// window plan this file repeats). Prompts for generation also arrive as ids.
+//
+//   edgeft-board perplexity MODEL IDS_FILE WINDOW STRIDE THREADS
+//   edgeft-board generate   MODEL IDS_FILE MAX_NEW THREADS
+//   edgeft-board bench      MODEL N_PROMPT N_GEN THREADS
+//
+// Each prints one JSON object on stdout. IDS_FILE holds whitespace-separated token ids.
+#include "llama.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <vector>
+
+static double now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+static void quiet(enum ggml_log_level level, const char * text, void *) {
+    if (level >= GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
+}
+
+static std::vector<llama_token> read_ids(const char * path) {
+    std::ifstream f(path);
+    if (!f) { fprintf(stderr, "cannot read %s\n", path); exit(2); }
+    std::vector<llama_token> ids;
+    long v;
+    while (f >> v) ids.push_back((llama_token) v);
+    return ids;
+}
+
+struct Session {
+    llama_model * model = nullptr;
+    llama_context * ctx = nullptr;
+    const llama_vocab * vocab = nullptr;
+
+    Session(const char * path, int n_ctx, int threads) {
+        llama_log_set(quiet, nullptr);
+        llama_backend_init();
+        llama_model_params mp = llama_model_default_params();
+        model = llama_model_load_from_file(path, mp);
+        if (!model) { fprintf(stderr, "cannot load model %s\n", path); exit(2); }
+        llama_context_params cp = llama_context_default_params();
+        cp.n_ctx = n_ctx;
+        cp.n_batch = n_ctx;
+        cp.n_ubatch = n_ctx;
+        cp.n_threads = threads;
+        cp.n_threads_batch = threads;
+        ctx = llama_init_from_model(model, cp);
+        if (!ctx) { fprintf(stderr, "cannot create a context of %d tokens\n", n_ctx); exit(2); }
+        vocab = llama_model_get_vocab(model);
+    }
+    ~Session() { llama_free(ctx); llama_model_free(model); llama_backend_free(); }
+
+    // Decode ids[begin, end) from position 0 of a cleared cache; logits wanted for all or only the last.
+    void decode(const std::vector<llama_token> & ids, size_t begin, size_t end, bool all_logits, int pos0 = 0) {
+        int n = (int) (end - begin);
+        llama_batch b = llama_batch_init(n, 0, 1);
+        for (int i = 0; i < n; i++) {
+            b.token[i] = ids[begin + i];
+            b.pos[i] = pos0 + i;
+            b.n_seq_id[i] = 1;
+            b.seq_id[i][0] = 0;
+            b.logits[i] = all_logits || i == n - 1;
+        }
+        b.n_tokens = n;
+        if (llama_decode(ctx, b) != 0) { fprintf(stderr, "llama_decode failed\n"); exit(3); }
+        llama_batch_free(b);
+    }
+};
+
+static int perplexity(int argc, char ** argv) {
+    if (argc != 7) { fprintf(stderr, "usage: perplexity MODEL IDS WINDOW STRIDE THREADS\n"); return 2; }
+    std::vector<llama_token> ids = read_ids(argv[3]);
+    int window = atoi(argv[4]), stride = atoi(argv[5]), threads = atoi(argv[6]);
+    Session s(argv[2], window, threads);
+    int n_vocab = llama_vocab_n_tokens(s.vocab);
+    double start = now(), nll = 0.0;
+    long count = 0, n_windows = 0;
+    size_t n = ids.size(), scored_until = 1, begin = 0;
+    while (scored_until < n) {  // the same plan as edgeft.perplexity.windows
+        size_t end = begin + window < n ? begin + window : n;
+        if (end > scored_until) {
+            size_t score_from = scored_until > begin + 1 ? scored_until : begin + 1;
+            llama_memory_clear(llama_get_memory(s.ctx), true);
+            s.decode(ids, begin, end, true);
+            for (size_t t = score_from; t < end; t++) {
+                const float * logits = llama_get_logits_ith(s.ctx, (int) (t - 1 - begin));
+                double peak = logits[0];
+                for (int v = 1; v < n_vocab; v++) peak = logits[v] > peak ? logits[v] : peak;
+                double z = 0.0;
+                for (int v = 0; v < n_vocab; v++) z += std::exp((double) logits[v] - peak);
+                nll -= (double) logits[ids[t]] - peak - std::log(z);
+                count++;
+            }
+            scored_until = end;
+            n_windows++;
+        }
+        begin += stride;
+    }
+    printf("{\"ppl\": %.8f, \"nll_sum\": %.6f, \"tokens\": %ld, \"windows\": %ld, \"window\": %d, \"stride\": %d, "
+           "\"seconds\": %.3f}\n", std::exp(nll / count), nll, count, n_windows, window, stride, now() - start);
+    return 0;
+}
+
+static int generate(int argc, char ** argv) {
+    if (argc != 6) { fprintf(stderr, "usage: generate MODEL IDS MAX_NEW THREADS\n"); return 2; }
+    std::vector<llama_token> ids = read_ids(argv[3]);
+    int max_new = atoi(argv[4]), threads = atoi(argv[5]);
+    Session s(argv[2], (int) ids.size() + max_new + 8, threads);
+    int n_vocab = llama_vocab_n_tokens(s.vocab);
+    double start = now();
+    s.decode(ids, 0, ids.size(), false);
+    double first = now();
+    std::vector<llama_token> out;
+    bool eos = false;
+    for (int i = 0; i < max_new; i++) {
+        const float * logits = llama_get_logits_ith(s.ctx, -1);
+        llama_token best = 0;
+        for (int v = 1; v < n_vocab; v++) if (logits[v] > logits[best]) best = v;
+        if (llama_vocab_is_eog(s.vocab, best)) { eos = true; break; }
+        out.push_back(best);
+        std::vector<llama_token> one{best};
+        s.decode(one, 0, 1, false, (int) (ids.size() + out.size() - 1));
+    }
+    double end = now();
+    printf("{\"ids\": [");
+    for (size_t i = 0; i < out.size(); i++) printf(i ? ", %d" : "%d", out[i]);
+    printf("], \"stopped_at_eos\": %s, \"prompt_tokens\": %zu, \"prompt_seconds\": %.3f, \"decode_seconds\": %.3f}\n",
+           eos ? "true" : "false", ids.size(), first - start, end - first);
+    return 0;
+}
+
+static int bench(int argc, char ** argv) {
+    // Prompt processing and decode speed on synthetic ids, as llama-bench's pp/tg tests measure them.
+    if (argc != 6) { fprintf(stderr, "usage: bench MODEL N_PROMPT N_GEN THREADS\n"); return 2; }
+    int n_prompt = atoi(argv[3]), n_gen = atoi(argv[4]), threads = atoi(argv[5]);
+    Session s(argv[2], n_prompt + n_gen + 8, threads);
+    int n_vocab = llama_vocab_n_tokens(s.vocab);
+    std::vector<llama_token> prompt(n_prompt);
+    for (int i = 0; i < n_prompt; i++) prompt[i] = (llama_token) ((i * 7919 + 13) % n_vocab);
+    s.decode(prompt, 0, prompt.size(), false);  // warm-up, as llama-bench does
+    llama_memory_clear(llama_get_memory(s.ctx), true);
+    double t0 = now();
+    s.decode(prompt, 0, prompt.size(), false);
+    double t1 = now();
+    llama_memory_clear(llama_get_memory(s.ctx), true);
+    std::vector<llama_token> one{prompt[0]};
+    double t2 = now();
+    for (int i = 0; i < n_gen; i++) s.decode(one, 0, 1, false, i);
+    double t3 = now();
+    printf("{\"pp_tokens\": %d, \"pp_tokens_per_s\": %.3f, \"tg_tokens\": %d, \"tg_tokens_per_s\": %.3f, "
+           "\"model_bytes\": %llu, \"threads\": %d}\n", n_prompt, n_prompt / (t1 - t0), n_gen, n_gen / (t3 - t2),
+           (unsigned long long) llama_model_size(s.model), threads);
+    return 0;
+}
+
+int main(int argc, char ** argv) {
+    std::string cmd = argc > 1 ? argv[1] : "";
+    if (cmd == "perplexity") return perplexity(argc, argv);
+    if (cmd == "generate") return generate(argc, argv);
+    if (cmd == "bench") return bench(argc, argv);
+    fprintf(stderr, "usage: edgeft-board perplexity|generate|bench ...\n");
+    return 2;
+}

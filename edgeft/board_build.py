@@ -1,0 +1,127 @@
+"""`edgeft build --device P`: llama.cpp and edgeft-board compiled for a board profile.
+
+The source is the llama.cpp tree vendored in the llama-cpp-python sdist of the installed version, so the
+board reads exactly the GGUF version the host's Python binding writes and scores. aarch64 profiles are
+cross-compiled with Debian's gcc-aarch64-linux-gnu and linked statically (GGML_STATIC, no OpenMP: a static
+link cannot take libgomp.so), so the board needs nothing installed. Builds are cached in
+$EDGEFT_HOME/builds by (llama.cpp version, profile, flags, our board source); a second call is instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from .atomic import atomic_dir, write_json
+from .devices import Profile, get
+from .errors import EdgeftError
+from .models import edgeft_home
+from .progress import bar
+
+BINARIES = ("edgeft-board",)
+_CROSS = {"aarch64": ("aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++", "gcc-aarch64-linux-gnu g++-aarch64-linux-gnu")}
+
+
+@dataclass
+class Build:
+    profile: Profile
+    folder: Path  # holds bin/ and build.json
+    seconds: float
+    cached: bool
+
+    @property
+    def bin(self) -> Path:
+        return self.folder / "bin"
+
+
+def _board_source() -> Path:
+    # Editable installs map edgeft.devices to the top-level devices/ folder; both hold board/.
+    import edgeft.devices
+
+    return Path(edgeft.devices.__file__).parent / "board"
+
+
+def _cache_key(profile: Profile, flags: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(metadata.version("llama_cpp_python").encode())
+    h.update("\0".join(flags).encode())
+    for f in sorted(_board_source().iterdir()):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _need(tool: str, package: str) -> str:
+    path = shutil.which(tool)
+    if not path:
+        raise EdgeftError(f"{tool} not found; it is needed to build llama.cpp for the board: apt-get install {package}")
+    return path
+
+
+def cmake_flags(profile: Profile) -> list[str]:
+    host = platform.machine()
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_STATIC=ON", "-DGGML_OPENMP=OFF",
+             "-DCMAKE_EXE_LINKER_FLAGS=-static", *profile.cmake]
+    if profile.c_flags:
+        flags += [f"-DCMAKE_C_FLAGS={profile.c_flags}", f"-DCMAKE_CXX_FLAGS={profile.c_flags}"]
+    if profile.arch != host:
+        if profile.arch not in _CROSS:
+            raise EdgeftError(f"--device {profile.name}: cross-compiling from {host} to {profile.arch} is not supported")
+        cc, cxx, package = _CROSS[profile.arch]
+        flags += [f"-DCMAKE_C_COMPILER={_need(cc, package)}", f"-DCMAKE_CXX_COMPILER={_need(cxx, package)}",
+                  "-DCMAKE_SYSTEM_NAME=Linux", f"-DCMAKE_SYSTEM_PROCESSOR={profile.arch}"]
+    return flags
+
+
+def build(device: str, threads: int = 0) -> Build:
+    from .llamacpp import vendored_source
+
+    profile = get(device)
+    _need("cmake", "cmake")
+    flags = cmake_flags(profile)
+    # Keyed by what the binaries depend on, not the profile name: profiles with the same flags share a build.
+    target = edgeft_home() / "builds" / f"{profile.arch}-{_cache_key(profile, flags)}"
+    if all((target / "bin" / b).is_file() for b in BINARIES):
+        return Build(profile, target, 0.0, cached=True)
+    source = vendored_source()
+    start = time.perf_counter()
+    with atomic_dir(target) as tmp:
+        work = tmp / "cmake"
+        log = tmp / "build.log"
+        with open(log, "w") as logf:
+            _run(["cmake", "-S", str(_board_source()), "-B", str(work), f"-DLLAMA_CPP_SOURCE={source}", *flags],
+                 logf, f"configure for {profile.name}")
+            _run(["cmake", "--build", str(work), "--target", *BINARIES, "-j", str(threads or os.cpu_count() or 2)],
+                 logf, f"compile for {profile.name}", progress=True)
+        (tmp / "bin").mkdir()
+        for b in BINARIES:
+            shutil.copy2(work / b, tmp / "bin" / b)
+        shutil.rmtree(work)
+        seconds = time.perf_counter() - start
+        write_json(tmp / "build.json", {"profile": profile.name, "arch": profile.arch, "flags": flags,
+                                        "llama_cpp_python": metadata.version("llama_cpp_python"),
+                                        "seconds": round(seconds, 1)})
+    return Build(profile, target, seconds, cached=False)
+
+
+def _run(cmd: list[str], logf, what: str, progress: bool = False) -> None:
+    """Run a build command, its output to the log; a bar follows make's [ NN%] lines."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with bar(what, 100 if progress else None) as update:
+        for line in proc.stdout:
+            logf.write(line)
+            m = re.match(r"\[\s*(\d+)%\]", line)
+            if m and progress:
+                update(int(m.group(1)))
+    if proc.wait() != 0:
+        logf.flush()
+        tail = Path(logf.name).read_text().strip().splitlines()[-5:]
+        raise EdgeftError(f"{what} failed (log: {logf.name}): {' | '.join(tail)[-400:]}")

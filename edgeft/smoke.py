@@ -1,0 +1,176 @@
+"""`edgeft smoke RUN --device P (--host H | --local | --emulate)`: the shipped GGUF run where it will run.
+
+On the target: a greedy answer to a fixed chat prompt (checks: non-empty, no replacement characters, stops
+at end-of-generation), prompt and decode tokens/s, and perplexity on the run's token ids with the same
+windows as everywhere else. The board's perplexity must match the host's (llama.cpp's Python binding, same
+GGUF, same ids) within 2%: ARM's dot-product kernels round differently, more than that means a broken
+build. Decode tokens/s is also given as a fraction of the profile's bandwidth bound (bandwidth / model size).
+
+--emulate runs the board's aarch64 build under qemu-user with the board's own CPU model (-cpu cortex-a76
+for a Pi 5), on this host or, with --host, on that host: a build whose flags do not fit the CPU dies with
+SIGILL, a free check. llama.cpp is 20-50x slower there, so emulated runs score --max-tokens ids (default 129).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import to_dict
+from .deploy import CHAT_PROMPT, bundle, pick_gguf
+from .errors import EdgeftError, GateFailed
+from .heldout import TOKENS_FILE, EvalTokens
+from .ledger import Run
+from .perplexity import score
+from .progress import console
+
+BOARD_MATCH = 0.02
+SIGILL = 132
+
+
+@dataclass
+class SmokeConfig:
+    run: str = field(default="", metadata={"help": "run folder (deployed, for --host)"})
+    device: str = field(default="", metadata={"help": "board profile (default: rpi5, or x86-64-native with --local)"})
+    host: str = field(default="", metadata={"help": "user@board: run there (after `edgeft deploy`)"})
+    local: bool = field(default=False, metadata={"help": "run here, with this host's build"})
+    emulate: bool = field(default=False, metadata={"help": "run the aarch64 build under qemu-user (here or on --host)"})
+    dest: str = field(default="", metadata={"help": "folder on the board (default: deploy's)"})
+    quant: str = field(default="", metadata={"help": "which GGUF (default: as deploy picks)"})
+    max_tokens: int = field(default=0, metadata={"help": "score the first N ids (0: all; 129 when emulating)"})
+    threads: int = field(default=0, metadata={"help": "threads on the target (0: the profile's)"})
+    ssh_config: str = field(default="", metadata={"help": "ssh config file (ssh -F)"})
+    port: int = field(default=0, metadata={"help": "ssh port"})
+    connect_timeout: int = field(default=10, metadata={"help": "seconds to wait for the board"})
+
+
+@dataclass
+class SmokeResult:
+    run: Path
+    entry: dict
+
+
+def _runner(c: SmokeConfig, profile, workdir: str):
+    """A function running a shell command in the target's work folder, returning stdout."""
+    prefix = ""
+    if c.emulate:
+        prefix = f"qemu-{profile.arch}-static -cpu {profile.qemu_cpu or 'max'} "
+    sigill = (f"the {profile.name} build died with SIGILL (illegal instruction) on the target CPU"
+              + (f" (qemu -cpu {profile.qemu_cpu})" if c.emulate else "")
+              + ": the profile's compiler flags use instructions that CPU lacks; pick the board's profile")
+
+    if c.host:
+        from .ssh import Remote
+
+        remote = Remote(c.host, c.ssh_config, c.port, c.connect_timeout)
+
+        def run(cmd: str, timeout: float) -> str:
+            try:
+                return remote.run(f"cd {shlex.quote(workdir)} && {prefix}{cmd}", timeout=timeout)
+            except EdgeftError as e:
+                if f"(exit {SIGILL})" in str(e):
+                    raise EdgeftError(sigill) from None
+                raise
+        return run
+
+    def run_local(cmd: str, timeout: float) -> str:
+        proc = subprocess.run(f"{prefix}{cmd}", shell=True, cwd=workdir, capture_output=True, text=True,
+                              timeout=timeout)
+        if proc.returncode in (SIGILL, -4):
+            raise EdgeftError(sigill)
+        if proc.returncode != 0:
+            raise EdgeftError(f"`{cmd[:60]}` failed on the target (exit {proc.returncode}): "
+                              f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+        return proc.stdout
+    return run_local
+
+
+def smoke(config: SmokeConfig) -> SmokeResult:
+    from .board_build import build
+    from .devices import get
+    from .llamacpp import LlamaCpp
+    from .models import load_tokenizer
+
+    c = config
+    modes = [m for m, on in (("host", bool(c.host)), ("local", c.local)) if on]
+    if len(modes) != 1 and not (c.emulate and not modes):
+        raise EdgeftError("say where to run: --host user@board, --local, or --emulate (optionally with --host)")
+    run = Run(c.run)
+    if not run.manifest_path.is_file():
+        raise EdgeftError(f"{c.run}: not a run folder (no manifest.json)")
+    profile = get(c.device or ("x86-64-native" if c.local else "rpi5"))
+    if c.emulate and not profile.qemu_cpu and profile.arch == "aarch64":
+        raise EdgeftError(f"--device {profile.name}: the profile has no qemu_cpu to emulate")
+    gguf, export_entry = pick_gguf(run, c.quant)
+    tokens = EvalTokens.from_json(json.loads((run.path / TOKENS_FILE).read_text()))
+    limit = c.max_tokens or (129 if c.emulate else len(tokens.ids))
+    ids = tokens.ids[:limit]
+    window = min(export_entry["config"]["window"], len(ids))
+    stride = min(export_entry["config"]["stride"], window)
+    threads = c.threads or profile.threads or 2
+    if c.emulate:
+        threads = c.threads or 2  # qemu-user runs on the host's cores
+    source = run.path / "merged" if (run.path / "merged").is_dir() else Path(export_entry["inputs"]["source"])
+    tokenizer = load_tokenizer(source)
+
+    if c.host:
+        workdir = c.dest or f"edgeft/{run.path.resolve().name}"
+        model_file = gguf.name
+    else:
+        board_build = build(profile.name)
+        workdir = tempfile.mkdtemp(prefix="edgeft-smoke-")
+        for local, name in bundle(run, gguf, board_build.bin, tokenizer):
+            Path(workdir, name).symlink_to(local.resolve())
+        model_file = gguf.name
+    target = _runner(c, profile, workdir)
+    slow = 50 if c.emulate else 1
+    inputs = {"gguf": gguf.name, "quant": export_entry["inputs"]["quant"], "device": profile.name,
+              "mode": "emulated" if c.emulate else ("board" if c.host else "local"), "host": c.host or None,
+              "tokens": len(ids), "eval_tokens": TOKENS_FILE}
+    with run.step("smoke", to_dict(c), inputs) as entry:
+        q = shlex.quote(model_file)
+        with console.status(f"smoke on {inputs['mode']} {profile.name}: generate"):
+            gen = json.loads(target(f"./edgeft-board generate {q} prompt_ids.txt 32 {threads}", timeout=60 * slow))
+        answer = tokenizer.decode(gen["ids"], skip_special_tokens=True)
+        gen_ok = bool(answer.strip()) and "\ufffd" not in answer and gen["stopped_at_eos"]
+        with console.status(f"smoke on {inputs['mode']} {profile.name}: bench"):
+            pp, tg = (32, 8) if c.emulate else (128, 32)
+            bench = json.loads(target(f"./edgeft-board bench {q} {pp} {tg} {threads}", timeout=60 * slow))
+        with console.status(f"smoke on {inputs['mode']} {profile.name}: perplexity on {len(ids)} ids"):
+            sub = "eval_ids.txt"
+            if limit < len(tokens.ids):  # the first N ids, cut on the target with POSIX tools
+                target(f"tr ' ' '\\n' < eval_ids.txt | head -n {limit} > eval_ids_{limit}.txt", timeout=60)
+                sub = f"eval_ids_{limit}.txt"
+            board = json.loads(target(f"./edgeft-board perplexity {q} {sub} {window} {stride} {threads}",
+                                      timeout=120 * slow + len(ids) * slow / 10))
+        host_model = LlamaCpp(gguf, n_ctx=window)
+        host = score(ids, host_model.logits, window=window, stride=stride, backend="llama.cpp (host)")
+        host_model.close()
+        diff = board["ppl"] / host.ppl - 1
+        bound = (profile.memory_bandwidth_gbs * 1e9 / bench["model_bytes"]) if profile.memory_bandwidth_gbs else None
+        entry["perplexity"] = {"ppl": board["ppl"], "tokens": board["tokens"], "windows": board["windows"],
+                               "window": window, "stride": stride, "backend": f"llama.cpp on {inputs['mode']} "
+                               f"{profile.name}", "model": f"{gguf.name} on {profile.name}"
+                               + (" (emulated)" if c.emulate else ""), "seconds": board["seconds"]}
+        entry["reference"] = {"ppl": host.ppl, "model": f"{gguf.name} on host", "label": "host", "tokens": host.tokens}
+        entry["metrics"].update({
+            "generation": {"prompt": CHAT_PROMPT[-1]["content"], "answer": answer, "ok": gen_ok, **gen},
+            "bench": bench, "decode_bound_tokens_per_s": round(bound, 1) if bound else None,
+            "decode_fraction_of_bound": round(bench["tg_tokens_per_s"] / bound, 4) if bound else None,
+            "bound_note": ("emulated: qemu speed, not the board's" if c.emulate else
+                           f"bound = {profile.memory_bandwidth_gbs} GB/s / model bytes "
+                           f"({profile.memory_bandwidth_source})" if bound else "no bandwidth figure in the profile"),
+            "threads": threads, "qemu_cpu": profile.qemu_cpu if c.emulate else None})
+        entry["gate"] = {"metric": "board vs host perplexity", "max": BOARD_MATCH, "value": round(abs(diff), 6),
+                         "passed": abs(diff) <= BOARD_MATCH and gen_ok}
+        if abs(diff) > BOARD_MATCH:
+            raise GateFailed(f"board perplexity {board['ppl']:.4f} is {100 * diff:+.2f}% from the host's {host.ppl:.4f} "
+                             f"on the same {board['tokens']} tokens (limit 2%)")
+        if not gen_ok:
+            raise GateFailed(f"the board's answer failed its checks (empty, replacement characters or no EOS): "
+                             f"{answer[:80]!r}")
+    return SmokeResult(run=run.path, entry=entry)

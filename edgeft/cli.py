@@ -141,13 +141,18 @@ def export_cmd(config_file, as_json, **flags):
     and a perplexity-rise gate per quant (exit 3 when one fails). An Ollama Modelfile sits next to each GGUF.
     """
     config = load_config(ExportConfig, config_file, flags)
-    if config.format != "gguf":
-        raise EdgeftError(f"--format {config.format}: only gguf is implemented yet (ONNX export is planned)")
-    result = export_gguf(config)
+    if config.format == "gguf":
+        result = export_gguf(config)
+    elif config.format == "onnx":
+        from .export_onnx import export_onnx
+
+        result = export_onnx(config)
+    else:
+        raise EdgeftError(f"--format {config.format}: use gguf or onnx")
     if as_json:
         click.echo(json.dumps(result.entries))
         return
-    out.print(ledger_table({"steps": result.entries}, f"export → {result.run / 'gguf'}"))
+    out.print(ledger_table({"steps": result.entries}, f"export → {result.run / config.format}"))
     for e in result.entries:
         m = e["metrics"]
         extra = ""

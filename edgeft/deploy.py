@@ -80,14 +80,18 @@ def pick_gguf(run: Run, quant: str) -> tuple[Path, dict]:
     return path, entry
 
 
+def prompt_ids(tokenizer) -> list[int]:
+    """The fixed chat prompt, rendered with the model's template: what smoke asks on every target."""
+    return list(tokenizer.apply_chat_template(CHAT_PROMPT, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
+
+
 def bundle(run: Run, gguf: Path, build_bin: Path, tokenizer) -> list[tuple[Path, str]]:
     """(local file, name on the board) pairs; the id files are written into a temp folder."""
     tokens = EvalTokens.from_json(json.loads((run.path / TOKENS_FILE).read_text()))
     tmp = Path(tempfile.mkdtemp(prefix="edgeft-deploy-"))
     (tmp / "eval_ids.txt").write_text(" ".join(map(str, tokens.ids)) + "\n")
-    prompt = tokenizer.apply_chat_template(CHAT_PROMPT, add_generation_prompt=True, tokenize=True,
-                                           return_dict=True)["input_ids"]
-    (tmp / "prompt_ids.txt").write_text(" ".join(map(str, prompt)) + "\n")
+    (tmp / "prompt_ids.txt").write_text(" ".join(map(str, prompt_ids(tokenizer))) + "\n")
     return [(gguf, gguf.name), (build_bin / "edgeft-board", "edgeft-board"), (tmp / "eval_ids.txt", "eval_ids.txt"),
             (tmp / "prompt_ids.txt", "prompt_ids.txt")]
 

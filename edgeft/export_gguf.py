@@ -20,8 +20,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from .adapter import find_adapter
 from .atomic import atomic_file
 from .config import to_dict
@@ -31,7 +29,7 @@ from .heldout import TOKENS_FILE, eval_tokens, read_text
 from .ledger import Run, artifact
 from .llamacpp import QUANT_TYPES, LlamaCpp, quantize
 from .models import load_model, load_tokenizer, resolve_model
-from .perplexity import score, windows
+from .perplexity import compare, score
 from .progress import bar, console
 
 # Gates: the largest held-out perplexity rise vs the unquantized GGUF. Measured on the 135M default model
@@ -52,8 +50,9 @@ class ExportConfig:
     model: str = field(default="", metadata={"help": "model folder/name (default: RUN/merged)"})
     adapter: str = field(default="", metadata={"help": "fuse this adapter (run or folder) while converting"})
     run: str = field(default="", metadata={"help": "run folder (ledger, eval tokens, outputs in RUN/gguf)"})
-    quant: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"], metadata={
-        "help": "comma list: f16,bf16,f32 and llama.cpp quants q8_0,q6_k,q5_k_m,q4_k_m,q4_0,..."})
+    quant: list[str] = field(default_factory=list, metadata={
+        "help": "comma list; gguf: f16|bf16|f32 + q8_0,q6_k,q5_k_m,q4_k_m,q4_0,.. or auto (default f16,q8_0,q4_k_m); "
+                "onnx: fp32,int8,int4 (default all three)"})
     max_ppl_rise: str = field(default="", metadata={
         "help": "gate per quant, e.g. 'q8_0=0.02,q4_k_m=0.15' or one number for all (defaults in docs)"})
     adapter_only: bool = field(default=False, metadata={"help": "also write the LoRA as a GGUF adapter"})
@@ -68,6 +67,10 @@ class ExportConfig:
     device: str = field(default="", metadata={"help": "board profile: with --quant auto, pick for it (see `edgeft devices`)"})
     device_ram_gb: float = field(default=0.0, metadata={"help": "the board's RAM if not the profile's smallest"})
     context: int = field(default=2048, metadata={"help": "context the board will run with (KV cache in the RAM fit)"})
+    block_size: int = field(default=32, metadata={"help": "onnx: weights per quantization block (MatMulNBits)"})
+    symmetric: bool = field(default=True, metadata={"help": "onnx: symmetric weight quantization"})
+    accuracy_level: int = field(default=4, metadata={"help": "onnx: MatMulNBits accuracy level (4: int8 compute)"})
+    keep_lm_head: bool = field(default=False, metadata={"help": "onnx: leave the output head in fp32"})
 
 
 @dataclass
@@ -128,35 +131,6 @@ def sample_answer(model: LlamaCpp, tokenizer, max_tokens: int) -> dict:
             "ok": bool(text.strip()) and "\ufffd" not in text}
 
 
-def _compare(reference: LlamaCpp, other: LlamaCpp, ids: list[int], window: int, stride: int) -> dict:
-    """Perplexity of both models, mean KL(reference || other) and top-1 agreement, window by window: at
-    most one window of logits per model is held."""
-    plan = windows(len(ids), window, stride)
-    nll_ref = nll = kl = 0.0
-    top1 = count = 0
-    with bar(f"llama.cpp {other.path.name} vs {reference.path.name}", len(plan)) as update:
-        for i, w in enumerate(plan):
-            rows = slice(w.score_from - 1 - w.begin, w.end - 1 - w.begin)
-            targets = np.asarray(ids[w.score_from:w.end])
-            at = np.arange(len(targets))
-            ref = reference.logits(ids[w.begin:w.end])[rows].astype(np.float64)
-            got = other.logits(ids[w.begin:w.end])[rows].astype(np.float64)
-            ref_lp, got_lp = ref - _logsumexp(ref), got - _logsumexp(got)
-            nll_ref -= float(ref_lp[at, targets].sum())
-            nll -= float(got_lp[at, targets].sum())
-            kl += float((np.exp(ref_lp) * (ref_lp - got_lp)).sum())
-            top1 += int((got.argmax(-1) == ref.argmax(-1)).sum())
-            count += len(targets)
-            update(i + 1)
-    return {"ppl_ref": float(np.exp(nll_ref / count)), "ppl": float(np.exp(nll / count)), "tokens": count,
-            "windows": len(plan), "kl_mean": kl / count, "top1_agreement": top1 / count}
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    peak = x.max(-1, keepdims=True)
-    return np.log(np.exp(x - peak).sum(-1, keepdims=True)) + peak
-
-
 def _source(c: ExportConfig, run: Run):
     """(HF folder to convert, LoRA factors to fuse or {}, label, adapter or None)."""
     if c.adapter:
@@ -193,7 +167,7 @@ def _hf_reference_ppl(run: Run, path: Path, tokens, c: ExportConfig) -> tuple[fl
 def export_gguf(config: ExportConfig) -> ExportResult:
     c = config
     check_windows(c.eval_budget, c.window, c.stride)
-    quants = [q.lower() for q in c.quant]
+    quants = [q.lower() for q in c.quant] or ["f16", "q8_0", "q4_k_m"]
     auto = "auto" in quants
     if auto:
         if not c.device:
@@ -282,7 +256,8 @@ def export_gguf(config: ExportConfig) -> ExportResult:
                     quantize(ref_path, tmp, q, c.threads)
                 entry["outputs"].append(artifact(paths[q], run.path))
                 model = LlamaCpp(paths[q], n_ctx=c.window, threads=c.threads)
-                cmp = _compare(ref, model, tokens.ids, c.window, c.stride)
+                with bar(f"llama.cpp {paths[q].name} vs {ref_path.name}") as update:
+                    cmp = compare(ref, model, tokens.ids, c.window, c.stride, progress=update)
                 rise = cmp["ppl"] / cmp["ppl_ref"] - 1
                 entry["perplexity"] = {"ppl": cmp["ppl"], "tokens": cmp["tokens"], "windows": cmp["windows"],
                                        "window": c.window, "stride": c.stride, "backend": "llama.cpp",
@@ -399,7 +374,8 @@ def adapter_only(c: ExportConfig, run: Run, adapter, base: Path, paths: dict, fu
                     name=base.name)
         entry["outputs"] += [artifact(paths["lora"], run.path), artifact(paths["base"], run.path)]
         applied = LlamaCpp(paths["base"], n_ctx=c.window, threads=c.threads, lora=paths["lora"])
-        cmp = _compare(fused, applied, tokens.ids, c.window, c.stride)
+        with bar("llama.cpp base + LoRA GGUF vs fused") as update:
+            cmp = compare(fused, applied, tokens.ids, c.window, c.stride, progress=update)
         applied.close()
         diff = cmp["ppl"] / cmp["ppl_ref"] - 1
         entry["perplexity"] = {"ppl": cmp["ppl"], "tokens": cmp["tokens"], "windows": cmp["windows"],

@@ -103,3 +103,35 @@ def torch_logits_fn(model) -> Callable[[list[int]], np.ndarray]:
         return out.logits[0].float().cpu().numpy()
 
     return logits_fn
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    peak = x.max(-1, keepdims=True)
+    return x - (np.log(np.exp(x - peak).sum(-1, keepdims=True)) + peak)
+
+
+def compare(reference, other, ids: Sequence[int], window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE,
+            progress: Callable[[int, int], None] | None = None) -> dict:
+    """Perplexity of two models on the same windows, mean KL(reference || other) and top-1 agreement.
+    Each model is anything with `.logits(window_ids)`. Window by window: at most one window of logits per
+    model is held, never all of them."""
+    ids = list(ids)
+    plan = windows(len(ids), window, stride)
+    nll_ref = nll = kl = 0.0
+    top1 = count = 0
+    for i, w in enumerate(plan):
+        rows = slice(w.score_from - 1 - w.begin, w.end - 1 - w.begin)
+        targets = np.asarray(ids[w.score_from:w.end])
+        at = np.arange(len(targets))
+        ref = np.asarray(reference.logits(ids[w.begin:w.end]))[rows].astype(np.float64)
+        got = np.asarray(other.logits(ids[w.begin:w.end]))[rows].astype(np.float64)
+        ref_lp, got_lp = _log_softmax(ref), _log_softmax(got)
+        nll_ref -= float(ref_lp[at, targets].sum())
+        nll -= float(got_lp[at, targets].sum())
+        kl += float((np.exp(ref_lp) * (ref_lp - got_lp)).sum())
+        top1 += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        count += len(targets)
+        if progress:
+            progress(i + 1, len(plan))
+    return {"ppl_ref": math.exp(nll_ref / count), "ppl": math.exp(nll / count), "tokens": count,
+            "windows": len(plan), "kl_mean": kl / count, "top1_agreement": top1 / count}

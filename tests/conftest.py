@@ -47,6 +47,28 @@ def tiny_llama(default_model, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_llama, tmp_path_factory):
+    """A Qwen2 (q/k/v biases, NEOX RoPE, untied head) with the default tokenizer and random weights."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(3)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # random init leaves biases at zero; make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def train_tiny(base: Path, run: Path, **overrides):
     """A few steps of edgeft train on the tiny Llama with demo-task rows: a real adapter in seconds."""
     import json

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from gguf import GGUFReader
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeft.cli import cli
 from edgeft.converters.hf_to_gguf import convert
@@ -18,25 +18,6 @@ from edgeft.llamacpp import LlamaCpp
 from edgeft.merge import MergeConfig, merge
 
 WINDOW = ["--window", "128", "--stride", "128", "--eval-budget", "300"]
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen2(tiny_llama, tmp_path_factory):
-    """A Qwen2 (q/k/v biases, NEOX RoPE, untied head) with the default tokenizer and random weights."""
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(3)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # random init leaves biases at zero; make them matter
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])

@@ -1,0 +1,63 @@
+"""Our own runner for edgeft's KV-cache ONNX graphs, on plain onnxruntime (no genai_config.json needed).
+
+The graph (see export_onnx.py) takes input_ids, attention_mask, position_ids and past_key_values.N.key/value
+[batch, kv_heads, past, head_dim], and returns logits and present.N.key/value. Perplexity windows are run
+with an empty past, so the same ids in the same windows are scored as on every other backend.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class OnnxLM:
+    def __init__(self, path: Path, threads: int = 0):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        shape = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")).shape
+        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+
+    def empty_past(self) -> dict:
+        return {n: np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32) for n in self.past_names}
+
+    def step(self, ids: list[int], past: dict, past_len: int) -> tuple[np.ndarray, dict]:
+        """Run `ids` after `past_len` cached positions; returns (logits [len(ids), vocab], new past)."""
+        n = len(ids)
+        feeds = {"input_ids": np.asarray([ids], dtype=np.int64),
+                 "attention_mask": np.ones((1, past_len + n), dtype=np.int64),
+                 "position_ids": np.arange(past_len, past_len + n, dtype=np.int64)[None], **past}
+        out = self.session.run(None, feeds)
+        names = [o.name for o in self.session.get_outputs()]
+        present = {n.replace("present.", "past_key_values."): v for n, v in zip(names[1:], out[1:])}
+        return out[0][0], present
+
+    def logits(self, window_ids: list[int]) -> np.ndarray:
+        return self.step(list(window_ids), self.empty_past(), 0)[0]
+
+    def generate(self, prompt_ids: list[int], max_new: int, eos_ids: set[int]) -> dict:
+        """Greedy decoding with the KV cache; times prefill and decode separately."""
+        t0 = time.perf_counter()
+        logits, past = self.step(list(prompt_ids), self.empty_past(), 0)
+        t1 = time.perf_counter()
+        out: list[int] = []
+        stopped = False
+        for _ in range(max_new):
+            nxt = int(logits[-1].argmax())
+            if nxt in eos_ids:
+                stopped = True
+                break
+            out.append(nxt)
+            logits, past = self.step([nxt], past, len(prompt_ids) + len(out) - 1)
+        t2 = time.perf_counter()
+        return {"ids": out, "stopped_at_eos": stopped, "prefill_tokens_per_s": len(prompt_ids) / (t1 - t0),
+                "decode_tokens_per_s": len(out) / (t2 - t1) if out else None}

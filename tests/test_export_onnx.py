@@ -1,0 +1,75 @@
+"""edgeft export --format onnx: KV-cache graphs that match HF, weight-only quantization, and the README's
+plain-onnxruntime example."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from edgeft.cli import cli
+from edgeft.onnx_runtime import OnnxLM
+
+WINDOW = ["--window", "128", "--stride", "128", "--eval-budget", "300"]
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])
+def test_tiny_models_export_and_match_hf_with_and_without_cache(which, request, tmp_path):
+    folder = request.getfixturevalue(which)
+    result = CliRunner().invoke(cli, ["export", "--format", "onnx", "--model", str(folder), "--quant", "fp32,int8",
+                                      "--run", str(tmp_path / "r"), "--json", *WINDOW])
+    assert result.exit_code in (0, 3), result.output  # a random model's int8 may fail its gate; fp32 may not
+    steps = json.loads((tmp_path / "r" / "manifest.json").read_text())["steps"]
+    fp32 = steps[0]
+    assert fp32["status"] == "ok" and fp32["gate"]["value"] < 1e-3 and fp32["metrics"]["greedy_identical_to_hf"]
+
+    lm = OnnxLM(tmp_path / "r" / "onnx" / "fp32" / "model.onnx")
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = AutoTokenizer.from_pretrained(folder)("In 1998, the cat sat on the mat", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(lm.logits(ids), want, atol=1e-4, rtol=1e-4)
+    # the same logits token by token through the KV cache
+    logits, past = lm.step(ids[:4], lm.empty_past(), 0)
+    for i, t in enumerate(ids[4:], 4):
+        logits, past = lm.step([t], past, i)
+        np.testing.assert_allclose(logits[-1], want[i], atol=1e-4, rtol=1e-4)
+    int8 = steps[1]
+    assert int8["inputs"]["quant"] == "int8" and int8["outputs"][0]["bytes"] < fp32["outputs"][0]["bytes"]
+
+
+def test_readme_example_runs_with_plain_onnxruntime(tiny_llama, tmp_path):
+    """The README's example, extracted and run in a fresh interpreter that never imports edgeft."""
+    result = CliRunner().invoke(cli, ["export", "--format", "onnx", "--model", str(tiny_llama), "--quant", "fp32",
+                                      "--run", str(tmp_path / "r"), *WINDOW])
+    assert result.exit_code == 0, result.output
+    readme = (__import__("pathlib").Path(__file__).parents[1] / "README.md").read_text()
+    example = re.search(r"```python\n(# onnx example.*?)```", readme, re.S).group(1)
+    assert len(example.strip().splitlines()) <= 30
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "r" / "onnx" / "fp32")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, return_dict=True)["input_ids"]
+    ours = OnnxLM(tmp_path / "r" / "onnx" / "fp32" / "model.onnx").generate(prompt, 32, {tok.eos_token_id})
+    assert len(ours["ids"]) > 0 and out.stdout == tok.decode(ours["ids"]) + "\n"
+
+
+@pytest.mark.slow
+def test_default_model_fp32_int8_int4(default_model, tmp_path):
+    result = CliRunner().invoke(cli, ["export", "--format", "onnx", "--model", "smollm2-135m", "--run",
+                                      str(tmp_path / "r"), "--eval-budget", "2048", "--json"])
+    assert result.exit_code == 0, result.output
+    fp32, int8, int4 = json.loads(result.output.strip().splitlines()[-1])
+    assert fp32["gate"]["value"] < 0.001 and fp32["metrics"]["greedy_identical_to_hf"]
+    assert "Paris" in fp32["metrics"]["sample"]["answer"]
+    assert int8["gate"]["passed"] and int8["metrics"]["kl_mean"] < int4["metrics"]["kl_mean"]
+    assert int4["status"] == "ok" and int4["outputs"][0]["bytes"] < int8["outputs"][0]["bytes"]

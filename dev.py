@@ -84,20 +84,16 @@ def main() -> int:
     bin_dir = Path(py).parent
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if sys.argv[1] == "demo":
-        # The chain so far on the embedded default model and the shipped demo task, one run folder:
-        # base perplexity -> LoRA fine-tune -> merge -> GGUF F16/Q8_0/Q4_K_M -> the ledger.
+        # The whole chain on the embedded default model (edgeft/data/demo_pipeline.yaml): LoRA fine-tune on
+        # the demo task -> merge -> GGUF F16/Q8_0/Q4_K_M -> smoke test on an emulated Raspberry Pi 5 ->
+        # the ledger and report.html/report.png in runs/demo.
         edgeft = str(bin_dir / "edgeft")
         run_dir = os.environ.get("EDGEFT_DEMO_RUN", "runs/demo")
         if Path(run_dir).exists():
             import shutil
 
-            shutil.rmtree(run_dir)  # a demo starts clean; real runs are never deleted by edgeft
-        run(edgeft, "eval", "--run", run_dir, env=env)
-        run(edgeft, "train", "--data", "demo", "--run", run_dir, "--max-steps", "15", "--lr", "1e-3",
-            "--eval-generate", "10", env=env)
-        run(edgeft, "merge", "--adapter", run_dir, "--eval-generate", "10", env=env)
-        run(edgeft, "export", "--format", "gguf", "--run", run_dir, "--quant", "f16,q8_0,q4_k_m", env=env)
-        run(edgeft, "show", run_dir, env=env)
+            shutil.rmtree(run_dir)  # the demo starts clean; edgeft itself never deletes a run
+        run(edgeft, "run", "demo", "--run", run_dir, env=env)
     elif sys.argv[1] == "test":
         return subprocess.run([py, "-m", "pytest", *sys.argv[2:]], cwd=ROOT, env=env).returncode
     return 0

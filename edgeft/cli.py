@@ -295,6 +295,38 @@ def smoke_cmd(run_dir, config_file, as_json, **flags):
               f"{m['bench']['tg_tokens_per_s']:.1f} tok/s" + (f" ({100 * frac:.0f}% of the bandwidth bound)" if frac else ""))
 
 
+# -------------------------------------------------------------------------------------------- run, report
+@cli.command("run")
+@click.argument("pipeline", metavar="PIPELINE.yaml|demo")
+@click.option("--run", "run_dir", default="", help="run folder (default: the file's `run:`)")
+@click.option("--from", "from_step", default="", help="resume: skip steps before this one (train|merge|export|smoke)")
+def run_cmd(pipeline, run_dir, from_step):
+    """Run the chain train → merge → export → smoke from a pipeline file ('demo': the shipped example).
+
+    Each step writes its ledger entry; a failed gate stops the chain with exit 3. --from STEP reuses the
+    earlier steps' artifacts after checking their sha256 against the ledger. Ends with the ledger and the
+    report (report.html, report.png).
+    """
+    from .pipeline import load_pipeline, run_pipeline
+    from .report import report
+
+    run = run_pipeline(load_pipeline(pipeline), run_dir, from_step)
+    page, png = report(run.path)
+    out.print(ledger_table(run.manifest(), f"ledger of {run.path}"))
+    out.print(f"report: {page} and {png}")
+
+
+@cli.command("report")
+@click.argument("run_dir", metavar="RUN")
+def report_cmd(run_dir):
+    """Write RUN/report.html (self-contained) and RUN/report.png from the run's ledger."""
+    from .report import report
+
+    page, png = report(run_dir)
+    out.print(ledger_table(Run(run_dir).manifest(), f"ledger of {run_dir}"))
+    out.print(f"report: {page} and {png}")
+
+
 def main():
     cli(prog_name="edgeft")
 

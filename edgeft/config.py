@@ -96,6 +96,8 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
                 raise EdgeftError(f"--config {path}: unknown key '{key}'; valid keys: {', '.join(names)}")
             data[name] = _coerce(value, hints[name], f"--config {path}: key '{key}'")
     for key, value in (overrides or {}).items():
+        if key not in hints:
+            raise EdgeftError(f"unknown setting '{key}' for {cls.__name__}; valid: {', '.join(names)}")
         if value is not None:
             data[key] = _coerce(value, hints[key], f"--{key.replace('_', '-')}")
     missing = [f.name for f in dataclasses.fields(cls)

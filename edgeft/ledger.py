@@ -177,7 +177,8 @@ def ledger_rows(manifest: dict) -> list[dict]:
     first_ppl = None
     for entry in manifest.get("steps", []):
         ref = entry.get("reference")
-        if ref and ref.get("ppl") is not None:
+        # A reference already on the ledger (the F16 GGUF that every quant compares with) is not repeated.
+        if ref and ref.get("ppl") is not None and not any(r["ppl"] == ref["ppl"] for r in rows):
             rows.append(_row(entry, ref, status="ref", delta_to=None))
             first_ppl = first_ppl or ref["ppl"]
         ppl = (entry.get("perplexity") or {}).get("ppl")

@@ -87,7 +87,7 @@ def export_graph(model, folder: Path) -> Path:
     shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, tuple({0: dyn, 2: dyn} for _ in range(2 * n_layers)))
     path = folder / "model.onnx"
     with torch.no_grad():
-        program = torch.onnx.export(_wrapper(model.eval()), example, input_names=names_in, output_names=names_out,
+        program = torch.onnx.export(_wrapper(model.eval()).eval(), example, input_names=names_in, output_names=names_out,
                                     dynamic_shapes=shapes, dynamo=True, opset_version=20, verbose=False)
     big = sum(p.numel() * 4 for p in model.parameters()) > 1.8 * 2**30
     program.save(str(path), external_data=big)

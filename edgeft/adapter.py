@@ -11,8 +11,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import EdgeftError
+
+if TYPE_CHECKING:
+    import torch
 
 ADAPTER_META = "edgeft_adapter.json"
 

@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .config import config_options, load_config, to_dict
+from .config import config_options, load_config
 from .errors import EdgeftError
 
 out = Console()  # results on stdout; progress and errors go to stderr

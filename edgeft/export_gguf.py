@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +130,16 @@ def sample_answer(model: LlamaCpp, tokenizer, max_tokens: int) -> dict:
             "ok": bool(text.strip()) and "\ufffd" not in text}
 
 
+def export_inputs(c: ExportConfig):
+    """What both exporters start from: (run, HF folder, LoRA factors to fuse, label, adapter or None).
+    The run is --run, else the adapter's run, else runs/export."""
+    if c.text not in ("", "pydoc"):
+        read_text(c.text)
+    run = Run(c.run or (Path(c.adapter) if c.adapter and (Path(c.adapter) / "manifest.json").is_file()
+                        else Path("runs") / "export"))
+    return (run, *_source(c, run))
+
+
 def _source(c: ExportConfig, run: Run):
     """(HF folder to convert, LoRA factors to fuse or {}, label, adapter or None)."""
     if c.adapter:
@@ -186,11 +195,7 @@ def export_gguf(config: ExportConfig) -> ExportResult:
         raise EdgeftError(f"--quant {bad[0]}: unknown; use f16, bf16, f32, {', '.join(QUANT_TYPES)}")
     reference_type = unq[0] if unq else "f16"
     gates = parse_gates(c.max_ppl_rise, quants)
-    if c.text not in ("", "pydoc"):
-        read_text(c.text)
-    run = Run(c.run or (Path(c.adapter) if c.adapter and (Path(c.adapter) / "manifest.json").is_file()
-                        else Path("runs") / "export"))
-    source, loras, label, adapter = _source(c, run)
+    run, source, loras, label, adapter = export_inputs(c)
     out_dir = Path(c.out) if c.out else run.path / "gguf"
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", label.replace("+adapter (fused)", "-fused")).strip("-")
     paths = {q: out_dir / f"{stem}-{q.upper()}.gguf" for q in [reference_type, *[q for q in quants if q not in UNQUANTIZED]]}

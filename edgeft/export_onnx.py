@@ -13,7 +13,6 @@ the chat prompt exactly as HF does), Δ, KL and top-1 vs fp32, size, prefill/dec
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -21,9 +20,10 @@ from .atomic import atomic_dir
 from .config import to_dict
 from .errors import EdgeftError, GateFailed
 from .evaluate import check_windows, perplexity_entry
-from .export_gguf import CHAT_PROMPT, ExportConfig, ExportResult, _fused_reference_ppl, _hf_reference_ppl, _source
-from .heldout import TOKENS_FILE, eval_tokens, read_text
-from .ledger import Run, artifact
+from .export_gguf import (CHAT_PROMPT, ExportConfig, ExportResult, _fused_reference_ppl, _hf_reference_ppl,
+                          export_inputs)
+from .heldout import TOKENS_FILE, eval_tokens
+from .ledger import artifact
 from .models import load_model, load_tokenizer
 from .onnx_runtime import OnnxLM
 from .perplexity import compare, score
@@ -164,11 +164,7 @@ def export_onnx(config: ExportConfig) -> ExportResult:
         from .export_gguf import parse_gates
 
         gates.update(parse_gates(c.max_ppl_rise, [q for q in quants if q != "fp32"]))
-    if c.text not in ("", "pydoc"):
-        read_text(c.text)
-    run = Run(c.run or (Path(c.adapter) if c.adapter and (Path(c.adapter) / "manifest.json").is_file()
-                        else Path("runs") / "export"))
-    source, loras, label, adapter = _source(c, run)
+    run, source, loras, label, adapter = export_inputs(c)
     out_dir = Path(c.out) if c.out else run.path / "onnx"
     folders = {q: out_dir / f"{q}" for q in quants}
     existing = [f for f in folders.values() if f.exists()]

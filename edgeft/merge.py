@@ -98,7 +98,7 @@ def check_adapter_fits(adapter: Adapter, base_path: Path, weights: dict, force: 
                     f"{recorded['weights_sha256'][:12]}) but --base {base_path} is {actual['architecture']}, weights "
                     f"{actual['weights_sha256'][:12]}; pass the base it was trained on, or --force")
             record["forced"] = True
-            console.print(f"[yellow]warning: base fingerprint differs from the adapter's; merging anyway (--force)")
+            console.print("[yellow]warning: base fingerprint differs from the adapter's; merging anyway (--force)")
     else:
         console.print("[yellow]warning: the adapter has no edgeft fingerprint (not from `edgeft train`); "
                       "only module names and shapes are checked")

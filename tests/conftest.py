@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def assert_one_line_error(result, *needles, code: int = 2):
+    """A CLI failure the way users must see it: exit code, one `error:` line naming what is wrong, no traceback."""
+    assert result.exit_code == code, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "Traceback" not in result.output, result.output
+    for n in needles:
+        assert n in line, line  # nothing may download weights
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

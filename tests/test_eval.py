@@ -4,47 +4,39 @@ import json
 import os
 import time
 
-import pytest
 from click.testing import CliRunner
 
 from edgeft.cli import cli
 from edgeft.evaluate import EvalConfig, evaluate
 from edgeft.heldout import TOKENS_FILE
 
-
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    text = result.output.strip()
-    assert "\n" not in text and "Traceback" not in text, text
-    assert text.startswith("error: ")
-    for n in needles:
-        assert n in text, text
+from .conftest import assert_one_line_error
 
 
 def test_nonexistent_model(tmp_path):
     result = CliRunner().invoke(cli, ["eval", "--model", "/nonexistent", "--run", str(tmp_path / "r")])
-    _one_line_error(result, "/nonexistent", "no such folder")
+    assert_one_line_error(result, "/nonexistent", "no such folder")
     assert not (tmp_path / "r").exists()  # nothing written for bad input
 
 
 def test_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     result = CliRunner().invoke(cli, ["eval", "--model", str(tmp_path), "--run", str(tmp_path / "r")])
-    _one_line_error(result, str(tmp_path), "no config.json")
+    assert_one_line_error(result, str(tmp_path), "no config.json")
 
 
 def test_empty_text_file(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     result = CliRunner().invoke(cli, ["eval", "--text", str(empty), "--run", str(tmp_path / "r")])
-    _one_line_error(result, "empty.txt", "empty")
+    assert_one_line_error(result, "empty.txt", "empty")
 
 
 def test_bad_stride_and_config_key(tmp_path):
-    _one_line_error(CliRunner().invoke(cli, ["eval", "--window", "64", "--stride", "128"]), "--stride")
+    assert_one_line_error(CliRunner().invoke(cli, ["eval", "--window", "64", "--stride", "128"]), "--stride")
     cfg = tmp_path / "eval.yaml"
     cfg.write_text("windw: 64\n")
-    _one_line_error(CliRunner().invoke(cli, ["eval", "--config", str(cfg)]), "windw", "valid keys")
+    assert_one_line_error(CliRunner().invoke(cli, ["eval", "--config", str(cfg)]), "windw", "valid keys")
 
 
 def test_default_model_is_materialised_once_and_answers(default_model):

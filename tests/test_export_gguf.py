@@ -13,9 +13,12 @@ from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeft.cli import cli
+
 from edgeft.converters.hf_to_gguf import convert
 from edgeft.llamacpp import LlamaCpp
 from edgeft.merge import MergeConfig, merge
+
+from .conftest import assert_one_line_error
 
 WINDOW = ["--window", "128", "--stride", "128", "--eval-budget", "300"]
 
@@ -62,14 +65,6 @@ def test_fused_adapter_equals_merge_then_convert_and_gguf_adapter_matches(tiny_l
     assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names
 
 
-def _one_line(result, *needles):
-    assert result.exit_code == 2, result.output
-    line = result.output.strip().splitlines()[-1]
-    assert line.startswith("error:") and "Traceback" not in result.output
-    for n in needles:
-        assert n in line, line
-
-
 def test_refusals_leave_no_partial_gguf(tiny_llama, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -77,27 +72,27 @@ def test_refusals_leave_no_partial_gguf(tiny_llama, tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(gpt2)
     AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(gpt2)
     out = tmp_path / "out"
-    _one_line(CliRunner().invoke(cli, ["export", "--model", str(gpt2), "--out", str(out), "--run", str(tmp_path / "r"),
+    assert_one_line_error(CliRunner().invoke(cli, ["export", "--model", str(gpt2), "--out", str(out), "--run", str(tmp_path / "r"),
                                        *WINDOW]), "GPT2LMHeadModel is not supported", "LlamaForCausalLM")
 
     no_tok = tmp_path / "no-tok"
     shutil.copytree(tiny_llama, no_tok)
     (no_tok / "tokenizer.json").unlink()
     (no_tok / "tokenizer_config.json").unlink()
-    _one_line(CliRunner().invoke(cli, ["export", "--model", str(no_tok), "--out", str(out), *WINDOW]), "tokenizer")
+    assert_one_line_error(CliRunner().invoke(cli, ["export", "--model", str(no_tok), "--out", str(out), *WINDOW]), "tokenizer")
 
     truncated = tmp_path / "truncated"
     shutil.copytree(tiny_llama, truncated)
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    _one_line(CliRunner().invoke(cli, ["export", "--model", str(truncated), "--out", str(out),
+    assert_one_line_error(CliRunner().invoke(cli, ["export", "--model", str(truncated), "--out", str(out),
                                        "--run", str(tmp_path / "r"), *WINDOW]), "truncated safetensors")
     assert not out.exists() or not list(out.glob("*.gguf*")) and not list(out.glob(".*"))
 
     args = ["export", "--model", str(tiny_llama), "--quant", "f16", "--out", str(out), "--run", str(tmp_path / "r"),
             *WINDOW]
     assert CliRunner().invoke(cli, args).exit_code == 0
-    _one_line(CliRunner().invoke(cli, args), "already exists", "--overwrite")
+    assert_one_line_error(CliRunner().invoke(cli, args), "already exists", "--overwrite")
     assert CliRunner().invoke(cli, args + ["--overwrite"]).exit_code == 0
 
 

@@ -11,13 +11,7 @@ from safetensors.torch import load_file
 from edgeft.cli import cli
 from edgeft.train import TrainConfig, TrainingInterrupted, build_model, _hardware, train
 
-
-def _error(result, *needles):
-    assert result.exit_code == 2, result.output
-    line = result.output.strip().splitlines()[-1]
-    assert line.startswith("error: ") and "Traceback" not in result.output
-    for n in needles:
-        assert n in line, line
+from .conftest import assert_one_line_error
 
 
 def _jsonl(path, *lines):
@@ -39,7 +33,7 @@ def test_bad_data_is_one_line_naming_file_and_line(tmp_path, tiny_llama, lines, 
     data = _jsonl(tmp_path / "bad.jsonl", *lines)
     result = CliRunner().invoke(cli, ["train", "--base", str(tiny_llama), "--data", data, "--run",
                                       str(tmp_path / "run")])
-    _error(result, *needles)
+    assert_one_line_error(result, *needles)
     assert not (tmp_path / "run").exists()
 
 
@@ -48,7 +42,7 @@ def test_too_long_rows_refused_with_strict_and_truncated_without(tmp_path, tiny_
     data = _jsonl(tmp_path / "long.jsonl", GOOD, long_row)
     result = CliRunner().invoke(cli, ["train", "--base", str(tiny_llama), "--data", data, "--strict",
                                       "--max-seq-len", "128", "--run", str(tmp_path / "run")])
-    _error(result, "long.jsonl:2", "max_seq_len 128")
+    assert_one_line_error(result, "long.jsonl:2", "max_seq_len 128")
     from edgeft.dataset import load_examples
     from edgeft.models import load_tokenizer
 
@@ -65,7 +59,7 @@ def test_unknown_target_module_lists_the_valid_ones(tmp_path, tiny_llama):
     data = _jsonl(tmp_path / "d.jsonl", GOOD, GOOD)
     result = CliRunner().invoke(cli, ["train", "--base", str(tiny_llama), "--data", data, "--target-modules",
                                       "q_proj,qkv", "--run", str(tmp_path / "run")])
-    _error(result, "qkv not found", "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+    assert_one_line_error(result, "qkv not found", "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
 
 
 def test_demo_rows_mask_everything_but_the_answer(default_model):

@@ -66,6 +66,10 @@ class ExportConfig:
     device: str = field(default="", metadata={"help": "board profile: with --quant auto, pick for it (see `edgeft devices`)"})
     device_ram_gb: float = field(default=0.0, metadata={"help": "the board's RAM if not the profile's smallest"})
     context: int = field(default=2048, metadata={"help": "context the board will run with (KV cache in the RAM fit)"})
+    imatrix: str = field(default="", metadata={
+        "help": "gguf: guide quantization with an importance matrix from 'train' (the run's training data) or "
+                "a text FILE (never the held-out text)"})
+    imatrix_tokens: int = field(default=8192, metadata={"help": "gguf: calibration tokens for --imatrix"})
     block_size: int = field(default=32, metadata={"help": "onnx: weights per quantization block (MatMulNBits)"})
     symmetric: bool = field(default=True, metadata={"help": "onnx: symmetric weight quantization"})
     accuracy_level: int = field(default=4, metadata={"help": "onnx: MatMulNBits accuracy level (4: int8 compute)"})
@@ -251,6 +255,10 @@ def export_gguf(config: ExportConfig) -> ExportResult:
             raise GateFailed(f"{reference_type.upper()} GGUF perplexity {got.ppl:.4f} is {100 * drift:+.3f}% from "
                              f"HF {hf_ppl:.4f} (limit {100 * HF_MATCH:.1f}%): the conversion is wrong")
 
+    table = None
+    if c.imatrix:
+        table = _imatrix(c, run, source, loras, adapter, tokenizer)
+
     # 2. each quant: quantized by llama.cpp, compared with the reference GGUF window by window, gated.
     # A failing quant is recorded and the others are still measured; the command fails at the end.
     failures: list[str] = []
@@ -258,7 +266,7 @@ def export_gguf(config: ExportConfig) -> ExportResult:
         try:
             with run.step("export-gguf", to_dict(c), {**inputs, "quant": q, "from": ref_path.name}) as entry:
                 with atomic_file(paths[q]) as tmp, console.status(f"quantize {ref_path.name} → {q}"):
-                    quantize(ref_path, tmp, q, c.threads)
+                    quantize(ref_path, tmp, q, c.threads, imatrix=table)
                 entry["outputs"].append(artifact(paths[q], run.path))
                 model = LlamaCpp(paths[q], n_ctx=c.window, threads=c.threads)
                 with bar(f"llama.cpp {paths[q].name} vs {ref_path.name}") as update:
@@ -271,6 +279,7 @@ def export_gguf(config: ExportConfig) -> ExportResult:
                                       "label": reference_type}
                 entry["metrics"].update({"ppl_rise": round(rise, 6), "kl_mean": cmp["kl_mean"],
                                          "top1_agreement": cmp["top1_agreement"],
+                                         "imatrix": {"source": c.imatrix, "tensors": len(table)} if table else None,
                                          "sample": sample_answer(model, tokenizer, c.generate_tokens)})
                 model.close()
                 entry["gate"] = {"metric": f"perplexity rise vs {reference_type}", "max": gates[q],
@@ -330,6 +339,27 @@ def choose_for_device(run: Run, c: ExportConfig, profile, source: Path, entries:
                            f"({usable / 2**20:.0f} MiB usable at context {c.context})")
     run.append(entry)
     return entry
+
+
+def _imatrix(c: ExportConfig, run: Run, source: Path, loras: dict, adapter, tokenizer) -> dict:
+    """The importance matrix of the model being exported (adapter fused when there is one)."""
+    from .imatrix import calibration_ids, compute
+
+    import gguf
+
+    config = json.loads((source / "config.json").read_text())
+    from .converters.hf_to_gguf import SUPPORTED
+
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[SUPPORTED[config["architectures"][0]]]
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    chunks = calibration_ids(c.imatrix, run.path, tokenizer, c.imatrix_tokens)
+    model = load_model(source, "float32")
+    if loras:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter.path).merge_and_unload()
+    with console.status(f"importance matrix from {c.imatrix} ({sum(map(len, chunks))} tokens)"):
+        return compute(model.eval(), chunks, lambda n: names.get_name(n, try_suffixes=(".weight",)))
 
 
 def tokenizer_parity(model: LlamaCpp, tokenizer, tokens) -> dict:

@@ -68,7 +68,9 @@ class LlamaCpp:
         self.llm.close()
 
 
-def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
+def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatrix: dict | None = None) -> None:
+    """llama.cpp's quantization of `src` into `dst`, optionally guided by an importance matrix
+    (edgeft.imatrix: GGUF tensor name -> mean squared input per column)."""
     import llama_cpp
 
     if quant not in QUANT_TYPES:
@@ -76,7 +78,14 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
     params.nthread = _threads(threads)
+    keep = None
+    if imatrix:
+        from .imatrix import as_ctypes
+
+        arr, keep = as_ctypes(imatrix)
+        params.imatrix = ctypes.cast(arr, type(params.imatrix))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    del keep  # the buffers the imatrix array points into lived until here
     if rc != 0:
         raise EdgeftError(f"llama.cpp could not quantize {src} to {quant} (code {rc})")
 

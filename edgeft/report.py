@@ -26,7 +26,9 @@ def _figure(manifest: dict):
     rows = [r for r in ledger_rows(manifest) if r["ppl"] is not None]
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
     ax = axes[0][0]
-    labels = [f"{r['step']}\n{r['model'][:28]}" for r in rows]
+    base_tokens = rows[0]["tokens"] if rows else None
+    labels = [f"{r['step']}\n{r['model'][:40]}" + (f" [{r['tokens']} tok]" if r["tokens"] != base_tokens else "")
+              for r in rows]
     colors = ["#999999" if r["status"] == "ref" else ("#2b8a3e" if r["status"] == "ok" else "#c92a2a") for r in rows]
     ax.barh(range(len(rows)), [r["ppl"] for r in rows], color=colors)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)

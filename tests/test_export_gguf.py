@@ -148,3 +148,25 @@ def test_devices_lists_the_shipped_profiles_and_a_user_profile(edgeft_home):
     assert {"rpi4", "rpi5", "jetson-orin-nano", "x86-64", "x86-64-native", "myboard"} <= set(found)
     assert found["rpi5"]["memory_bandwidth_gbs"] == 17.1 and found["rpi5"]["memory_bandwidth_source"]
     (user / "myboard.yaml").unlink()
+
+
+def test_imatrix_guides_quantization(tiny_llama, tmp_path):
+    """An importance matrix from a calibration text changes what llama.cpp's Q4_K_M keeps; the ledger says so."""
+    from edgeft.heldout import read_text
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(read_text(None)[0][-20000:])  # the end of the docs: far from the held-out ids at the start
+    plain = tmp_path / "plain"
+    guided = tmp_path / "guided"
+    common = ["export", "--model", str(tiny_llama), "--quant", "f16,q4_0", "--max-ppl-rise", "10", *WINDOW]
+    assert CliRunner().invoke(cli, common + ["--run", str(plain)]).exit_code == 0
+    result = CliRunner().invoke(cli, common + ["--run", str(guided), "--imatrix", str(calib), "--imatrix-tokens",
+                                               "1024", "--json"])
+    assert result.exit_code == 0, result.output
+    entry = json.loads(result.output.strip().splitlines()[-1])[-1]
+    assert entry["metrics"]["imatrix"]["tensors"] == 14  # 7 projections x 2 layers (the head is tied)
+    (a,) = (plain / "gguf").glob("*-Q4_0.gguf")
+    (b,) = (guided / "gguf").glob("*-Q4_0.gguf")
+    assert a.read_bytes() != b.read_bytes()
+    assert_one_line_error(CliRunner().invoke(cli, common + ["--run", str(tmp_path / "x"), "--imatrix", "train"]),
+                          "train_config.json")

@@ -1,6 +1,8 @@
+# Not named onnx.py (as the issue asked): run as a script, bench/ comes first on sys.path and a file
+# named onnx.py would shadow the onnx package itself.
 """ONNX fp32/int8/int4 vs the GGUF quants of the same model, in one table: size, perplexity, decode tokens/s.
 
-    python bench/onnx.py [--model smollm2-135m | --run RUN_WITH_MERGED] [--budget 2048]
+    python bench/onnx_vs_gguf.py [--model smollm2-135m | --run RUN_WITH_MERGED] [--budget 2048]
 
 Both exports go into one temporary run, so every perplexity is on the same token ids and windows. Decode
 speed is measured the same way for both: greedy answer to the same chat prompt, tokens after the prompt

@@ -1,5 +1,3 @@
-# Not named onnx.py (as the issue asked): run as a script, bench/ comes first on sys.path and a file
-# named onnx.py would shadow the onnx package itself.
 """ONNX fp32/int8/int4 vs the GGUF quants of the same model, in one table: size, perplexity, decode tokens/s.
 
     python bench/onnx_vs_gguf.py [--model smollm2-135m | --run RUN_WITH_MERGED] [--budget 2048]
@@ -9,6 +7,8 @@ speed is measured the same way for both: greedy answer to the same chat prompt, 
 divided by the time after prefill, on this machine's CPU with all its cores.
 """
 
+# Not named onnx.py (as the issue asked): run as a script, bench/ comes first on sys.path and a file
+# named onnx.py would shadow the onnx package itself.
 from __future__ import annotations
 
 import argparse

@@ -108,6 +108,10 @@ def quantize_graph(src: Path, dst_folder: Path, bits: int, c: ExportConfig) -> P
     exclude = []
     if c.keep_lm_head:
         exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and "lm_head" in n.name]
+    import logging
+
+    # The quantizer logs every node at INFO; the progress line and the ledger say what matters.
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=c.block_size, is_symmetric=c.symmetric,
                              accuracy_level=c.accuracy_level, nodes_to_exclude=exclude)
     q.process()

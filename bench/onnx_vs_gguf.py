@@ -25,8 +25,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=2048)
     a = ap.parse_args()
 
-    from edgeft.deploy import prompt_ids
-    from edgeft.export_gguf import ExportConfig, export_gguf
+    from edgeft.export_gguf import ExportConfig, export_gguf, prompt_ids
     from edgeft.export_onnx import export_onnx
     from edgeft.llamacpp import LlamaCpp
     from edgeft.models import load_tokenizer, resolve_model

@@ -18,11 +18,11 @@ from pathlib import Path
 from .atomic import sha256_file
 from .config import to_dict
 from .errors import EdgeftError
+from .export_gguf import prompt_ids
 from .heldout import TOKENS_FILE, EvalTokens
 from .ledger import Run
 from .progress import bar
 
-CHAT_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @dataclass
@@ -78,12 +78,6 @@ def pick_gguf(run: Run, quant: str) -> tuple[Path, dict]:
     if not path.is_file() or sha256_file(path) != entry["outputs"][0]["sha256"]:
         raise EdgeftError(f"{path}: missing or changed since export (sha256 differs from the ledger); export again")
     return path, entry
-
-
-def prompt_ids(tokenizer) -> list[int]:
-    """The fixed chat prompt, rendered with the model's template: what smoke asks on every target."""
-    return list(tokenizer.apply_chat_template(CHAT_PROMPT, add_generation_prompt=True, tokenize=True,
-                                              return_dict=True)["input_ids"])
 
 
 def bundle(run: Run, gguf: Path, build_bin: Path, tokenizer) -> list[tuple[Path, str]]:

@@ -125,10 +125,14 @@ def modelfile(gguf_name: str, tokenizer) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prompt_ids(tokenizer) -> list[int]:
+    """The fixed chat prompt rendered with the model's template: asked of every artifact and every board."""
+    return list(tokenizer.apply_chat_template(CHAT_PROMPT, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
+
+
 def sample_answer(model: LlamaCpp, tokenizer, max_tokens: int) -> dict:
-    prompt = tokenizer.apply_chat_template(CHAT_PROMPT, add_generation_prompt=True, tokenize=True,
-                                           return_dict=True)["input_ids"]
-    ids, stopped = model.generate(list(prompt), max_tokens)
+    ids, stopped = model.generate(prompt_ids(tokenizer), max_tokens)
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return {"prompt": CHAT_PROMPT[-1]["content"], "answer": text, "stopped_at_eos": stopped, "tokens": len(ids),
             "ok": bool(text.strip()) and "\ufffd" not in text}

@@ -21,7 +21,7 @@ from .config import to_dict
 from .errors import EdgeftError, GateFailed
 from .evaluate import check_windows, perplexity_entry
 from .export_gguf import (CHAT_PROMPT, ExportConfig, ExportResult, _fused_reference_ppl, _hf_reference_ppl,
-                          export_inputs)
+                          export_inputs, prompt_ids)
 from .heldout import TOKENS_FILE, eval_tokens
 from .ledger import artifact
 from .models import load_model, load_tokenizer
@@ -127,8 +127,7 @@ def _copy_tokenizer(source: Path, folder: Path) -> None:
 
 
 def _answer(lm: OnnxLM, tokenizer, max_new: int) -> dict:
-    prompt = tokenizer.apply_chat_template(CHAT_PROMPT, add_generation_prompt=True, tokenize=True,
-                                           return_dict=True)["input_ids"]
+    prompt = prompt_ids(tokenizer)
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(tokenizer, "eos_token_id", None)))
     out = lm.generate(list(prompt), max_new, {e for e in eos if e is not None})
     text = tokenizer.decode(out["ids"], skip_special_tokens=True)

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import to_dict
-from .deploy import CHAT_PROMPT, bundle, pick_gguf, prompt_ids
+from .deploy import bundle, pick_gguf
+from .export_gguf import CHAT_PROMPT, prompt_ids
 from .errors import EdgeftError, GateFailed
 from .heldout import TOKENS_FILE, EvalTokens
 from .ledger import Run

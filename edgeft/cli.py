@@ -84,6 +84,8 @@ def train_cmd(config_file, as_json, **flags):
     config = load_config(TrainConfig, config_file, flags)
     result = train(config)
     entry = result.entry
+    if entry is None:  # another process of a data-parallel run: the main process reports
+        return
     if as_json:
         click.echo(json.dumps(entry))
         return

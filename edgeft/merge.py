@@ -134,9 +134,22 @@ def nf4_roundtrip(weight, compute_dtype: str):
     import bitsandbytes.functional as bnbf
     import torch
 
-    w = weight.to(getattr(torch, compute_dtype))
+    # On the GPU when there is one: QLoRA trains there, and the round trip must be the CUDA kernels'.
+    w = weight.to(_device(), getattr(torch, compute_dtype))
     q, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    return bnbf.dequantize_4bit(q, state).float()
+    return bnbf.dequantize_4bit(q, state).float().to(weight.device)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_for_scoring(path: Path):
+    """A float32 model for the perplexity and task checks, on the GPU when there is one."""
+    model = load_model(path, "float32")
+    return model.to(_device())
 
 
 # ------------------------------------------------------------------------------------------- the merge
@@ -227,7 +240,7 @@ def _unmerged_model(base_path: Path, adapter: Adapter, into: str):
     import torch
     from peft import PeftModel
 
-    model = load_model(base_path, "float32")
+    model = _load_for_scoring(base_path)
     if into == "dequantized":
         compute = (adapter.meta or {}).get("compute_dtype", "float32")
         names = quantized_linear_weights(base_path)
@@ -307,7 +320,7 @@ def merge(config: MergeConfig) -> MergeResult:
             unmerged = _unmerged_model(base_path, adapter, into)
             ref = _score(unmerged, tokenizer, tokens, task, c, f"{base_name}+adapter unmerged ({into})")
             del unmerged
-            merged = load_model(folder, "float32").eval()
+            merged = _load_for_scoring(folder).eval()
             got = _score(merged, tokenizer, tokens, task, c, f"merged ({into}, {c.dtype})")
             del merged
             drift = got["ppl"].ppl / ref["ppl"].ppl - 1

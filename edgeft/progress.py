@@ -12,8 +12,12 @@ console = Console(stderr=True)
 
 
 @contextmanager
-def bar(description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
-    """Yield update(done, total=None, info=""); info is shown after the bar (loss, tokens/s...)."""
+def bar(description: str, total: int | None = None, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """Yield update(done, total=None, info=""); info is shown after the bar (loss, tokens/s...).
+    Not enabled (the other processes of a data-parallel run): update does nothing."""
+    if not enabled:
+        yield lambda *args, **kwargs: None
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
                   transient=False) as progress:

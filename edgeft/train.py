@@ -15,6 +15,7 @@ bench/train_throughput.py compares this loop with a plain PEFT+TRL script on the
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -31,17 +32,18 @@ from .heldout import TOKENS_FILE, eval_tokens, read_text
 from .ledger import Run, artifact
 from .models import DEFAULT_BASE, fingerprint, load_model, load_tokenizer, resolve_model
 from .progress import bar, console
-from .taskeval import collate, eval_loss, exact_match, loss_sum
+from .taskeval import SummedLoss, collate, eval_loss, exact_match, pack
 
 ADAPTER_DIR = "adapter"
 ADAPTER_META = "edgeft_adapter.json"
 CHECKPOINTS = "checkpoints"
 DEMO_DATA = "demo"  # --data demo: the shipped demo dataset (edgeft/data/demo.jsonl)
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 
 # The config keys that must be equal for a resumed run to continue the same training.
 _RESUME_KEYS = ("base", "data", "eval_data", "eval_split", "quant", "lora_r", "lora_alpha", "lora_dropout",
                 "target_modules", "max_seq_len", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay",
-                "epochs", "max_steps", "seed", "gradient_checkpointing")
+                "epochs", "max_steps", "seed", "gradient_checkpointing", "packing", "attn")
 
 
 @dataclass
@@ -72,6 +74,11 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed for init, data order and dropout"})
     gradient_checkpointing: str = field(default="auto", metadata={
         "help": "auto|on|off (auto: on; off trades ~1.7x the activation memory for ~10% speed on CPU)"})
+    packing: str = field(default="auto", metadata={
+        "help": "auto|on|off: each micro-batch as one row without padding, attention kept inside each example"})
+    attn: str = field(default="auto", metadata={
+        "help": "attention implementation: auto|sdpa|eager|flash_attention_2|flex_attention"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile each decoder layer (slow first steps)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     max_ppl_rise: float = field(default=0.10, metadata={"help": "forgetting gate: max held-out perplexity rise"})
     text: str = field(default="pydoc", metadata={"help": "held-out text for perplexity ('pydoc' = CPython docs)"})
@@ -85,7 +92,7 @@ class TrainConfig:
 class TrainResult:
     run: Path
     adapter: Path
-    entry: dict
+    entry: dict | None  # None in the other processes of a data-parallel run
 
 
 class TrainingInterrupted(EdgeftError):
@@ -102,8 +109,11 @@ def _validate(c: TrainConfig) -> None:
                           "(or 'demo' for the shipped demo set)")
     if c.quant not in ("auto", "4bit", "8bit", "none"):
         raise EdgeftError(f"--quant {c.quant}: use auto, 4bit, 8bit or none")
-    if c.gradient_checkpointing not in ("auto", "on", "off"):
-        raise EdgeftError(f"--gradient-checkpointing {c.gradient_checkpointing}: use auto, on or off")
+    for name in ("gradient_checkpointing", "packing"):
+        if getattr(c, name) not in ("auto", "on", "off"):
+            raise EdgeftError(f"--{name.replace('_', '-')} {getattr(c, name)}: use auto, on or off")
+    if c.attn not in ATTENTION:
+        raise EdgeftError(f"--attn {c.attn}: use one of {', '.join(ATTENTION)}")
     for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_seq_len", "epochs"):
         if getattr(c, name) < 1:
             raise EdgeftError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be at least 1")
@@ -135,24 +145,25 @@ def _resolve_targets(model, wanted: list[str]) -> list[str]:
     return list(wanted)
 
 
-def _hardware(c: TrainConfig) -> dict:
+def _hardware(c: TrainConfig, acc=None) -> dict:
     import torch
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if acc is None else acc.device.type == "cuda"
     quant = c.quant if c.quant != "auto" else ("4bit" if cuda else "none")
     bf16 = cuda and torch.cuda.is_bf16_supported()
     # On by default: measured on the demo set (bench/train_throughput.py), it costs ~10% of the speed and
     # saves ~40% of peak RSS on CPU, and GPU memory is what limits batch size there.
     ckpt = c.gradient_checkpointing != "off"
     return {"device": "cuda" if cuda else "cpu", "quant": quant, "compute_dtype": "bfloat16" if bf16 else "float32",
-            "gradient_checkpointing": ckpt,
-            "gpu": torch.cuda.get_device_name(0) if cuda else None}
+            "gradient_checkpointing": ckpt, "packing": c.packing != "off", "attn": c.attn, "compile": c.compile,
+            "gpu": torch.cuda.get_device_name(0) if cuda else None,
+            "device_index": (acc.local_process_index if acc is not None else 0) if cuda else None}
 
 
 def build_model(base_path: Path, c: TrainConfig, hw: dict):
     """The base (quantized or not) with a fresh LoRA adapter on it, ready to train."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig
 
     dtype = getattr(torch, hw["compute_dtype"])
@@ -164,20 +175,34 @@ def build_model(base_path: Path, c: TrainConfig, hw: dict):
     elif hw["quant"] == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if hw["device"] == "cuda":
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": hw["device_index"]}  # this process's GPU under data parallelism
+    if hw["attn"] != "auto":
+        kwargs["attn_implementation"] = hw["attn"]
     model = load_model(base_path, hw["compute_dtype"], **kwargs)
     targets = _resolve_targets(model, c.target_modules)
-    if hw["quant"] != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=hw["gradient_checkpointing"],
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif hw["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Not peft's prepare_model_for_kbit_training: it casts every weight that is not quantized to float32
+    # (Llama 3.2 1B's embedding alone becomes 1 GB). bf16 autocast in the loop gives the stability it is
+    # for; the norms already compute in float32 inside.
+    model.requires_grad_(False)
+    if hw["gradient_checkpointing"]:
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers 5 name; the old warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
     torch.manual_seed(c.seed)  # LoRA A init
     lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=targets,
                       bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora), targets
+    model = get_peft_model(model, lora)
+    if hw["compile"]:
+        # Regional compilation: the decoder layers are identical, so one compiled graph serves them all and
+        # compiling takes seconds, where the whole model would take minutes and break on the loss code.
+        layer_types = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in layer_types:
+                module.compile(dynamic=True)
+    return model, targets
 
 
 # --------------------------------------------------------------------------------------------- the data
@@ -202,12 +227,14 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> None:
+    """Adapter, optimizer and schedule: all a resumed run needs, since the data order and the dropout
+    masks are functions of (seed, step, rank) (see step_seed). Written by the main process only: under data
+    parallelism every rank holds the same adapter and optimizer state."""
     import torch
     from peft import get_peft_model_state_dict
 
     blob = {"step": step, "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, **state}
+            "scheduler": scheduler.state_dict(), **state}
     with atomic_file(run_dir / CHECKPOINTS / f"step-{step:06d}.pt") as tmp:
         torch.save(blob, tmp)
     for old in _checkpoints(run_dir)[:-max(keep, 1)]:
@@ -222,13 +249,10 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     set_peft_model_state_dict(model, blob["adapter"])
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["torch_rng"])
-    if blob.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(blob["cuda_rng"])
     return blob
 
 
-def _check_resumable(run: Run, c: TrainConfig) -> Path:
+def _check_resumable(run: Run, c: TrainConfig, world_size: int) -> Path:
     found = _checkpoints(run.path)
     if not found:
         raise EdgeftError(f"--resume: no checkpoint in {run.path / CHECKPOINTS}; start without --resume")
@@ -237,23 +261,38 @@ def _check_resumable(run: Run, c: TrainConfig) -> Path:
         import json
 
         before = json.loads(saved.read_text())
-        now = to_dict(c)
-        changed = [k for k in _RESUME_KEYS if before.get(k) != now.get(k)]
+        now = {**to_dict(c), "world_size": world_size}
+        changed = [k for k in (*_RESUME_KEYS, "world_size") if before.get(k, 1 if k == "world_size" else None)
+                   != now.get(k)]
         if changed:
             raise EdgeftError(f"--resume: {', '.join(changed)} differ from the interrupted run "
                               f"({run.path / 'train_config.json'}); resume with the same settings or use a new --run")
     return found[-1]
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one optimizer step on one process (LoRA dropout): a pure function, so that a resumed
+    run draws the same masks as an uninterrupted one without saving any RNG state."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
 # ---------------------------------------------------------------------------------------------- train
-def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None = None) -> TrainResult:
     """Fine-tune a LoRA adapter on `config.data`, write it to RUN/adapter and a ledger entry.
 
-    `on_step(step, loss)` is called after every optimizer step (logging hooks, tests)."""
+    Data-parallel when started by a launcher (`accelerate launch --num_processes N -m edgeft train ...`,
+    `torchrun`): `batch_size` rows per process, so a step trains on batch_size x processes x grad_accum
+    rows; the main process alone writes the adapter, checkpoints and the ledger, and evaluates.
+
+    `on_step(step, loss, tokens)` is called after every optimizer step, `tokens` counting every token
+    trained on so far by all processes (logging hooks, benchmarks, tests)."""
     import torch
+    from accelerate import Accelerator
 
     c = config
     _validate(c)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     data_path = demo_data_path() if c.data == DEMO_DATA else Path(c.data)
     base_path = resolve_model(c.base, what="--base")
     tokenizer = load_tokenizer(base_path)
@@ -265,31 +304,47 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
     else:
         train_set, eval_set = split(examples, c.eval_split, c.seed)
     run = Run(c.run or default_run_dir("train"))
-    resume_from = _check_resumable(run, c) if c.resume else None
-    tokens = eval_tokens(tokenizer, c.text, c.eval_budget, run.path)
-    hw = _hardware(c)
+    resume_from = _check_resumable(run, c, world) if c.resume else None
+    hw = _hardware(c, acc)
     if c.threads:
         torch.set_num_threads(c.threads)
-    console.print(f"train: {len(train_set)} rows ({truncated} truncated to {c.max_seq_len} tokens), "
-                  f"{len(eval_set)} held out; {hw['device']}, quant {hw['quant']}, compute {hw['compute_dtype']}, "
-                  f"gradient checkpointing {'on' if hw['gradient_checkpointing'] else 'off'}")
-    write_json(run.path / "train_config.json", to_dict(c))
+    rows_per_step = c.batch_size * world * c.grad_accum
+    if main:
+        tokens = eval_tokens(tokenizer, c.text, c.eval_budget, run.path)
+        console.print(f"train: {len(train_set)} rows ({truncated} truncated to {c.max_seq_len} tokens), "
+                      f"{len(eval_set)} held out; {hw['device']}"
+                      f"{f' x {world} processes' if world > 1 else ''}, quant {hw['quant']}, compute "
+                      f"{hw['compute_dtype']}, {rows_per_step} rows per step, gradient checkpointing "
+                      f"{'on' if hw['gradient_checkpointing'] else 'off'}, packing {'on' if hw['packing'] else 'off'}")
+        write_json(run.path / "train_config.json", {**to_dict(c), "world_size": world})
 
     inputs = {"base": c.base, "base_path": str(base_path), "data": str(data_path), "rows": len(examples),
               "train_rows": len(train_set), "eval_rows": len(eval_set), "truncated_rows": truncated,
               "eval_tokens": TOKENS_FILE, "resumed_from": resume_from.name if resume_from else None}
-    with run.step("train", to_dict(c), inputs) as entry:
+    # Only the main process keeps the ledger; the others fill a throwaway entry.
+    ledger_step = run.step("train", to_dict(c), inputs) if main else contextlib.nullcontext(
+        {"metrics": {}, "outputs": []})
+    with ledger_step as entry:
         entry["metrics"]["hardware"] = hw
         torch.manual_seed(c.seed)
         model, targets = build_model(base_path, c, hw)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        device = next(model.parameters()).device
+        device = acc.device
+        # The loss as a module, so that a data-parallel wrapper sees the whole forward (DDP synchronises
+        # gradients only for what runs through its own forward). One process: the module itself.
+        objective = acc.prepare_model(SummedLoss(model), device_placement=False)
 
-        per_epoch = math.ceil(len(train_set) / c.batch_size)
+        global_batch = c.batch_size * world
+        per_epoch = math.ceil(len(train_set) / global_batch)
         steps = c.max_steps or math.ceil(c.epochs * per_epoch / c.grad_accum)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr,
-                                      weight_decay=c.weight_decay)
+        trainable_params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable_params, lr=c.lr, weight_decay=c.weight_decay,
+                                      fused=device.type == "cuda")
+        if hw["compute_dtype"] == "bfloat16":  # LoRA weights stay float32 (the optimizer's master copy)
+            autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+        else:
+            autocast = contextlib.nullcontext
         from transformers import get_cosine_schedule_with_warmup
 
         scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(c.warmup_ratio * steps), steps)
@@ -298,60 +353,85 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
             blob = _load_checkpoint(resume_from, model, optimizer, scheduler)
             start_step, curve = blob["step"], blob["curve"]
             seen_tokens, train_seconds = blob["seen_tokens"], blob["train_seconds"]
-            console.print(f"resuming from {resume_from.name} (step {start_step}/{steps})")
+            if main:
+                console.print(f"resuming from {resume_from.name} (step {start_step}/{steps})")
+
+        def checkpoint(at: int) -> None:
+            if main:
+                _save_checkpoint(run.path, at, model, optimizer, scheduler,
+                                 {"curve": curve, "seen_tokens": seen_tokens, "train_seconds": train_seconds,
+                                  "world_size": world}, c.keep_checkpoints)
 
         plans: dict[int, list[list[int]]] = {}
         model.train()
         step = start_step
         try:
-            with bar("train", steps) as update:
+            with bar("train", steps, enabled=main) as update:
                 update(step, steps)
                 while step < steps:
                     t0 = time.perf_counter()
-                    micro = []
+                    torch.manual_seed(step_seed(c.seed, step, rank))
+                    micro = []  # this step's global micro-batches: the same plan on every process
                     for k in range(c.grad_accum):
                         m = step * c.grad_accum + k  # global micro-batch index: the data order is fixed
                         epoch, pos = divmod(m, per_epoch)
                         if epoch not in plans:
-                            plans[epoch] = batch_plan(train_set, c.batch_size, c.seed, epoch)
+                            plans[epoch] = batch_plan(train_set, global_batch, c.seed, epoch)
                         micro.append([train_set[j] for j in plans[epoch][pos]])
-                    n_labels = sum(e.n_trained for b in micro for e in b)
-                    step_loss = 0.0
-                    for batch_examples in micro:
-                        batch = collate(batch_examples, tokenizer.pad_token_id, device)
-                        loss, _ = loss_sum(model, batch)
-                        (loss / n_labels).backward()
-                        step_loss += float(loss.detach())
-                        seen_tokens += int(batch["attention_mask"].sum())
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+                    n_labels = sum(e.n_trained for b in micro for e in b)  # of the whole step, all processes
+                    step_loss = torch.zeros((), device=device)
+                    for k, global_rows in enumerate(micro):
+                        rows = global_rows[rank::world]
+                        if not rows:  # the epoch's last batch can be smaller than the number of processes
+                            rows = global_rows[:1]
+                            weight = 0.0
+                        else:
+                            weight = 1.0
+                        if hw["packing"]:
+                            batch = pack(rows, device)
+                        else:
+                            batch = collate(rows, tokenizer.pad_token_id, device)
+                        sync = acc.no_sync(objective) if k < len(micro) - 1 else contextlib.nullcontext()
+                        with sync:
+                            with autocast():
+                                loss = objective(batch) * weight
+                            # DDP averages gradients over processes; scaling by their number makes the
+                            # result the gradient of (all processes' summed loss) / (the step's labels).
+                            acc.backward(loss * (world / n_labels))
+                        step_loss += loss.detach()
+                    seen_tokens += sum(len(e.input_ids) for b in micro for e in b)
+                    torch.nn.utils.clip_grad_norm_(trainable_params, 1.0)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
+                    if world > 1:
+                        step_loss = acc.reduce(step_loss, "sum")
+                    curve.append(round(float(step_loss) / n_labels, 5))  # the step's one wait for the device
                     train_seconds += time.perf_counter() - t0
-                    curve.append(round(step_loss / n_labels, 5))
                     update(step, steps, f"loss {curve[-1]:.4f}  {seen_tokens / train_seconds:,.0f} tok/s")
                     if on_step:
-                        on_step(step, curve[-1])
+                        on_step(step, curve[-1], seen_tokens)
                     if c.save_every and step % c.save_every == 0 and step < steps:
-                        _save_checkpoint(run.path, step, model, optimizer, scheduler,
-                                         {"curve": curve, "seen_tokens": seen_tokens,
-                                          "train_seconds": train_seconds}, c.keep_checkpoints)
+                        checkpoint(step)
         except KeyboardInterrupt:
-            _save_checkpoint(run.path, step, model, optimizer, scheduler,
-                             {"curve": curve, "seen_tokens": seen_tokens, "train_seconds": train_seconds},
-                             c.keep_checkpoints)
+            checkpoint(step)
             raise TrainingInterrupted(f"interrupted at step {step}/{steps}; checkpoint saved in "
                                       f"{run.path / CHECKPOINTS}; continue with --resume --run {run.path}") from None
-
+        peak_gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None
+        acc.wait_for_everyone()
         adapter_dir = run.path / ADAPTER_DIR
+        if not main:
+            return TrainResult(run=run.path, adapter=adapter_dir, entry=None)
+
         with atomic_dir(adapter_dir) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / ADAPTER_META, {
                 "base": c.base, "base_path": str(base_path), "base_fingerprint": fingerprint(base_path),
-                "quant": hw["quant"], "compute_dtype": hw["compute_dtype"], "target_modules": targets,
-                "lora_r": c.lora_r, "lora_alpha": c.lora_alpha, "steps": steps, "seed": c.seed,
+                "quant": hw["quant"], "compute_dtype": hw["compute_dtype"], "device": hw["device"],
+                "target_modules": targets, "lora_r": c.lora_r, "lora_alpha": c.lora_alpha, "steps": steps,
+                "seed": c.seed,
             })
         entry["outputs"].append(artifact(adapter_dir, run.path))
 
@@ -373,6 +453,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
         entry["reference"] = {**perplexity_entry(before_ppl, base_label, tokens), "label": "base"}
         entry["gate"] = {"metric": "held-out perplexity rise", "max": c.max_ppl_rise, "value": round(rise, 5),
                          "passed": rise <= c.max_ppl_rise}
+        tokens_per_s = round(seen_tokens / train_seconds, 1) if train_seconds else None
         entry["metrics"].update({
             "target_modules": targets, "trainable_params": trainable, "total_params": total,
             "trainable_pct": round(100 * trainable / total, 3), "steps": steps,
@@ -382,8 +463,11 @@ def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = No
             "exact_match_after": after_em.rate if after_em else None,
             "exact_match_n": after_em.n if after_em else 0,
             "exact_match_samples": after_em.samples if after_em else [],
+            "world_size": world, "rows_per_step": rows_per_step,
             "train_tokens": seen_tokens, "train_seconds": round(train_seconds, 2),
-            "tokens_per_s": round(seen_tokens / train_seconds, 1) if train_seconds else None,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": round(tokens_per_s / world, 1) if tokens_per_s else None,
+            "peak_gpu_mb_training": peak_gpu,  # main process, before the evaluation; peak_gpu_mb: whole step
         })
         if rise > c.max_ppl_rise:
             raise GateFailed(f"held-out perplexity rose {100 * rise:.1f}% ({before_ppl.ppl:.4f} -> "

@@ -116,7 +116,7 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny_llama, tmp_p
     assert len(whole.entry["metrics"]["loss_curve"]) == 6
 
     def stop_at(step_no, exc):
-        def hook(step, loss):
+        def hook(step, loss, tokens):
             if step == step_no:
                 raise exc
         return hook
@@ -186,3 +186,87 @@ def test_demo_finetune_learns_the_format(default_model, tmp_path):
     assert all(check(s["got"], s["expected"])[0] for s in m["exact_match_samples"] if s["ok"])
     assert 0 < m["trainable_pct"] < 5 and m["tokens_per_s"] > 0
     assert entry["reference"]["ppl"] > 1 and entry["perplexity"]["ppl"] > 1 and entry["gate"]["passed"]
+
+
+def test_packed_batch_has_the_same_loss_as_the_padded_one(tiny_llama):
+    """Padding-free packing: one row, positions restarting per example, attention kept inside each example.
+    If attention leaked across examples, or the next example's first token were a target, the sums differ."""
+    from edgeft.dataset import load_examples
+    from edgeft.models import load_model, load_tokenizer
+    from edgeft.taskeval import collate, loss_sum, pack
+    from edgeft.train import demo_data_path
+
+    tok = load_tokenizer(tiny_llama)
+    from dataclasses import replace
+
+    rows = load_examples(demo_data_path(), tok, 1024, strict=True)[0][:5]
+    # every token labelled (text rows): a next example's first token must still never be a target
+    rows = [replace(r, labels=list(r.input_ids)) for r in rows[:2]] + rows[2:]
+    for impl in ("sdpa", "eager"):
+        model = load_model(tiny_llama, "float32", attn_implementation=impl)
+        padded, n_padded = loss_sum(model, collate(rows, tok.pad_token_id, "cpu"))
+        packed, n_packed = loss_sum(model, pack(rows, "cpu"))
+        assert n_packed == n_padded
+        assert torch.allclose(padded, packed, rtol=1e-5), (impl, float(padded), float(packed))
+        # the mask matters: the same rows as one causal sequence (no restart) score differently
+        flat = pack(rows, "cpu")
+        flat["position_ids"] = torch.arange(flat["input_ids"].shape[1])[None]
+        leaked = float(loss_sum(model, flat)[0])
+        assert abs(leaked - float(packed)) > 100 * abs(float(padded) - float(packed)) + 1e-2, (leaked, float(packed))
+
+
+def _launch(nproc: int, run, base, data, *extra) -> None:
+    """edgeft train in `nproc` processes through accelerate's launcher: gloo on CPU, as on a GPU box with NCCL."""
+    import subprocess
+    import sys
+
+    args = ["train", "--base", str(base), "--data", str(data), "--run", str(run), "--max-steps", "6",
+            "--save-every", "2", "--lora-dropout", "0", "--eval-budget", "300", "--window", "128", "--stride",
+            "128", "--eval-generate", "0", "--max-ppl-rise", "100", "--lr", "1e-3", *extra]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "edgeft", *args]
+    else:  # --multi_gpu is accelerate's name for "several local processes"; with no GPU they use gloo
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "0", "-m", "edgeft", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(tiny_llama, tmp_path):
+    from edgeft.data.demo_task import make_rows
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(40)))
+    _launch(1, tmp_path / "one", tiny_llama, data, "--batch-size", "8")
+    _launch(2, tmp_path / "two", tiny_llama, data, "--batch-size", "4")
+    one, two = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) == 28
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-6, rtol=1e-4), k
+    assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3  # it did train
+    m1, m2 = (json.loads((tmp_path / r / "manifest.json").read_text())["steps"] for r in ("one", "two"))
+    assert len(m2) == 1, "only the main process writes the ledger"
+    e1, e2 = m1[-1]["metrics"], m2[-1]["metrics"]
+    assert (e1["world_size"], e2["world_size"]) == (1, 2) and e1["rows_per_step"] == e2["rows_per_step"] == 8
+    assert e1["train_tokens"] == e2["train_tokens"]
+    assert e2["tokens_per_s_per_device"] == pytest.approx(e2["tokens_per_s"] / 2, rel=1e-3)
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-000002.pt",
+                                                                                  "step-000004.pt"]
+    # resume in two processes from the step-4 checkpoint: the same adapter again
+    import shutil
+
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "adapter")
+    _launch(2, tmp_path / "resumed", tiny_llama, data, "--batch-size", "4", "--resume")
+    resumed = _adapter(tmp_path / "resumed")
+    for k in two:
+        assert torch.equal(two[k], resumed[k]), k
+    # a different number of processes would be a different data order: refused
+    result = CliRunner().invoke(cli, ["train", "--base", str(tiny_llama), "--data", str(data), "--run",
+                                      str(tmp_path / "resumed"), "--max-steps", "6", "--save-every", "2",
+                                      "--lora-dropout", "0", "--eval-budget", "300", "--window", "128", "--stride",
+                                      "128", "--eval-generate", "0", "--max-ppl-rise", "100", "--lr", "1e-3",
+                                      "--batch-size", "4", "--resume"])
+    assert_one_line_error(result, "--resume: world_size differ")

@@ -25,17 +25,17 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=2048)
     a = ap.parse_args()
 
-    from edgeft.export_gguf import ExportConfig, export_gguf, prompt_ids
-    from edgeft.export_onnx import export_onnx
+    from edgeft.export import GGUFExportConfig, OnnxExportConfig, export
     from edgeft.llamacpp import LlamaCpp
     from edgeft.models import load_tokenizer, resolve_model
     from edgeft.onnx_runtime import OnnxLM
+    from edgeft.prompt import prompt_ids
 
     tmp = Path(tempfile.mkdtemp(prefix="edgeft-bench-onnx-"))
     model = str(Path(a.run) / "merged") if a.run else a.model
     common = dict(model=model, run=str(tmp / "run"), eval_budget=a.budget, max_ppl_rise="10")
-    onnx = export_onnx(ExportConfig(format="onnx", quant=["fp32", "int8", "int4"], **common))
-    gguf = export_gguf(ExportConfig(format="gguf", quant=["f16", "q8_0", "q4_k_m"], **common))
+    onnx = export(OnnxExportConfig(format="onnx", quant=["fp32", "int8", "int4"], **common))
+    gguf = export(GGUFExportConfig(format="gguf", quant=["f16", "q8_0", "q4_k_m"], **common))
     tokenizer = load_tokenizer(resolve_model(model))
     prompt = prompt_ids(tokenizer)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import EdgeftError
+from .models import fingerprint
+from .progress import console
 
 if TYPE_CHECKING:
     import torch
@@ -99,3 +101,50 @@ def _read_loras(p: Path, config: dict, arg) -> dict[str, Lora]:
     if not loras:
         raise EdgeftError(f"--adapter {arg}: no LoRA tensors in {weights}")
     return loras
+
+
+# ------------------------------------------------------------------- does it belong to this base?
+def base_weights(base_path: Path) -> dict[str, tuple[Path, list[int]]]:
+    """Every weight name in the base's safetensors -> (file, shape), read from headers only."""
+    from safetensors import safe_open
+
+    files = sorted(base_path.glob("*.safetensors"))
+    if not files:
+        raise EdgeftError(f"--base {base_path}: no .safetensors weights; re-save the model with "
+                          f"save_pretrained(safe_serialization=True)")
+    out = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for k in st.keys():
+                out[k] = (f, list(st.get_slice(k).get_shape()))
+    return out
+
+
+def check_adapter_fits(adapter: Adapter, base_path: Path, weights: dict, force: bool) -> dict:
+    """Refuse an adapter that does not belong to this base. Returns the fingerprint record for the ledger."""
+    record = {"checked": False, "forced": False}
+    recorded = (adapter.meta or {}).get("base_fingerprint")
+    if recorded:
+        actual = fingerprint(base_path)
+        record.update(checked=True, recorded=recorded, actual=actual)
+        if recorded != actual:
+            if not force:
+                raise EdgeftError(
+                    f"adapter {adapter.path} was trained on {adapter.base} ({recorded['architecture']}, weights "
+                    f"{recorded['weights_sha256'][:12]}) but --base {base_path} is {actual['architecture']}, weights "
+                    f"{actual['weights_sha256'][:12]}; pass the base it was trained on, or --force")
+            record["forced"] = True
+            console.print("[yellow]warning: base fingerprint differs from the adapter's; merging anyway (--force)")
+    else:
+        console.print("[yellow]warning: the adapter has no edgeft fingerprint (not from `edgeft train`); "
+                      "only module names and shapes are checked")
+    missing = [n for n in adapter.loras if n not in weights]
+    if missing:
+        raise EdgeftError(f"adapter {adapter.path} targets {len(missing)} module(s) the base {base_path} does not have "
+                          f"(e.g. {missing[0].removesuffix('.weight')}); it was trained on another architecture")
+    for name, lora in adapter.loras.items():
+        want = [lora.b.shape[0], lora.a.shape[1]]
+        if weights[name][1] != want:
+            raise EdgeftError(f"adapter {adapter.path}: {name} is {weights[name][1]} in the base but the adapter "
+                              f"expects {want}; it was trained on a model of another size")
+    return record

@@ -1,4 +1,8 @@
-"""The `edgeft` command. It only parses flags and prints; every step is a library function."""
+"""The `edgeft` command. It only parses flags and prints; every step is a library function.
+
+Starts without torch or transformers: the config classes it builds its flags from live in modules that
+import those only when a step runs, so `edgeft --help`, `devices`, `show` and `report` print at once.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,15 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .config import config_options, load_config
+from .config import config_options, load_config, step_options
+from .deploy import DeployConfig
 from .errors import EdgeftError
+from .evaluate import EvalConfig
+from .export import ExportConfig, GGUFExportConfig, OnnxExportConfig, load_export_config
+from .ledger import Run, ledger_rows
+from .merge import MergeConfig
+from .smoke import SmokeConfig
+from .train import TrainConfig
 
 out = Console()  # results on stdout; progress and errors go to stderr
 if not out.is_terminal:
@@ -30,32 +41,30 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"show_default": False})
 @click.version_option(package_name="edgeft")
-def cli():
+@click.option("--verbose", is_flag=True, help="show every library warning (some harmless ones are hidden)")
+def cli(verbose):
     """Fine-tune a small LLM and ship it to an edge board, with the perplexity of every step in one ledger.
 
     The chain: train -> merge -> export -> deploy -> smoke. Each step writes its entry into RUN/manifest.json;
     `edgeft show RUN` prints the ledger.
     """
+    if not verbose:
+        from .noise import silence
 
-
-def _flags(params: dict, *names: str) -> dict:
-    return {k: params.pop(k) for k in names}
+        silence()
 
 
 # --------------------------------------------------------------------------------------------------- eval
-from .evaluate import EvalConfig, evaluate  # noqa: E402
-
-
 @cli.command("eval")
-@config_options(EvalConfig)
-@click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file with these settings")
-@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@step_options(EvalConfig, what="the result")
 def eval_cmd(config_file, as_json, **flags):
     """Perplexity of a model on held-out text (default: the CPython docs, ~8k tokens).
 
     The text is tokenized once with the model's tokenizer and the ids are stored in the run folder, so every
     later step and backend scores exactly the same tokens.
     """
+    from .evaluate import evaluate
+
     config = load_config(EvalConfig, config_file, flags)
     result = evaluate(config)
     p = result.perplexity
@@ -67,20 +76,18 @@ def eval_cmd(config_file, as_json, **flags):
 
 
 # -------------------------------------------------------------------------------------------------- train
-from .train import TrainConfig, train  # noqa: E402
-
-
 @cli.command("train")
-@config_options(TrainConfig)
-@click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file with these settings")
-@click.option("--json", "as_json", is_flag=True, help="print the ledger entry as JSON")
+@step_options(TrainConfig)
 def train_cmd(config_file, as_json, **flags):
     """Fine-tune a LoRA adapter (QLoRA on CUDA) on a JSONL dataset.
 
     Rows: {"messages": [...]}, {"prompt", "completion"} or {"text"}; loss on answers only. Writes RUN/adapter
     (PEFT format + base fingerprint) and a ledger entry with held-out perplexity before and after; exits 3 if
     it rose more than --max-ppl-rise (the adapter is kept). Ctrl-C saves a checkpoint; --resume continues.
+    Data-parallel under `accelerate launch --num_processes N -m edgeft train ...`.
     """
+    from .train import train
+
     config = load_config(TrainConfig, config_file, flags)
     result = train(config)
     entry = result.entry
@@ -102,13 +109,8 @@ def train_cmd(config_file, as_json, **flags):
 
 
 # -------------------------------------------------------------------------------------------------- merge
-from .merge import MergeConfig, merge  # noqa: E402
-
-
 @cli.command("merge")
-@config_options(MergeConfig)
-@click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file with these settings")
-@click.option("--json", "as_json", is_flag=True, help="print the ledger entries as JSON")
+@step_options(MergeConfig, what="the ledger entries")
 def merge_cmd(config_file, as_json, **flags):
     """Merge a LoRA adapter into its unquantized base (float16 by default; never 4-bit).
 
@@ -118,6 +120,8 @@ def merge_cmd(config_file, as_json, **flags):
     split and the held-out text, keeps the better by task metric and records both. Writes RUN/merged, a
     plain HF folder; exits 3 if the merged perplexity drifts from base+adapter by more than --max-drift.
     """
+    from .merge import merge
+
     config = load_config(MergeConfig, config_file, flags)
     result = merge(config)
     if as_json:
@@ -127,30 +131,25 @@ def merge_cmd(config_file, as_json, **flags):
 
 
 # ------------------------------------------------------------------------------------------------- export
-from .export_gguf import ExportConfig, export_gguf  # noqa: E402
+_SHARED_EXPORT = tuple(f for f in ExportConfig.__dataclass_fields__)
 
 
 @cli.command("export")
-@config_options(ExportConfig)
-@click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file with these settings")
-@click.option("--json", "as_json", is_flag=True, help="print the ledger entries as JSON")
+@step_options(GGUFExportConfig, what="the ledger entries")
+@config_options(OnnxExportConfig, skip=_SHARED_EXPORT)
 def export_cmd(config_file, as_json, **flags):
-    """Export a merged model (or base + adapter, fused while converting) to GGUF and quantize it.
+    """Export a merged model (or base + adapter, fused while converting) to GGUF or ONNX, and quantize it.
 
-    Our own streaming converter writes the unquantized GGUF; llama.cpp quantizes it. Every artifact is
-    validated into the ledger: tokenizer parity with HF, llama.cpp perplexity on the run's token ids (the
-    unquantized GGUF within 0.1% of HF), KL divergence and top-1 agreement vs it, a greedy sample answer,
-    and a perplexity-rise gate per quant (exit 3 when one fails). An Ollama Modelfile sits next to each GGUF.
+    GGUF: our own streaming converter writes the unquantized GGUF; llama.cpp quantizes it. Every artifact is
+    validated into the ledger: tokenizer parity with HF, perplexity on the run's token ids (the unquantized
+    artifact within 0.1% of HF), KL divergence and top-1 agreement vs it, a greedy sample answer, and a
+    perplexity-rise gate per quant (exit 3 when one fails). An Ollama Modelfile sits next to each GGUF.
+    ONNX: a KV-cache graph, MatMulNBits int8/int4, the same checks on onnxruntime.
     """
-    config = load_config(ExportConfig, config_file, flags)
-    if config.format == "gguf":
-        result = export_gguf(config)
-    elif config.format == "onnx":
-        from .export_onnx import export_onnx
+    from .export import export
 
-        result = export_onnx(config)
-    else:
-        raise EdgeftError(f"--format {config.format}: use gguf or onnx")
+    config = load_export_config(config_file, flags)
+    result = export(config)
     if as_json:
         click.echo(json.dumps(result.entries))
         return
@@ -186,9 +185,6 @@ def devices(as_json):
 
 
 # --------------------------------------------------------------------------------------------------- show
-from .ledger import Run, ledger_rows  # noqa: E402
-
-
 def _fmt_bytes(n):
     if not n:
         return ""
@@ -249,21 +245,17 @@ def build_cmd(device, as_json):
         out.print(f"{device}: {b.bin} ({'cached' if b.cached else f'built in {b.seconds:.0f} s'})")
 
 
-from .deploy import DeployConfig, deploy  # noqa: E402
-from .smoke import SmokeConfig, smoke  # noqa: E402
-
-
 @cli.command("deploy")
 @click.argument("run_dir", metavar="RUN")
-@config_options(DeployConfig, skip=("run",))
-@click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file with these settings")
-@click.option("--json", "as_json", is_flag=True, help="print the ledger entry as JSON")
+@step_options(DeployConfig, skip=("run",))
 def deploy_cmd(run_dir, config_file, as_json, **flags):
     """Copy a run's GGUF, the board's edgeft-board build and the eval ids to a board over your own SSH.
 
     Preflight (arch, disk, RAM for the model + KV cache) refuses what will not fit; every file is verified
     by sha256 on the board; files already there are skipped and interrupted copies resume.
     """
+    from .deploy import deploy
+
     config = load_config(DeployConfig, config_file, {**flags, "run": run_dir})
     result = deploy(config)
     if as_json:
@@ -276,14 +268,14 @@ def deploy_cmd(run_dir, config_file, as_json, **flags):
 
 @cli.command("smoke")
 @click.argument("run_dir", metavar="RUN")
-@config_options(SmokeConfig, skip=("run",))
-@click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file with these settings")
-@click.option("--json", "as_json", is_flag=True, help="print the ledger entry as JSON")
+@step_options(SmokeConfig, skip=("run",))
 def smoke_cmd(run_dir, config_file, as_json, **flags):
     """Run the GGUF on the board (--host), here (--local) or under qemu (--emulate): answer, tokens/s, perplexity.
 
     The board's perplexity on the run's ids must be within 2% of the host's for the same GGUF (exit 3 if not).
     """
+    from .smoke import smoke
+
     config = load_config(SmokeConfig, config_file, {**flags, "run": run_dir})
     result = smoke(config)
     if as_json:

@@ -83,6 +83,21 @@ def _coerce(value, tp, where: str):
     return value
 
 
+def aliases(cls) -> dict[str, str]:
+    """Old setting names still accepted (for one release) -> their current names: a config class lists
+    them in a class attribute ALIASES."""
+    return dict(getattr(cls, "ALIASES", {}))
+
+
+def _renamed(cls, name: str, where: str) -> str:
+    new = aliases(cls).get(name)
+    if new is None:
+        return name
+    print(f"note: {where.format(name.replace('_', '-'))} is deprecated; use "
+          f"{where.format(new.replace('_', '-'))}", file=sys.stderr)
+    return new
+
+
 def load_config(cls, path: str | Path | None = None, overrides: dict | None = None):
     """Build `cls` from defaults, then the file at `path`, then non-None `overrides`."""
     hints = _field_types(cls)
@@ -91,11 +106,15 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
     if path:
         raw = read_config_file(path)
         for key, value in raw.items():
-            name = key.replace("-", "_")
+            name = _renamed(cls, key.replace("-", "_"), f"key '{{}}' in {path}")
             if name not in hints:
                 raise EdgeftError(f"--config {path}: unknown key '{key}'; valid keys: {', '.join(names)}")
             data[name] = _coerce(value, hints[name], f"--config {path}: key '{key}'")
     for key, value in (overrides or {}).items():
+        if value is not None:
+            key = _renamed(cls, key, "--{}")
+        elif key in aliases(cls):
+            continue
         if key not in hints:
             raise EdgeftError(f"unknown setting '{key}' for {cls.__name__}; valid: {', '.join(names)}")
         if value is not None:
@@ -133,6 +152,19 @@ def config_options(cls, skip: tuple[str, ...] = ()):
                 opt = click.option(flag, f.name, type=click_type, default=None, help=help_text,
                                    metavar=f.metadata.get("metavar"))
             fn = opt(fn)
+        for old, new in aliases(cls).items():  # hidden: they work, and say what replaced them
+            click_type = {int: int, float: float}.get(_base_type(hints[new]), str)
+            fn = click.option("--" + old.replace("_", "-"), old, type=click_type, default=None, hidden=True)(fn)
         return fn
+
+    return decorate
+
+
+def step_options(cls, skip: tuple[str, ...] = (), what: str = "the ledger entry"):
+    """What every step command takes: one flag per config field, --config FILE and --json."""
+    def decorate(fn):
+        fn = click.option("--json", "as_json", is_flag=True, help=f"print {what} as JSON")(fn)
+        fn = click.option("--config", "config_file", type=click.Path(), help="YAML/TOML file with these settings")(fn)
+        return config_options(cls, skip)(fn)
 
     return decorate

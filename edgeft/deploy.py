@@ -18,25 +18,20 @@ from pathlib import Path
 from .atomic import sha256_file
 from .config import to_dict
 from .errors import EdgeftError
-from .export_gguf import prompt_ids
 from .heldout import TOKENS_FILE, EvalTokens
 from .ledger import Run
 from .progress import bar
-
+from .prompt import prompt_ids
+from .ssh import SSHOptions
 
 
 @dataclass
-class DeployConfig:
+class DeployConfig(SSHOptions):
     run: str = field(default="", metadata={"help": "run folder with exported GGUFs"})
     device: str = field(default="rpi5", metadata={"help": "board profile (see `edgeft devices`)"})
-    host: str = field(default="", metadata={"help": "user@board (anything your ssh accepts, e.g. a config alias)"})
-    dest: str = field(default="", metadata={"help": "folder on the board (default: edgeft/RUN-NAME in the home)"})
     quant: str = field(default="", metadata={"help": "which GGUF (default: export's auto choice, else the smallest "
                                                      "that passed its gate)"})
     context: int = field(default=2048, metadata={"help": "context the board will run (for the RAM preflight)"})
-    ssh_config: str = field(default="", metadata={"help": "ssh config file (ssh -F)"})
-    port: int = field(default=0, metadata={"help": "ssh port (default: ssh's)"})
-    connect_timeout: int = field(default=10, metadata={"help": "seconds to wait for the board"})
     emulate: bool = field(default=False, metadata={"help": "the host runs the board's binaries under qemu-user"})
 
 
@@ -131,7 +126,6 @@ def deploy(config: DeployConfig) -> DeployResult:
     from .board_build import build
     from .devices import get
     from .models import load_tokenizer
-    from .ssh import Remote
 
     c = config
     if not c.host:
@@ -141,8 +135,8 @@ def deploy(config: DeployConfig) -> DeployResult:
         raise EdgeftError(f"{c.run}: not a run folder (no manifest.json)")
     profile = get(c.device)
     gguf, export_entry = pick_gguf(run, c.quant)
-    dest = c.dest or f"edgeft/{run.path.resolve().name}"
-    remote = Remote(c.host, c.ssh_config, c.port, c.connect_timeout)
+    dest = c.board_dir(run.path)
+    remote = c.remote()
     remote.run("true", timeout=c.connect_timeout + 10)  # reachable, key accepted, host key known
     source = run.path / "merged" if (run.path / "merged").is_dir() else Path(export_entry["inputs"]["source"])
     tokenizer = load_tokenizer(source)

@@ -10,15 +10,47 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import write_json
 from .errors import EdgeftError
 from .models import edgeft_home
+from .scoring import DEFAULT_STRIDE, DEFAULT_WINDOW
 
 DEFAULT_TEXT = "pydoc"
+DEFAULT_BUDGET = 8192
 TOKENS_FILE = "eval_tokens.json"
+
+
+@dataclass
+class HeldOutOptions:
+    """The settings of the held-out text, shared by every step that scores it. A run keeps the ids of its
+    first step (eval_tokens.json); later steps score exactly those, whatever text/budget they are given."""
+
+    text: str = field(default=DEFAULT_TEXT, metadata={
+        "help": "held-out text for perplexity: a UTF-8 file, or 'pydoc' for the CPython docs"})
+    eval_budget: int = field(default=DEFAULT_BUDGET, metadata={"help": "tokens of held-out text to score"})
+    window: int = field(default=DEFAULT_WINDOW, metadata={"help": "perplexity window (tokens)"})
+    stride: int = field(default=DEFAULT_STRIDE, metadata={"help": "perplexity stride (tokens between windows)"})
+
+    def check_heldout(self) -> None:
+        """Refuse bad settings before any model is loaded."""
+        check_windows(self.eval_budget, self.window, self.stride)
+        if self.text not in ("", DEFAULT_TEXT):
+            read_text(self.text)
+
+    def heldout_tokens(self, tokenizer, run_dir: Path | None) -> "EvalTokens":
+        return eval_tokens(tokenizer, self.text, self.eval_budget, run_dir)
+
+
+def check_windows(budget: int, window: int, stride: int) -> None:
+    if budget < 2:
+        raise EdgeftError(f"--eval-budget {budget}: must be at least 2 tokens")
+    if window < 2:
+        raise EdgeftError(f"--window {window}: must be at least 2 tokens")
+    if not 1 <= stride <= window:
+        raise EdgeftError(f"--stride {stride}: must be between 1 and --window ({window})")
 
 
 @dataclass

@@ -12,7 +12,6 @@ quantization to the text we then measure on would flatter every number in the le
 from __future__ import annotations
 
 import ctypes
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +22,14 @@ from .errors import EdgeftError
 def calibration_ids(spec: str, run_dir: Path, tokenizer, budget: int) -> list[list[int]]:
     """Chunks of token ids to run: the run's training rows ('train') or a UTF-8 text file."""
     if spec == "train":
-        cfg_file = run_dir / "train_config.json"
-        if not cfg_file.is_file():
-            raise EdgeftError(f"--imatrix train: {run_dir} has no train_config.json; pass --imatrix FILE (a text)")
         from .dataset import load_examples
-        from .train import DEMO_DATA, demo_data_path
+        from .train import data_path, read_train_config
 
-        c = json.loads(cfg_file.read_text())
-        data = demo_data_path() if c["data"] == DEMO_DATA else Path(c["data"])
-        chunks = [e.input_ids for e in load_examples(data, tokenizer, c["max_seq_len"], False)[0]]
+        trained = read_train_config(run_dir)
+        if trained is None:
+            raise EdgeftError(f"--imatrix train: {run_dir} has no train_config.json (nothing was trained in this "
+                              f"run); pass --imatrix FILE (a text)")
+        chunks = [e.input_ids for e in load_examples(data_path(trained), tokenizer, trained.max_seq_len, False)[0]]
     else:
         path = Path(spec)
         if not path.is_file():

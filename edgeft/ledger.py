@@ -96,6 +96,11 @@ def _reset_peak_rss() -> None:
         pass
 
 
+def default_run_dir(step: str) -> Path:
+    """Where a step writes when no --run is given: runs/STEP-TIMESTAMP."""
+    return Path("runs") / f"{step}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
 class Run:
     """A run folder. Steps of one chain share it (and its eval token ids)."""
 

@@ -19,29 +19,25 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapter import Adapter, find_adapter
+from .adapter import Adapter, base_weights, check_adapter_fits, find_adapter
 from .atomic import atomic_dir, write_json
 from .config import to_dict
-from .dataset import load_examples, split
-from .errors import EdgeftError, GateFailed
-from .evaluate import measure, perplexity_entry
-from .heldout import TOKENS_FILE, eval_tokens
-from .ledger import Run, artifact, read_peak_rss_mb
-from .models import fingerprint, load_model, load_tokenizer, resolve_model
-from .progress import bar, console
-from .taskeval import eval_loss, exact_match
+from .errors import EdgeftError
+from .gates import check
+from .heldout import TOKENS_FILE, HeldOutOptions
+from .ledger import Run, artifact, default_run_dir, read_peak_rss_mb
+from .models import copy_tokenizer, load_model, load_tokenizer, resolve_model
+from .progress import bar
+from .scoring import Comparison, measure
 
 DTYPES = ("float16", "bfloat16", "float32")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 @dataclass
-class MergeConfig:
+class MergeConfig(HeldOutOptions):
     adapter: str = field(default="", metadata={"help": "run folder from `edgeft train`, or a PEFT adapter folder"})
     base: str = field(default="", metadata={"help": "base model (default: the one recorded with the adapter)"})
     dtype: str = field(default="float16", metadata={"help": "float16|bfloat16|float32 for the merged weights"})
@@ -49,14 +45,10 @@ class MergeConfig:
     force: bool = field(default=False, metadata={"help": "merge even if the base fingerprint differs (recorded)"})
     run: str = field(default="", metadata={"help": "run folder for the ledger (default: the adapter's run)"})
     out: str = field(default="", metadata={"help": "output folder (default: RUN/merged)"})
-    shard_mb: int = field(default=2000, metadata={"help": "max safetensors shard size in MB"})
+    shard_mb: float = field(default=2000, metadata={"help": "max safetensors shard size in MB"})
     max_drift: float = field(default=0.01, metadata={
         "help": "gate: max relative perplexity change merged vs unmerged base+adapter"})
     eval_generate: int = field(default=20, metadata={"help": "held-out prompts answered greedily (auto choice)"})
-    text: str = field(default="pydoc", metadata={"help": "held-out text if the run has no eval tokens yet"})
-    eval_budget: int = field(default=8192, metadata={"help": "tokens of held-out text if the run has none yet"})
-    window: int = field(default=512, metadata={"help": "perplexity window"})
-    stride: int = field(default=512, metadata={"help": "perplexity stride"})
 
 
 @dataclass
@@ -65,53 +57,6 @@ class MergeResult:
     merged: Path
     into: str
     entries: list[dict]
-
-
-# ------------------------------------------------------------------------------------- checks on the base
-def _base_weights(base_path: Path) -> dict[str, tuple[Path, list[int]]]:
-    """Every weight name in the base's safetensors -> (file, shape), read from headers only."""
-    from safetensors import safe_open
-
-    files = sorted(base_path.glob("*.safetensors"))
-    if not files:
-        raise EdgeftError(f"--base {base_path}: no .safetensors weights; re-save the model with "
-                          f"save_pretrained(safe_serialization=True)")
-    out = {}
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            for k in st.keys():
-                out[k] = (f, list(st.get_slice(k).get_shape()))
-    return out
-
-
-def check_adapter_fits(adapter: Adapter, base_path: Path, weights: dict, force: bool) -> dict:
-    """Refuse an adapter that does not belong to this base. Returns the fingerprint record for the ledger."""
-    record = {"checked": False, "forced": False}
-    recorded = (adapter.meta or {}).get("base_fingerprint")
-    if recorded:
-        actual = fingerprint(base_path)
-        record.update(checked=True, recorded=recorded, actual=actual)
-        if recorded != actual:
-            if not force:
-                raise EdgeftError(
-                    f"adapter {adapter.path} was trained on {adapter.base} ({recorded['architecture']}, weights "
-                    f"{recorded['weights_sha256'][:12]}) but --base {base_path} is {actual['architecture']}, weights "
-                    f"{actual['weights_sha256'][:12]}; pass the base it was trained on, or --force")
-            record["forced"] = True
-            console.print("[yellow]warning: base fingerprint differs from the adapter's; merging anyway (--force)")
-    else:
-        console.print("[yellow]warning: the adapter has no edgeft fingerprint (not from `edgeft train`); "
-                      "only module names and shapes are checked")
-    missing = [n for n in adapter.loras if n not in weights]
-    if missing:
-        raise EdgeftError(f"adapter {adapter.path} targets {len(missing)} module(s) the base {base_path} does not have "
-                          f"(e.g. {missing[0].removesuffix('.weight')}); it was trained on another architecture")
-    for name, lora in adapter.loras.items():
-        want = [lora.b.shape[0], lora.a.shape[1]]
-        if weights[name][1] != want:
-            raise EdgeftError(f"adapter {adapter.path}: {name} is {weights[name][1]} in the base but the adapter "
-                              f"expects {want}; it was trained on a model of another size")
-    return record
 
 
 def quantized_linear_weights(base_path: Path) -> set[str]:
@@ -154,7 +99,7 @@ def _load_for_scoring(path: Path):
 
 # ------------------------------------------------------------------------------------------- the merge
 def write_merged(base_path: Path, adapter: Adapter, weights: dict, out: Path, dtype: str, into: str,
-                 shard_mb: int) -> None:
+                 shard_mb: float) -> None:
     """Stream base + deltas into `out` (written under a temp name, renamed when complete)."""
     import torch
     from safetensors import safe_open
@@ -166,7 +111,7 @@ def write_merged(base_path: Path, adapter: Adapter, weights: dict, out: Path, dt
     for name, (f, _) in weights.items():
         by_file.setdefault(f, []).append(name)
     with atomic_dir(out) as tmp, bar(f"merge into {into} ({dtype})", len(weights)) as update:
-        shards = ShardWriter(tmp, shard_mb * 1_000_000)
+        shards = ShardWriter(tmp, int(shard_mb * 1_000_000))
         for f, names in by_file.items():
             with safe_open(f, framework="pt") as st:
                 for name in names:
@@ -186,10 +131,7 @@ def write_merged(base_path: Path, adapter: Adapter, weights: dict, out: Path, dt
         write_json(tmp / "config.json", config)
         if (base_path / "generation_config.json").is_file():
             shutil.copy(base_path / "generation_config.json", tmp / "generation_config.json")
-        tok_src = adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base_path
-        for name in _TOKENIZER_FILES:
-            if (tok_src / name).is_file():
-                shutil.copy(tok_src / name, tmp / name)
+        copy_tokenizer(adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base_path, tmp)
 
 
 class ShardWriter:
@@ -252,24 +194,20 @@ def _unmerged_model(base_path: Path, adapter: Adapter, into: str):
 
 
 def _task_split(adapter: Adapter, tokenizer) -> list:
-    """The held-out split the adapter's training used, rebuilt from the run's train_config.json."""
-    cfg_file = adapter.run / "train_config.json" if adapter.run else None
-    if not cfg_file or not cfg_file.is_file():
-        return []
-    from .train import DEMO_DATA, demo_data_path
+    """The held-out split the adapter's training used, rebuilt from the run's training record."""
+    from .train import data_path, read_train_config, split_examples
 
-    c = json.loads(cfg_file.read_text())
-    data = demo_data_path() if c["data"] == DEMO_DATA else Path(c["data"])
-    if c.get("eval_data"):
-        return load_examples(c["eval_data"], tokenizer, c["max_seq_len"], False)[0]
-    if not data.is_file():
+    trained = read_train_config(adapter.run) if adapter.run else None
+    if trained is None or not (trained.eval_data or data_path(trained).is_file()):
         return []
-    examples, _ = load_examples(data, tokenizer, c["max_seq_len"], False)
-    return split(examples, c["eval_split"], c["seed"])[1]
+    trained.strict = False
+    return split_examples(trained, tokenizer)[1]
 
 
 def _score(model, tokenizer, tokens, task, c: MergeConfig, label: str) -> dict:
-    ppl = measure(model, tokens, c.window, c.stride, label)
+    from .task import eval_loss, exact_match
+
+    ppl = measure(model, tokens.ids, c.window, c.stride, label)
     loss = eval_loss(model, task, tokenizer.pad_token_id) if task else None
     em = exact_match(model, tokenizer, task, c.eval_generate) if task and c.eval_generate else None
     return {"ppl": ppl, "eval_loss": loss, "exact_match": em.rate if em else None, "exact_match_n": em.n if em else 0}
@@ -279,6 +217,7 @@ def merge(config: MergeConfig) -> MergeResult:
     c = config
     if not c.adapter:
         raise EdgeftError("--adapter is required: a run folder from `edgeft train` or a PEFT adapter folder")
+    c.check_heldout()
     if c.dtype not in DTYPES:
         raise EdgeftError(f"--dtype {c.dtype}: use float16, bfloat16 or float32 (never 4-bit: see `merge --help`)")
     if c.into not in ("auto", "original", "dequantized"):
@@ -288,7 +227,7 @@ def merge(config: MergeConfig) -> MergeResult:
     if not base_name:
         raise EdgeftError(f"--adapter {c.adapter}: no base recorded with it; pass --base")
     base_path = resolve_model(base_name, what="--base")
-    weights = _base_weights(base_path)
+    weights = base_weights(base_path)
     fp_record = check_adapter_fits(adapter, base_path, weights, c.force)
     quantized = adapter.trained_quant in ("4bit", "8bit")
     if c.into == "auto":
@@ -298,13 +237,13 @@ def merge(config: MergeConfig) -> MergeResult:
     if "dequantized" in candidates and adapter.trained_quant == "8bit":
         raise EdgeftError("--into dequantized: only 4-bit (NF4) training is reproduced; use --into original")
 
-    run_dir = Path(c.run) if c.run else (adapter.run or Path("runs") / f"merge-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(c.run) if c.run else (adapter.run or default_run_dir("merge"))
     run = Run(run_dir)
     out = Path(c.out) if c.out else run.path / "merged"
     tokenizer = load_tokenizer(adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokens = eval_tokens(tokenizer, c.text, c.eval_budget, run.path)
+    tokens = c.heldout_tokens(tokenizer, run.path)
     task = _task_split(adapter, tokenizer)
 
     entries: list[dict] = []
@@ -323,25 +262,22 @@ def merge(config: MergeConfig) -> MergeResult:
             merged = _load_for_scoring(folder).eval()
             got = _score(merged, tokenizer, tokens, task, c, f"merged ({into}, {c.dtype})")
             del merged
-            drift = got["ppl"].ppl / ref["ppl"].ppl - 1
-            entry["perplexity"] = perplexity_entry(got["ppl"], f"merged ({into}, {c.dtype})", tokens)
-            entry["reference"] = {**perplexity_entry(ref["ppl"], f"{base_name}+adapter ({into})", tokens),
-                                  "label": "unmerged"}
+            drift = Comparison(measured=got["ppl"], reference=ref["ppl"])
+            drift.record(entry, f"merged ({into}, {c.dtype})", f"{base_name}+adapter ({into})", "unmerged",
+                         tokens.source)
             entry["metrics"].update({
-                "into": into, "dtype": c.dtype, "drift_vs_unmerged": round(drift, 6),
+                "into": into, "dtype": c.dtype, "drift_vs_unmerged": round(drift.change, 6),
                 "eval_loss": got["eval_loss"], "eval_loss_unmerged": ref["eval_loss"],
                 "exact_match": got["exact_match"], "exact_match_unmerged": ref["exact_match"],
                 "exact_match_n": got["exact_match_n"],
             })
-            entry["gate"] = {"metric": "perplexity drift merged vs unmerged", "max": c.max_drift,
-                             "value": round(abs(drift), 6), "passed": abs(drift) <= c.max_drift}
             entry["outputs"].append(artifact(folder, run.path))
             scored[into] = {"entry": entry, "folder": folder, **got}
             entries.append(entry)
-            if abs(drift) > c.max_drift:
-                raise GateFailed(f"merged ({into}, {c.dtype}) perplexity {got['ppl'].ppl:.4f} differs "
-                                 f"{100 * drift:+.2f}% from unmerged {ref['ppl'].ppl:.4f}, more than --max-drift "
-                                 f"{100 * c.max_drift:.1f}%")
+            check(entry, "perplexity drift merged vs unmerged", drift.change, c.max_drift,
+                  f"merged ({into}, {c.dtype}) perplexity {got['ppl'].ppl:.4f} differs {100 * drift.change:+.2f}% "
+                  f"from unmerged {ref['ppl'].ppl:.4f}, more than --max-drift {100 * c.max_drift:.1f}%",
+                  absolute=True)
 
     chosen, reason = _choose(scored, quantized)
     if len(candidates) > 1:
@@ -351,14 +287,14 @@ def merge(config: MergeConfig) -> MergeResult:
                 shutil.move(str(f), tmp / f.name)
         for s in scored.values():
             shutil.rmtree(s["folder"], ignore_errors=True)
-        decision = {"step": "merge-choice", "status": "ok", "started": entries[-1]["started"], "inputs": inputs,
-                    "outputs": [artifact(final, run.path)], "perplexity": scored[chosen]["entry"]["perplexity"],
-                    "metrics": {"chosen": chosen, "reason": reason,
-                                "candidates": {k: {"ppl": v["ppl"].ppl, "eval_loss": v["eval_loss"],
-                                                   "exact_match": v["exact_match"]} for k, v in scored.items()}},
-                    "config": to_dict(c), "note": reason, "wall_s": 0.0,
-                    "peak_rss_mb": read_peak_rss_mb()}
-        run.append(decision)
+        with run.step("merge-choice", to_dict(c), inputs) as decision:
+            decision["outputs"].append(artifact(final, run.path))
+            decision["perplexity"] = scored[chosen]["entry"]["perplexity"]
+            decision["metrics"].update({
+                "chosen": chosen, "reason": reason,
+                "candidates": {k: {"ppl": v["ppl"].ppl, "eval_loss": v["eval_loss"],
+                                   "exact_match": v["exact_match"]} for k, v in scored.items()}})
+            decision["note"] = reason
         entries.append(decision)
     return MergeResult(run=run.path, merged=out, into=chosen, entries=entries)
 

@@ -154,6 +154,21 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+# What a tokenizer is made of on disk, in any of the forms transformers saves (fast JSON, SentencePiece,
+# GPT-2 vocab + merges) and the chat template beside it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def copy_tokenizer(source: Path, folder: Path, also: tuple[str, ...] = ()) -> None:
+    """Copy the tokenizer files (and `also`) that exist in `source` into `folder`."""
+    import shutil
+
+    for name in (*TOKENIZER_FILES, *also):
+        if (source / name).is_file():
+            shutil.copy(source / name, folder / name)
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 

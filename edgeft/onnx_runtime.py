@@ -1,6 +1,6 @@
 """Our own runner for edgeft's KV-cache ONNX graphs, on plain onnxruntime (no genai_config.json needed).
 
-The graph (see export_onnx.py) takes input_ids, attention_mask, position_ids and past_key_values.N.key/value
+The graph (see export/onnx.py) takes input_ids, attention_mask, position_ids and past_key_values.N.key/value
 [batch, kv_heads, past, head_dim], and returns logits and present.N.key/value. Perplexity windows are run
 with an empty past, so the same ids in the same windows are scored as on every other backend.
 """

@@ -54,7 +54,7 @@ def _check_done(run: Run, step: str) -> None:
 
 
 def run_pipeline(spec: dict, run_dir: str = "", from_step: str = "") -> Run:
-    from .export_gguf import ExportConfig, export_gguf
+    from .export import export, load_export_config
     from .merge import MergeConfig, merge
     from .smoke import SmokeConfig, smoke
     from .train import TrainConfig, train
@@ -77,15 +77,9 @@ def run_pipeline(spec: dict, run_dir: str = "", from_step: str = "") -> Run:
             elif step == "merge":
                 merge(load_config(MergeConfig, None, {**section, "adapter": str(run.path), "run": str(run.path)}))
             elif step == "export":
-                for export in section:
+                for settings in section:
                     # The chain owns its run folder: a re-run (--from export) replaces what a killed run left.
-                    config = load_config(ExportConfig, None, {"overwrite": True, **export, "run": str(run.path)})
-                    if config.format == "onnx":
-                        from .export_onnx import export_onnx
-
-                        export_onnx(config)
-                    else:
-                        export_gguf(config)
+                    export(load_export_config(None, {"overwrite": True, **settings, "run": str(run.path)}))
             elif step == "smoke":
                 smoke(load_config(SmokeConfig, None, {**section, "run": str(run.path)}))
         except GateFailed as e:

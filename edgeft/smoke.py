@@ -14,6 +14,7 @@ SIGILL, a free check. llama.cpp is 20-50x slower there, so emulated runs score -
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import subprocess
 import tempfile
@@ -22,31 +23,27 @@ from pathlib import Path
 
 from .config import to_dict
 from .deploy import bundle, pick_gguf
-from .export_gguf import CHAT_PROMPT, prompt_ids
-from .errors import EdgeftError, GateFailed
+from .errors import EdgeftError
+from .gates import BOARD_MATCH, check
 from .heldout import TOKENS_FILE, EvalTokens
 from .ledger import Run
-from .perplexity import score
 from .progress import console
+from .prompt import answer_ok, prompt_ids, prompt_text
+from .scoring import Comparison, PerplexityResult, score
+from .ssh import SSHOptions
 
-BOARD_MATCH = 0.02
 SIGILL = 132
 
 
 @dataclass
-class SmokeConfig:
+class SmokeConfig(SSHOptions):
     run: str = field(default="", metadata={"help": "run folder (deployed, for --host)"})
     device: str = field(default="", metadata={"help": "board profile (default: rpi5, or x86-64-native with --local)"})
-    host: str = field(default="", metadata={"help": "user@board: run there (after `edgeft deploy`)"})
     local: bool = field(default=False, metadata={"help": "run here, with this host's build"})
     emulate: bool = field(default=False, metadata={"help": "run the aarch64 build under qemu-user (here or on --host)"})
-    dest: str = field(default="", metadata={"help": "folder on the board (default: deploy's)"})
     quant: str = field(default="", metadata={"help": "which GGUF (default: as deploy picks)"})
     max_tokens: int = field(default=0, metadata={"help": "score the first N ids (0: all; 129 when emulating)"})
     threads: int = field(default=0, metadata={"help": "threads on the target (0: the profile's)"})
-    ssh_config: str = field(default="", metadata={"help": "ssh config file (ssh -F)"})
-    port: int = field(default=0, metadata={"help": "ssh port"})
-    connect_timeout: int = field(default=10, metadata={"help": "seconds to wait for the board"})
 
 
 @dataclass
@@ -65,9 +62,7 @@ def _runner(c: SmokeConfig, profile, workdir: str):
               + ": the profile's compiler flags use instructions that CPU lacks; pick the board's profile")
 
     if c.host:
-        from .ssh import Remote
-
-        remote = Remote(c.host, c.ssh_config, c.port, c.connect_timeout)
+        remote = c.remote()
 
         def run(cmd: str, timeout: float, board: bool = True) -> str:
             try:
@@ -119,7 +114,7 @@ def smoke(config: SmokeConfig) -> SmokeResult:
     tokenizer = load_tokenizer(source)
 
     if c.host:
-        workdir = c.dest or f"edgeft/{run.path.resolve().name}"
+        workdir = c.board_dir(run.path)
         model_file = gguf.name
     else:
         board_build = build(profile.name)
@@ -140,7 +135,7 @@ def smoke(config: SmokeConfig) -> SmokeResult:
         # Gated: an answer at all, and valid UTF-8 text. Recorded: whether it stopped at end-of-generation
         # and whether it is the host's greedy answer for the same GGUF (a small quant of a small model can
         # ramble on the host too; the board reproducing the host is what the smoke test is about).
-        gen_ok = bool(answer.strip()) and "\ufffd" not in answer
+        gen_ok = answer_ok(answer)
         with console.status(f"smoke on {inputs['mode']} {profile.name}: bench"):
             pp, tg = (32, 8) if c.emulate else (128, 32)
             bench = json.loads(target(f"./edgeft-board bench {q} {pp} {tg} {threads}", timeout=60 * slow))
@@ -157,15 +152,15 @@ def smoke(config: SmokeConfig) -> SmokeResult:
         host_ids, _ = host_model.generate(prompt_ids(tokenizer), 32)
         host_model.close()
         same = next((i for i, (a, b) in enumerate(zip(gen["ids"], host_ids)) if a != b), min(len(gen["ids"]), len(host_ids)))
-        diff = board["ppl"] / host.ppl - 1
+        on_board = PerplexityResult(ppl=board["ppl"], nll_sum=math.log(board["ppl"]) * board["tokens"],
+                                    tokens=board["tokens"], windows=board["windows"], window=window, stride=stride,
+                                    seconds=board["seconds"], backend=f"llama.cpp on {inputs['mode']} {profile.name}")
+        vs_host = Comparison(measured=on_board, reference=host)
+        vs_host.record(entry, f"{gguf.name} on {profile.name}" + (" (emulated)" if c.emulate else ""),
+                       f"{gguf.name} on host", "host", tokens.source)
         bound = (profile.memory_bandwidth_gbs * 1e9 / bench["model_bytes"]) if profile.memory_bandwidth_gbs else None
-        entry["perplexity"] = {"ppl": board["ppl"], "tokens": board["tokens"], "windows": board["windows"],
-                               "window": window, "stride": stride, "backend": f"llama.cpp on {inputs['mode']} "
-                               f"{profile.name}", "model": f"{gguf.name} on {profile.name}"
-                               + (" (emulated)" if c.emulate else ""), "seconds": board["seconds"]}
-        entry["reference"] = {"ppl": host.ppl, "model": f"{gguf.name} on host", "label": "host", "tokens": host.tokens}
         entry["metrics"].update({
-            "generation": {"prompt": CHAT_PROMPT[-1]["content"], "answer": answer, "ok": gen_ok, **gen,
+            "generation": {"prompt": prompt_text(), "answer": answer, "ok": gen_ok, **gen,
                            "host_answer": tokenizer.decode(host_ids, skip_special_tokens=True),
                            "tokens_equal_to_host": same, "identical_to_host": gen["ids"] == host_ids},
             "bench": bench, "decode_bound_tokens_per_s": round(bound, 1) if bound else None,
@@ -174,12 +169,10 @@ def smoke(config: SmokeConfig) -> SmokeResult:
                            f"bound = {profile.memory_bandwidth_gbs} GB/s / model bytes "
                            f"({profile.memory_bandwidth_source})" if bound else "no bandwidth figure in the profile"),
             "threads": threads, "qemu_cpu": profile.qemu_cpu if c.emulate else None})
-        entry["gate"] = {"metric": "board vs host perplexity", "max": BOARD_MATCH, "value": round(abs(diff), 6),
-                         "passed": abs(diff) <= BOARD_MATCH and gen_ok}
-        if abs(diff) > BOARD_MATCH:
-            raise GateFailed(f"board perplexity {board['ppl']:.4f} is {100 * diff:+.2f}% from the host's {host.ppl:.4f} "
-                             f"on the same {board['tokens']} tokens (limit 2%)")
-        if not gen_ok:
-            raise GateFailed(f"the board's answer failed its checks (empty or replacement characters): "
-                             f"{answer[:80]!r}")
+        diff = vs_host.change
+        failure = (f"board perplexity {board['ppl']:.4f} is {100 * diff:+.2f}% from the host's {host.ppl:.4f} on "
+                   f"the same {board['tokens']} tokens (limit {100 * BOARD_MATCH:.0f}%)")
+        if not gen_ok and abs(diff) <= BOARD_MATCH:
+            failure = f"the board's answer failed its checks (empty or replacement characters): {answer[:80]!r}"
+        check(entry, "board vs host perplexity", diff, BOARD_MATCH, failure, also=gen_ok, absolute=True)
     return SmokeResult(run=run.path, entry=entry)

@@ -23,20 +23,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .adapter import ADAPTER_META
 from .atomic import atomic_dir, atomic_file, write_json
 from .config import to_dict
 from .dataset import Example, load_examples, split
-from .errors import EdgeftError, GateFailed
-from .evaluate import check_windows, default_run_dir, measure, perplexity_entry
-from .heldout import TOKENS_FILE, eval_tokens, read_text
-from .ledger import Run, artifact
+from .errors import EdgeftError
+from .gates import check
+from .heldout import TOKENS_FILE, HeldOutOptions
+from .ledger import Run, artifact, default_run_dir
 from .models import DEFAULT_BASE, fingerprint, load_model, load_tokenizer, resolve_model
 from .progress import bar, console
-from .taskeval import SummedLoss, collate, eval_loss, exact_match, pack
+from .scoring import Comparison, measure
 
 ADAPTER_DIR = "adapter"
-ADAPTER_META = "edgeft_adapter.json"
 CHECKPOINTS = "checkpoints"
+TRAIN_CONFIG = "train_config.json"  # the run's record of how its adapter was trained
 DEMO_DATA = "demo"  # --data demo: the shipped demo dataset (edgeft/data/demo.jsonl)
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 
@@ -47,7 +48,7 @@ _RESUME_KEYS = ("base", "data", "eval_data", "eval_split", "quant", "lora_r", "l
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(HeldOutOptions):
     data: str = field(default="", metadata={"help": "training JSONL ('demo' = the shipped demo set)"})
     base: str = field(default=DEFAULT_BASE, metadata={"help": "base model name, HF folder or hub id"})
     run: str = field(default="", metadata={"help": "run folder (default: runs/train-TIMESTAMP)"})
@@ -81,10 +82,6 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile each decoder layer (slow first steps)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     max_ppl_rise: float = field(default=0.10, metadata={"help": "forgetting gate: max held-out perplexity rise"})
-    text: str = field(default="pydoc", metadata={"help": "held-out text for perplexity ('pydoc' = CPython docs)"})
-    eval_budget: int = field(default=8192, metadata={"help": "tokens of held-out text"})
-    window: int = field(default=512, metadata={"help": "perplexity window"})
-    stride: int = field(default=512, metadata={"help": "perplexity stride"})
     eval_generate: int = field(default=20, metadata={"help": "held-out prompts answered greedily for exact match"})
 
 
@@ -103,6 +100,30 @@ def demo_data_path() -> Path:
     return Path(__file__).parent / "data" / "demo.jsonl"
 
 
+def data_path(c: TrainConfig) -> Path:
+    return demo_data_path() if c.data == DEMO_DATA else Path(c.data)
+
+
+def split_examples(c: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], int]:
+    """(training examples, held-out task examples, rows truncated): --eval-data, else a seeded split."""
+    examples, truncated = load_examples(data_path(c), tokenizer, c.max_seq_len, c.strict)
+    if c.eval_data:
+        return examples, load_examples(c.eval_data, tokenizer, c.max_seq_len, c.strict)[0], truncated
+    return (*split(examples, c.eval_split, c.seed), truncated)
+
+
+def read_train_config(run_dir: Path) -> TrainConfig | None:
+    """How the run's adapter was trained (RUN/train_config.json), or None for a run without training."""
+    import dataclasses
+    import json
+
+    path = Path(run_dir) / TRAIN_CONFIG
+    if not path.is_file():
+        return None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+
+
 def _validate(c: TrainConfig) -> None:
     if not c.data:
         raise EdgeftError("--data is required: a JSONL file of 'messages', 'prompt'+'completion' or 'text' rows "
@@ -119,9 +140,7 @@ def _validate(c: TrainConfig) -> None:
             raise EdgeftError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be at least 1")
     if c.max_steps < 0 or c.save_every < 0 or c.lr <= 0 or not 0 <= c.lora_dropout < 1:
         raise EdgeftError("--max-steps and --save-every must be >= 0, --lr > 0, --lora-dropout in [0, 1)")
-    check_windows(c.eval_budget, c.window, c.stride)
-    if c.text not in ("", "pydoc"):
-        read_text(c.text)
+    c.check_heldout()
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -145,7 +164,7 @@ def _resolve_targets(model, wanted: list[str]) -> list[str]:
     return list(wanted)
 
 
-def _hardware(c: TrainConfig, acc=None) -> dict:
+def hardware(c: TrainConfig, acc=None) -> dict:
     import torch
 
     cuda = torch.cuda.is_available() if acc is None else acc.device.type == "cuda"
@@ -256,7 +275,7 @@ def _check_resumable(run: Run, c: TrainConfig, world_size: int) -> Path:
     found = _checkpoints(run.path)
     if not found:
         raise EdgeftError(f"--resume: no checkpoint in {run.path / CHECKPOINTS}; start without --resume")
-    saved = run.path / "train_config.json"
+    saved = run.path / TRAIN_CONFIG
     if saved.is_file():
         import json
 
@@ -266,7 +285,7 @@ def _check_resumable(run: Run, c: TrainConfig, world_size: int) -> Path:
                    != now.get(k)]
         if changed:
             raise EdgeftError(f"--resume: {', '.join(changed)} differ from the interrupted run "
-                              f"({run.path / 'train_config.json'}); resume with the same settings or use a new --run")
+                              f"({saved}); resume with the same settings or use a new --run")
     return found[-1]
 
 
@@ -289,36 +308,35 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
     import torch
     from accelerate import Accelerator
 
+    from .batches import SummedLoss, collate, pack
+    from .task import eval_loss, exact_match
+
     c = config
     _validate(c)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
-    data_path = demo_data_path() if c.data == DEMO_DATA else Path(c.data)
     base_path = resolve_model(c.base, what="--base")
     tokenizer = load_tokenizer(base_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels mask padding, so sharing EOS costs nothing
-    examples, truncated = load_examples(data_path, tokenizer, c.max_seq_len, c.strict)
-    if c.eval_data:
-        train_set, eval_set = examples, load_examples(c.eval_data, tokenizer, c.max_seq_len, c.strict)[0]
-    else:
-        train_set, eval_set = split(examples, c.eval_split, c.seed)
+    train_set, eval_set, truncated = split_examples(c, tokenizer)
     run = Run(c.run or default_run_dir("train"))
     resume_from = _check_resumable(run, c, world) if c.resume else None
-    hw = _hardware(c, acc)
+    hw = hardware(c, acc)
     if c.threads:
         torch.set_num_threads(c.threads)
     rows_per_step = c.batch_size * world * c.grad_accum
     if main:
-        tokens = eval_tokens(tokenizer, c.text, c.eval_budget, run.path)
+        tokens = c.heldout_tokens(tokenizer, run.path)
         console.print(f"train: {len(train_set)} rows ({truncated} truncated to {c.max_seq_len} tokens), "
                       f"{len(eval_set)} held out; {hw['device']}"
                       f"{f' x {world} processes' if world > 1 else ''}, quant {hw['quant']}, compute "
                       f"{hw['compute_dtype']}, {rows_per_step} rows per step, gradient checkpointing "
                       f"{'on' if hw['gradient_checkpointing'] else 'off'}, packing {'on' if hw['packing'] else 'off'}")
-        write_json(run.path / "train_config.json", {**to_dict(c), "world_size": world})
+        write_json(run.path / TRAIN_CONFIG, {**to_dict(c), "world_size": world})
 
-    inputs = {"base": c.base, "base_path": str(base_path), "data": str(data_path), "rows": len(examples),
+    inputs = {"base": c.base, "base_path": str(base_path), "data": str(data_path(c)),
+              "rows": len(train_set) + (0 if c.eval_data else len(eval_set)),
               "train_rows": len(train_set), "eval_rows": len(eval_set), "truncated_rows": truncated,
               "eval_tokens": TOKENS_FILE, "resumed_from": resume_from.name if resume_from else None}
     # Only the main process keeps the ledger; the others fill a throwaway entry.
@@ -439,20 +457,17 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
         model.eval()
         pad = tokenizer.pad_token_id
         label = f"{c.base}+adapter"
-        after_ppl = measure(model, tokens, c.window, c.stride, label)
+        after_ppl = measure(model, tokens.ids, c.window, c.stride, label)
         after_loss = eval_loss(model, eval_set, pad, c.batch_size)
         after_em = exact_match(model, tokenizer, eval_set, c.eval_generate) if c.eval_generate else None
         with model.disable_adapter():
             base_label = c.base if hw["quant"] == "none" else f"{c.base} ({hw['quant']})"
-            before_ppl = measure(model, tokens, c.window, c.stride, base_label)
+            before_ppl = measure(model, tokens.ids, c.window, c.stride, base_label)
             before_loss = eval_loss(model, eval_set, pad, c.batch_size)
             before_em = exact_match(model, tokenizer, eval_set, c.eval_generate) if c.eval_generate else None
 
-        rise = after_ppl.ppl / before_ppl.ppl - 1
-        entry["perplexity"] = perplexity_entry(after_ppl, label, tokens)
-        entry["reference"] = {**perplexity_entry(before_ppl, base_label, tokens), "label": "base"}
-        entry["gate"] = {"metric": "held-out perplexity rise", "max": c.max_ppl_rise, "value": round(rise, 5),
-                         "passed": rise <= c.max_ppl_rise}
+        forgetting = Comparison(measured=after_ppl, reference=before_ppl)
+        forgetting.record(entry, label, base_label, "base", tokens.source)
         tokens_per_s = round(seen_tokens / train_seconds, 1) if train_seconds else None
         entry["metrics"].update({
             "target_modules": targets, "trainable_params": trainable, "total_params": total,
@@ -469,8 +484,8 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
             "tokens_per_s_per_device": round(tokens_per_s / world, 1) if tokens_per_s else None,
             "peak_gpu_mb_training": peak_gpu,  # main process, before the evaluation; peak_gpu_mb: whole step
         })
-        if rise > c.max_ppl_rise:
-            raise GateFailed(f"held-out perplexity rose {100 * rise:.1f}% ({before_ppl.ppl:.4f} -> "
-                             f"{after_ppl.ppl:.4f}), more than --max-ppl-rise {100 * c.max_ppl_rise:.0f}%; "
-                             f"the adapter is kept in {adapter_dir}")
+        rise = forgetting.change
+        check(entry, "held-out perplexity rise", rise, c.max_ppl_rise,
+              f"held-out perplexity rose {100 * rise:.1f}% ({before_ppl.ppl:.4f} -> {after_ppl.ppl:.4f}), more "
+              f"than --max-ppl-rise {100 * c.max_ppl_rise:.0f}%; the adapter is kept in {adapter_dir}")
     return TrainResult(run=run.path, adapter=adapter_dir, entry=entry)

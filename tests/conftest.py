@@ -1,9 +1,11 @@
-"""Shared fixtures. Tests use the real default model (materialised once per session into a temporary
-EDGEFT_HOME, unless EDGEFT_HOME is set) and tiny Llamas built from a config with its tokenizer."""
+"""Shared fixtures. The fast tier (`-m "not slow"`) uses tiny models built from a config with a tokenizer
+trained here; tests marked slow use the real default model (materialised once per session into a temporary
+EDGEFT_HOME, unless EDGEFT_HOME is set), real llama.cpp builds for the board, or run the chain end to end."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,19 @@ def assert_one_line_error(result, *needles, code: int = 2):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(scope="session")
+# Small perplexity windows: tiny models score a few hundred ids in a second.
+WINDOW = ["--window", "128", "--stride", "128", "--eval-budget", "300"]
+
+needs_cross = pytest.mark.skipif(
+    not shutil.which("aarch64-linux-gnu-g++") or not shutil.which("qemu-aarch64-static"),
+    reason="needs gcc-aarch64-linux-gnu, g++-aarch64-linux-gnu, qemu-user-static (dev.py test installs them "
+           "where it can)")
+
+
+@pytest.fixture(scope="session", autouse=True)
 def edgeft_home(tmp_path_factory) -> Path:
+    """A fresh EDGEFT_HOME for the session (token caches, builds, the materialised default model), unless the
+    environment names one."""
     if os.environ.get("EDGEFT_HOME"):
         return Path(os.environ["EDGEFT_HOME"])
     home = tmp_path_factory.mktemp("edgeft-home")
@@ -37,13 +50,46 @@ def default_model(edgeft_home) -> Path:
     return resolve_model(DEFAULT_BASE)
 
 
+# ChatML with a default system turn, as SmolLM2's template renders it (our own text).
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a small test model.<|im_end|>\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
 @pytest.fixture(scope="session")
-def tiny_llama(default_model, tmp_path_factory) -> Path:
-    """A 2-layer Llama with random weights (seed 0) and the default model's tokenizer."""
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A byte-level BPE of 2,048 tokens trained on the CPython docs in a second or two, with SmolLM's
+    pre-tokenizer (each digit alone, then GPT-2's regex), special tokens and a ChatML template: tiny models
+    need neither the 135M default model nor any download, and llama.cpp knows this pre-tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from edgeft.heldout import read_text
+
+    text = read_text(None)[0]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((text[i:i + 10_000] for i in range(0, len(text), 10_000)), trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                 pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    hf.chat_template = CHATML
+    path = tmp_path_factory.mktemp("tiny-tokenizer")
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer, tmp_path_factory) -> Path:
+    """A 2-layer Llama with random weights (seed 0) and the tiny tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(default_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
@@ -97,6 +143,20 @@ def train_tiny(base: Path, run: Path, **overrides):
 def tiny_adapter_run(tiny_llama, tmp_path_factory) -> Path:
     """An adapter trained on the unquantized tiny Llama (lr high enough that the delta is far from zero)."""
     return train_tiny(tiny_llama, tmp_path_factory.mktemp("runs") / "tiny", lr=1e-2, max_steps=4).run
+
+
+@pytest.fixture(scope="session")
+def tiny_export_run(tiny_llama, tmp_path_factory) -> Path:
+    """A run with the tiny Llama exported to F16 and Q8_0 GGUFs (what deploy and smoke ship)."""
+    from click.testing import CliRunner
+
+    from edgeft.cli import cli
+
+    run = tmp_path_factory.mktemp("tiny-export-run")
+    result = CliRunner().invoke(cli, ["export", "--model", str(tiny_llama), "--quant", "f16,q8_0", "--run", str(run),
+                                      *WINDOW])
+    assert result.exit_code == 0, result.output
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ adapter, the GGUF adapter, refusals, and the default model quantized and gated."
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,10 +17,7 @@ from edgeft.converters.hf_to_gguf import convert
 from edgeft.llamacpp import LlamaCpp
 from edgeft.merge import MergeConfig, merge
 
-from .conftest import assert_one_line_error
-
-WINDOW = ["--window", "128", "--stride", "128", "--eval-budget", "300"]
-
+from .conftest import WINDOW, assert_one_line_error
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])
 def test_tiny_models_convert_and_score_the_same_in_llama_cpp(which, request, tmp_path):
@@ -38,7 +34,9 @@ def test_tiny_models_convert_and_score_the_same_in_llama_cpp(which, request, tmp
             want = hf(torch.tensor([ids])).logits[0].numpy()
         got = cpp.logits(ids)
         np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3)
-        assert (got.argmax(-1) == want.argmax(-1)).all()
+        top2 = np.sort(want, -1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 1e-2  # a random model has near-ties that float rounding may flip
+        assert clear.sum() >= len(ids) // 2 and (got.argmax(-1) == want.argmax(-1))[clear].all()
     cpp.close()
 
 
@@ -133,21 +131,6 @@ def test_quant_auto_picks_the_smallest_passing_quant_that_fits_the_board(tiny_ll
     result = CliRunner().invoke(cli, args[:-len(WINDOW) - 1] + ["--device-ram-gb", "0.0001", "--overwrite", *WINDOW])
     assert result.exit_code == 3, result.output
     assert "fits rpi4" in result.output.strip().splitlines()[-1]
-
-
-def test_devices_lists_the_shipped_profiles_and_a_user_profile(edgeft_home):
-    import edgeft.devices
-
-    user = edgeft_home / "devices"
-    user.mkdir(exist_ok=True)
-    shipped = Path(edgeft.devices.__file__).parent / "rpi5.yaml"
-    (user / "myboard.yaml").write_text(shipped.read_text().replace("name: rpi5", "name: myboard"))
-    result = CliRunner().invoke(cli, ["devices", "--json"])
-    assert result.exit_code == 0
-    found = json.loads(result.output)
-    assert {"rpi4", "rpi5", "jetson-orin-nano", "x86-64", "x86-64-native", "myboard"} <= set(found)
-    assert found["rpi5"]["memory_bandwidth_gbs"] == 17.1 and found["rpi5"]["memory_bandwidth_source"]
-    (user / "myboard.yaml").unlink()
 
 
 def test_imatrix_guides_quantization(tiny_llama, tmp_path):

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from edgeft.cli import cli
 from edgeft.onnx_runtime import OnnxLM
 
-WINDOW = ["--window", "128", "--stride", "128", "--eval-budget", "300"]
+from .conftest import WINDOW
 
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])

@@ -57,7 +57,8 @@ def test_merged_equals_unmerged_and_loads_with_plain_transformers(tiny_llama, ti
 
 def test_float16_merge_is_close_and_sharding_works(tiny_adapter_run, tmp_path):
     result = merge(MergeConfig(adapter=str(tiny_adapter_run), run=str(tmp_path / "r"), out=str(tmp_path / "m16"),
-                               dtype="float16", shard_mb=2, window=128, stride=128))
+                               dtype="float16", shard_mb=0.1, window=128, stride=128, eval_budget=300,
+                               eval_generate=0))
     files = sorted(p.name for p in (tmp_path / "m16").glob("*.safetensors"))
     assert len(files) > 1 and (tmp_path / "m16" / "model.safetensors.index.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m16")
@@ -93,10 +94,10 @@ def test_missing_modules_and_wrong_shapes_are_refused(tiny_llama, tiny_adapter_r
 def test_nf4_roundtrip_is_what_the_4bit_training_base_multiplies_with(tiny_llama):
     import bitsandbytes.functional as bnbf
 
-    from edgeft.train import TrainConfig, _hardware, build_model
+    from edgeft.train import TrainConfig, hardware, build_model
 
     cfg = TrainConfig(data="demo", quant="4bit")
-    model, _ = build_model(tiny_llama, cfg, _hardware(cfg))
+    model, _ = build_model(tiny_llama, cfg, hardware(cfg))
     layer = model.get_base_model().model.layers[0].mlp.down_proj.base_layer
     seen = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
     original = AutoModelForCausalLM.from_pretrained(tiny_llama).model.layers[0].mlp.down_proj.weight

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from edgeft.cli import cli
@@ -22,6 +23,7 @@ def _pipeline(tmp_path, tiny_llama, data):
     return path
 
 
+@pytest.mark.slow  # smoke --local builds llama.cpp for this host
 def test_chain_report_and_resume_from_export(tiny_llama, tmp_path):
     from edgeft.data.demo_task import make_rows
 

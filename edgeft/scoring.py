@@ -1,4 +1,4 @@
-"""Perplexity: one definition for every backend.
+"""Scoring token ids with any backend: one definition of perplexity, and one of a comparison.
 
 The token ids are cut into windows of `window` tokens starting every `stride` tokens. Within a window the
 model sees only that window, and a token is scored at most once: in the first window that covers it with
@@ -8,7 +8,9 @@ perplexity tool and the usual HF recipe do: the first token of each chunk has no
 scored. No BOS is inserted: the backends see exactly the stored ids.
 
 A backend supplies `logits_fn(window_ids) -> [len(window_ids), vocab]` float logits; `score` does the rest,
-so torch, llama.cpp and onnxruntime differ only in the logits they produce.
+so torch, llama.cpp and onnxruntime differ only in the logits they produce. `compare` scores two backends
+window by window on the same ids and adds KL divergence and top-1 agreement; `Comparison` is how every
+step records "this model vs its reference" in the ledger.
 """
 
 from __future__ import annotations
@@ -59,6 +61,42 @@ class PerplexityResult:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def entry(self, model: str, text: str) -> dict:
+        """The ledger form: the result, what was scored and on which text."""
+        return {**self.to_json(), "model": model, "text": text}
+
+    @classmethod
+    def from_entry(cls, entry: dict) -> "PerplexityResult":
+        """Back from a ledger entry's perplexity (reused measurements)."""
+        return cls(ppl=entry["ppl"], nll_sum=entry.get("nll_sum", math.log(entry["ppl"]) * entry["tokens"]),
+                   tokens=entry["tokens"], windows=entry.get("windows", 0), window=entry.get("window", 0),
+                   stride=entry.get("stride", 0), seconds=entry.get("seconds", 0.0), backend=entry.get("backend", ""))
+
+
+@dataclass
+class Comparison:
+    """A model's perplexity next to its reference's on the same ids (and, from `compare`, window by window:
+    mean KL divergence from the reference and top-1 agreement with it)."""
+
+    measured: PerplexityResult
+    reference: PerplexityResult
+    kl_mean: float | None = None
+    top1_agreement: float | None = None
+
+    @property
+    def change(self) -> float:
+        """Relative perplexity change vs the reference (+0.05 = 5% higher)."""
+        return self.measured.ppl / self.reference.ppl - 1
+
+    def record(self, entry: dict, model: str, reference_model: str, reference_label: str, text: str,
+               **reference_extra) -> None:
+        """Write the comparison into a ledger entry: perplexity, reference, and KL/top-1 when known."""
+        entry["perplexity"] = self.measured.entry(model, text)
+        entry["reference"] = {**self.reference.entry(reference_model, text), "label": reference_label,
+                              **reference_extra}
+        if self.kl_mean is not None:
+            entry["metrics"].update({"kl_mean": self.kl_mean, "top1_agreement": self.top1_agreement})
 
 
 def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -111,12 +149,14 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def compare(reference, other, ids: Sequence[int], window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE,
-            progress: Callable[[int, int], None] | None = None) -> dict:
+            progress: Callable[[int, int], None] | None = None, backends: tuple[str, str] = ("", "")
+            ) -> Comparison:
     """Perplexity of two models on the same windows, mean KL(reference || other) and top-1 agreement.
     Each model is anything with `.logits(window_ids)`. Window by window: at most one window of logits per
     model is held, never all of them."""
     ids = list(ids)
     plan = windows(len(ids), window, stride)
+    start = time.perf_counter()
     nll_ref = nll = kl = 0.0
     top1 = count = 0
     for i, w in enumerate(plan):
@@ -133,5 +173,19 @@ def compare(reference, other, ids: Sequence[int], window: int = DEFAULT_WINDOW, 
         count += len(targets)
         if progress:
             progress(i + 1, len(plan))
-    return {"ppl_ref": math.exp(nll_ref / count), "ppl": math.exp(nll / count), "tokens": count,
-            "windows": len(plan), "kl_mean": kl / count, "top1_agreement": top1 / count}
+    seconds = round(time.perf_counter() - start, 3)
+
+    def result(total: float, backend: str) -> PerplexityResult:
+        return PerplexityResult(ppl=math.exp(total / count), nll_sum=total, tokens=count, windows=len(plan),
+                                window=window, stride=stride, seconds=seconds, backend=backend)
+
+    return Comparison(measured=result(nll, backends[1]), reference=result(nll_ref, backends[0]),
+                      kl_mean=kl / count, top1_agreement=top1 / count)
+
+
+def measure(model, ids: Sequence[int], window: int, stride: int, label: str) -> PerplexityResult:
+    """Perplexity of a loaded torch model on `ids`, with a progress bar."""
+    from .progress import bar
+
+    with bar(f"perplexity {label}") as update:
+        return score(ids, torch_logits_fn(model), window=window, stride=stride, backend="torch", progress=update)

@@ -4,6 +4,7 @@ import json
 import os
 import time
 
+import pytest
 from click.testing import CliRunner
 
 from edgeft.cli import cli
@@ -39,6 +40,7 @@ def test_bad_stride_and_config_key(tmp_path):
     assert_one_line_error(CliRunner().invoke(cli, ["eval", "--config", str(cfg)]), "windw", "valid keys")
 
 
+@pytest.mark.slow
 def test_default_model_is_materialised_once_and_answers(default_model):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,6 +66,7 @@ def test_default_model_is_materialised_once_and_answers(default_model):
     assert "Paris" in answer, answer
 
 
+@pytest.mark.slow
 def test_eval_default_model_records_ledger_and_reuses_tokens(default_model, tmp_path):
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, ["eval", "--budget", "1024", "--run", str(run), "--json"])
@@ -75,15 +78,16 @@ def test_eval_default_model_records_ledger_and_reuses_tokens(default_model, tmp_
     assert tokens["n_tokens"] == 1024 and tokens["source"].startswith("pydoc_data.topics")
 
     # a second eval in the same run scores the stored ids: same number to the last digit
-    again = evaluate(EvalConfig(budget=1024, run=str(run)))
+    again = evaluate(EvalConfig(eval_budget=1024, run=str(run)))
     assert again.perplexity.ppl == first["ppl"]
     manifest = json.loads((run / "manifest.json").read_text())
     assert [s["step"] for s in manifest["steps"]] == ["eval", "eval"]
     entry = manifest["steps"][0]
     assert entry["perplexity"]["ppl"] == first["ppl"] and entry["peak_rss_mb"] > 100
-    assert entry["config"]["budget"] == 1024 and entry["versions"]["transformers"]
+    assert entry["config"]["eval_budget"] == 1024 and entry["versions"]["transformers"]
 
 
+@pytest.mark.slow
 def test_default_tokenizer_matches_llama_cpp_on_the_source_gguf(default_model):
     """llama.cpp's tokenization of the shipped GGUF is the reference; the materialised HF tokenizer must agree
     on the held-out text (digits included: SmolLM splits them one by one)."""

@@ -1,0 +1,266 @@
+"""`edgeft export --format gguf`: our converter, llama.cpp quantization, and a ledger entry per artifact.
+
+For every GGUF written, in the ledger:
+  - tokenizer parity: llama.cpp's tokenization of the held-out text equals the HF token ids (else error:
+    the tokenizer metadata is wrong and every later number would compare different tokens);
+  - perplexity with llama.cpp on the run's token ids, same windows as `edgeft eval`; the unquantized GGUF
+    must match the HF model within 0.1% (else the conversion is wrong);
+  - for each quant: perplexity change vs the unquantized GGUF, mean KL divergence and top-1 agreement vs it,
+    computed window by window (all models loaded at once, the reference logits computed once per window);
+  - a gate on the perplexity rise per quant; a failing artifact is marked failed and the command exits 3;
+  - a short greedy answer to the fixed chat prompt.
+Next to each GGUF an Ollama Modelfile, so `ollama create NAME -f FILE.Modelfile` works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from ..atomic import atomic_file
+from ..config import to_dict
+from ..errors import EdgeftError, GateFailed
+from ..gates import GGUF_GATE_OTHER, GGUF_GATES, HF_MATCH, LORA_MATCH, check, parse_gates
+from ..heldout import TOKENS_FILE, read_text
+from ..ledger import Run, artifact
+from ..llamacpp import QUANT_TYPES, LlamaCpp, quantize
+from ..models import load_model, load_tokenizer
+from ..progress import bar, console
+from ..prompt import answer_ok, prompt_ids, prompt_text
+from ..scoring import Comparison, compare, score
+from . import ExportResult, GGUFExportConfig
+from .modelfile import write_modelfile
+from .source import Source, hf_reference, resolve_source
+
+UNQUANTIZED = ("f16", "bf16", "f32")
+AUTO_CANDIDATES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
+
+
+def sample_answer(model: LlamaCpp, tokenizer, max_tokens: int) -> dict:
+    ids, stopped = model.generate(prompt_ids(tokenizer), max_tokens)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return {"prompt": prompt_text(), "answer": text, "stopped_at_eos": stopped, "tokens": len(ids),
+            "ok": answer_ok(text)}
+
+
+def _quants(c: GGUFExportConfig) -> tuple[list[str], str, bool]:
+    """(quants to make, the unquantized reference type, --quant auto?), checked."""
+    quants = [q.lower() for q in c.quant] or ["f16", "q8_0", "q4_k_m"]
+    auto = "auto" in quants
+    if auto:
+        if not c.device:
+            raise EdgeftError("--quant auto needs --device PROFILE (the board whose RAM the choice must fit)")
+        quants = [q for q in quants if q != "auto"] + [q for q in AUTO_CANDIDATES if q not in quants]
+    unq = [q for q in quants if q in UNQUANTIZED]
+    if len(unq) > 1:
+        raise EdgeftError(f"--quant {','.join(c.quant)}: give at most one of f16, bf16, f32 (the reference)")
+    bad = [q for q in quants if q not in UNQUANTIZED and q not in QUANT_TYPES]
+    if bad:
+        raise EdgeftError(f"--quant {bad[0]}: unknown; use f16, bf16, f32, {', '.join(QUANT_TYPES)}")
+    return quants, (unq[0] if unq else "f16"), auto
+
+
+def export_gguf(config: GGUFExportConfig) -> ExportResult:
+    c = config
+    quants, reference_type, auto = _quants(c)
+    profile = None
+    if c.device:
+        from ..devices import get as get_profile
+
+        profile = get_profile(c.device)
+    made = [q for q in quants if q not in UNQUANTIZED]
+    gates = parse_gates(c.max_ppl_rise, GGUF_GATES, made, GGUF_GATE_OTHER)
+    source = resolve_source(c)
+    run, label = source.run, source.label
+    out_dir = Path(c.out) if c.out else run.path / "gguf"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", label.replace("+adapter (fused)", "-fused")).strip("-")
+    paths = {q: out_dir / f"{stem}-{q.upper()}.gguf" for q in [reference_type, *made]}
+    if c.adapter_only:
+        if source.adapter is None:
+            raise EdgeftError("--adapter-only needs --adapter (the LoRA to write as a GGUF adapter)")
+        paths["lora"] = out_dir / f"{stem}-LoRA-F16.gguf"
+        paths["base"] = out_dir / f"{source.path.name}-base-{reference_type.upper()}.gguf"
+    existing = [p for p in paths.values() if p.exists()]
+    if existing and not c.overwrite:
+        raise EdgeftError(f"{existing[0]}: already exists; pass --overwrite to replace it, or another --out")
+    tokenizer = load_tokenizer(source.path)
+    tokens = c.heldout_tokens(tokenizer, run.path)
+
+    from ..converters.gguf_vocab import VocabError
+    from ..converters.hf_to_gguf import ConversionError, convert
+
+    entries: list[dict] = []
+    inputs = source.inputs(TOKENS_FILE)
+    ref_path = paths[reference_type]
+
+    # 1. the unquantized GGUF: converted, tokenizer parity, llama.cpp vs HF perplexity, a sample answer
+    with run.step("export-gguf", to_dict(c), {**inputs, "quant": reference_type}) as entry:
+        with atomic_file(ref_path) as tmp, bar(f"convert → {ref_path.name}") as update:
+            try:
+                result = convert(source.path, tmp, reference_type, loras=source.loras, progress=update, name=label)
+            except (ConversionError, VocabError) as e:
+                raise EdgeftError(str(e)) from None
+        entry["outputs"].append(artifact(ref_path, run.path))
+        entry["metrics"]["convert"] = {"arch": result.arch, "tensors": result.tensors,
+                                       "fused_loras": result.fused_loras}
+        ref = LlamaCpp(ref_path, n_ctx=c.window, threads=c.threads)
+        parity = tokenizer_parity(ref, tokens)
+        entry["metrics"]["tokenizer_parity"] = parity
+        if not parity["equal"]:
+            raise EdgeftError(f"{ref_path.name}: llama.cpp tokenizes the held-out text differently from HF (first "
+                              f"difference at token {parity['first_difference']}); the tokenizer metadata is wrong")
+        with bar(f"llama.cpp perplexity {ref_path.name}") as update:
+            got = score(tokens.ids, ref.logits, window=c.window, stride=c.stride, backend="llama.cpp",
+                        progress=update)
+        hf, hf_src = hf_reference(source, tokens, c.window, c.stride)
+        vs_hf = Comparison(measured=got, reference=hf)
+        vs_hf.record(entry, f"GGUF {reference_type.upper()} ({label})", f"HF {label}", "hf", tokens.source,
+                     source=hf_src)
+        entry["metrics"]["sample"] = sample_answer(ref, tokenizer, c.generate_tokens)
+        write_modelfile(ref_path, tokenizer)
+        entries.append(entry)
+        check(entry, "GGUF vs HF perplexity", vs_hf.change, HF_MATCH,
+              f"{reference_type.upper()} GGUF perplexity {got.ppl:.4f} is {100 * vs_hf.change:+.3f}% from HF "
+              f"{hf.ppl:.4f} (limit {100 * HF_MATCH:.1f}%): the conversion is wrong", absolute=True)
+
+    table = _imatrix(c, run, source, tokenizer) if c.imatrix else None
+
+    # 2. each quant: quantized by llama.cpp, compared with the reference GGUF window by window, gated.
+    # A failing quant is recorded and the others are still measured; the command fails at the end.
+    failures: list[str] = []
+    for q in made:
+        try:
+            with run.step("export-gguf", to_dict(c), {**inputs, "quant": q, "from": ref_path.name}) as entry:
+                with atomic_file(paths[q]) as tmp, console.status(f"quantize {ref_path.name} → {q}"):
+                    quantize(ref_path, tmp, q, c.threads, imatrix=table)
+                entry["outputs"].append(artifact(paths[q], run.path))
+                model = LlamaCpp(paths[q], n_ctx=c.window, threads=c.threads)
+                with bar(f"llama.cpp {paths[q].name} vs {ref_path.name}") as update:
+                    cmp = compare(ref, model, tokens.ids, c.window, c.stride, progress=update,
+                                  backends=("llama.cpp", "llama.cpp"))
+                cmp.record(entry, f"GGUF {q.upper()} ({label})", f"GGUF {reference_type.upper()}", reference_type,
+                           tokens.source)
+                entry["metrics"].update({"ppl_rise": round(cmp.change, 6),
+                                         "imatrix": {"source": c.imatrix, "tensors": len(table)} if table else None,
+                                         "sample": sample_answer(model, tokenizer, c.generate_tokens)})
+                model.close()
+                write_modelfile(paths[q], tokenizer)
+                entries.append(entry)
+                check(entry, f"perplexity rise vs {reference_type}", cmp.change, gates[q],
+                      f"{q.upper()}: perplexity rose {100 * cmp.change:.1f}% vs {reference_type.upper()} "
+                      f"(limit {100 * gates[q]:.0f}%)")
+        except GateFailed as e:
+            failures.append(str(e))
+
+    artifacts = {q: paths[q] for q in paths if q not in ("lora", "base")}
+    if auto:  # the choice decides: a failed quant that was not needed does not fail the command
+        choice, failure = choose_for_device(run, c, profile, source.path, entries)
+        entries.append(choice)
+        failures = [failure] if failure else []
+    if c.adapter_only:
+        entries.append(adapter_only(c, source, paths, ref, tokens, inputs))
+        artifacts.update(lora=paths["lora"], base=paths["base"])
+    ref.close()
+    if failures:
+        raise GateFailed("; ".join(failures))
+    return ExportResult(run=run.path, artifacts=artifacts, entries=entries)
+
+
+def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entries: list[dict]
+                      ) -> tuple[dict, str | None]:
+    """--quant auto: the smallest quantized GGUF that passed its gate and fits the board's RAM (model + KV
+    cache for --context + runtime), recorded as its own ledger entry with the reason. Returns the entry and
+    why no quant qualified (None when one did)."""
+    from ..devices import fits, memory_need
+
+    config = json.loads((source / "config.json").read_text())
+    ram = int(c.device_ram_gb * 2**30) if c.device_ram_gb else None
+    usable = fits(profile, 0, ram)[1]
+    rows = []
+    for e in entries:
+        q = e["inputs"]["quant"]
+        if q in UNQUANTIZED or not e.get("outputs"):
+            continue
+        size = e["outputs"][0]["bytes"]
+        need = memory_need(size, config, c.context)
+        rows.append({"quant": q, "bytes": size, "need_bytes": need, "fits": fits(profile, need, ram)[0],
+                     "gate_passed": bool((e.get("gate") or {}).get("passed")), "ppl": e["perplexity"]["ppl"]})
+    good = sorted((r for r in rows if r["fits"] and r["gate_passed"]), key=lambda r: r["bytes"])
+    inputs = {"device": profile.name, "context": c.context, "usable_ram_bytes": usable}
+    entry: dict = {}
+    try:
+        with run.step("export-gguf-choice", to_dict(c), inputs) as entry:
+            entry["metrics"]["candidates"] = rows
+            if not good:
+                raise GateFailed(f"no quant both passed its gate and fits {profile.name} "
+                                 f"({usable / 2**20:.0f} MiB usable at context {c.context})")
+            best = good[0]
+            entry["metrics"]["chosen"] = best["quant"]
+            entry["outputs"] = [e["outputs"][0] for e in entries if e["inputs"]["quant"] == best["quant"]]
+            entry["note"] = (f"{best['quant'].upper()} for {profile.name}: smallest that passed its gate and fits "
+                             f"({best['need_bytes'] / 2**20:.0f} of {usable / 2**20:.0f} MiB usable)")
+    except GateFailed as e:
+        return entry, str(e)
+    return entry, None
+
+
+def _imatrix(c: GGUFExportConfig, run: Run, source: Source, tokenizer) -> dict:
+    """The importance matrix of the model being exported (adapter fused when there is one)."""
+    import gguf
+
+    from ..converters.hf_to_gguf import SUPPORTED
+    from ..imatrix import calibration_ids, compute
+
+    config = json.loads((source.path / "config.json").read_text())
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[SUPPORTED[config["architectures"][0]]]
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    chunks = calibration_ids(c.imatrix, run.path, tokenizer, c.imatrix_tokens)
+    model = load_model(source.path, "float32")
+    if source.loras:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.adapter.path).merge_and_unload()
+    with console.status(f"importance matrix from {c.imatrix} ({sum(map(len, chunks))} tokens)"):
+        return compute(model.eval(), chunks, lambda n: names.get_name(n, try_suffixes=(".weight",)))
+
+
+def tokenizer_parity(model: LlamaCpp, tokens) -> dict:
+    """llama.cpp's tokenization of the run's held-out text vs the run's HF ids. The ids are the first N
+    tokens of a prefix of the text cut far beyond them, so a prefix of the same size is compared."""
+    body, _ = read_text(None if tokens.source.startswith("pydoc_data.topics") else tokens.source)
+    if hashlib.sha256(body.encode()).hexdigest() != tokens.text_sha256:
+        raise EdgeftError(f"the run's held-out text ({tokens.source}) has changed since its ids were stored; "
+                          f"use a new --run")
+    ids = tokens.ids
+    got = model.tokenize(body[: 8 * len(ids) + 1000])[: len(ids)]
+    first = next((i for i, (a, b) in enumerate(zip(got, ids)) if a != b), None)
+    if first is None and len(got) != len(ids):
+        first = min(len(got), len(ids))
+    return {"equal": first is None, "tokens": len(ids), "first_difference": first}
+
+
+def adapter_only(c: GGUFExportConfig, source: Source, paths: dict, fused: LlamaCpp, tokens, inputs: dict) -> dict:
+    """The LoRA as a GGUF adapter plus the base GGUF it applies to, checked against the fused GGUF."""
+    from ..converters.hf_to_gguf import convert
+    from ..converters.lora_to_gguf import convert_lora
+
+    run = source.run
+    with run.step("export-gguf-lora", to_dict(c), {**inputs, "quant": "lora"}) as entry:
+        with atomic_file(paths["lora"]) as tmp:
+            entry["metrics"]["lora_tensors"] = convert_lora(source.loras, source.path, tmp)
+        with atomic_file(paths["base"]) as tmp, bar(f"convert → {paths['base'].name}") as update:
+            convert(source.path, tmp, paths["base"].name.rsplit("-", 1)[-1].split(".")[0].lower(), progress=update,
+                    name=source.path.name)
+        entry["outputs"] += [artifact(paths["lora"], run.path), artifact(paths["base"], run.path)]
+        applied = LlamaCpp(paths["base"], n_ctx=c.window, threads=c.threads, lora=paths["lora"])
+        with bar("llama.cpp base + LoRA GGUF vs fused") as update:
+            cmp = compare(fused, applied, tokens.ids, c.window, c.stride, progress=update,
+                          backends=("llama.cpp", "llama.cpp"))
+        applied.close()
+        cmp.record(entry, "base GGUF + LoRA GGUF", "fused GGUF", "fused", tokens.source)
+        check(entry, "adapter GGUF vs fused GGUF perplexity", cmp.change, LORA_MATCH,
+              f"base + LoRA GGUF perplexity {cmp.measured.ppl:.4f} differs {100 * cmp.change:+.2f}% from the "
+              f"fused GGUF {cmp.reference.ppl:.4f} (limit {100 * LORA_MATCH:.1f}%)", absolute=True)
+    return entry

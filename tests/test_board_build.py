@@ -1,0 +1,23 @@
+"""edgeft build: llama.cpp and edgeft-board cross-compiled statically for a board profile, cached."""
+
+import json
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+
+from edgeft.cli import cli
+
+from .conftest import needs_cross
+
+pytestmark = [pytest.mark.slow, needs_cross]
+
+
+def test_build_rpi5_is_static_aarch64_and_cached(edgeft_home):
+    result = CliRunner().invoke(cli, ["build", "--device", "rpi5", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output.strip().splitlines()[-1])
+    kind = subprocess.run(["file", f"{info['bin']}/edgeft-board"], capture_output=True, text=True).stdout
+    assert "ARM aarch64" in kind and "statically linked" in kind
+    again = json.loads(CliRunner().invoke(cli, ["build", "--device", "rpi5", "--json"]).output.strip())
+    assert again["cached"] and again["bin"] == info["bin"]

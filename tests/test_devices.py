@@ -1,0 +1,37 @@
+"""Board profiles: shipped YAML files plus the user's, and the RAM fit used by deploy and --quant auto."""
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from edgeft.cli import cli
+
+
+def test_devices_lists_the_shipped_profiles_and_a_user_profile(edgeft_home):
+    import edgeft.devices
+
+    user = edgeft_home / "devices"
+    user.mkdir(exist_ok=True)
+    shipped = Path(edgeft.devices.__file__).parent / "rpi5.yaml"
+    (user / "myboard.yaml").write_text(shipped.read_text().replace("name: rpi5", "name: myboard"))
+    result = CliRunner().invoke(cli, ["devices", "--json"])
+    assert result.exit_code == 0
+    found = json.loads(result.output)
+    assert {"rpi4", "rpi5", "jetson-orin-nano", "x86-64", "x86-64-native", "myboard"} <= set(found)
+    assert found["rpi5"]["memory_bandwidth_gbs"] == 17.1 and found["rpi5"]["memory_bandwidth_source"]
+    (user / "myboard.yaml").unlink()
+
+
+def test_memory_need_counts_the_kv_cache_and_fit_leaves_room_for_the_os():
+    from edgeft.devices import fits, get, kv_cache_bytes, memory_need
+
+    config = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+    kv = kv_cache_bytes(config, 2048)
+    assert kv == 2 * 30 * 3 * 64 * 2048 * 2  # K and V, layers, kv heads, head dim, context, f16
+    need = memory_need(100 * 2**20, config, 2048)
+    assert need > 100 * 2**20 + kv
+    rpi4 = get("rpi4")
+    ok, usable = fits(rpi4, need)
+    assert ok and usable < min(rpi4.ram_gb) * 2**30
+    assert not fits(rpi4, 100 * 2**30)[0]

@@ -1,0 +1,49 @@
+"""Gates: recorded in the entry, raised when failing, and never passed by a value that is not a number."""
+
+import math
+
+import pytest
+
+from edgeft.errors import EdgeftError, GateFailed
+from edgeft.gates import GGUF_GATES, check, parse_gates
+
+
+def test_a_passing_gate_is_recorded():
+    entry = {}
+    check(entry, "rise", 0.01, 0.02, "too much")
+    assert entry["gate"] == {"metric": "rise", "max": 0.02, "value": 0.01, "passed": True}
+
+
+@pytest.mark.parametrize("value,absolute", [(0.03, False), (-0.03, True)])
+def test_a_failing_gate_raises_with_its_message(value, absolute):
+    entry = {}
+    with pytest.raises(GateFailed, match="too much"):
+        check(entry, "rise", value, 0.02, "too much", absolute=absolute)
+    assert entry["gate"]["passed"] is False and entry["gate"]["value"] == 0.03
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_value_that_is_not_a_number_fails_the_gate(value):
+    """"NaN > limit" is False: a comparison alone would pass a broken model."""
+    entry = {}
+    with pytest.raises(GateFailed, match="not a number"):
+        check(entry, "rise", value, 0.02, "broken", absolute=True)
+    assert entry["gate"]["passed"] is False and entry["gate"]["value"] is None
+
+
+def test_an_extra_condition_can_fail_a_gate_within_its_limit():
+    entry = {}
+    with pytest.raises(GateFailed, match="answer"):
+        check(entry, "board vs host", 0.001, 0.02, "bad answer", also=False)
+    assert entry["gate"]["passed"] is False
+
+
+def test_gate_specs():
+    made = ["q8_0", "q4_k_m", "q2_k"]
+    assert parse_gates("", GGUF_GATES, made, 0.15) == {"q8_0": 0.02, "q4_k_m": 0.15, "q2_k": 0.15}
+    assert parse_gates("0.5", GGUF_GATES, made) == {q: 0.5 for q in made}
+    assert parse_gates("q8_0=0.01", GGUF_GATES, made, 0.15)["q8_0"] == 0.01
+    with pytest.raises(EdgeftError, match="'q6_k' is not among"):
+        parse_gates("q6_k=0.1", GGUF_GATES, made)
+    with pytest.raises(EdgeftError, match="'x' is not a number"):
+        parse_gates("q8_0=x", GGUF_GATES, made)

@@ -1,0 +1,57 @@
+"""The user's own OpenSSH against a real sshd on 127.0.0.1: host keys enforced, unreachable boards fail fast,
+copies verified by sha256, resumed from a partial file, sent again when corrupted, paths quoted."""
+
+import hashlib
+import time
+
+import pytest
+
+from edgeft.errors import EdgeftError
+from edgeft.ssh import SSHOptions
+
+
+def _remote(board, host="board"):
+    return SSHOptions(host=host, ssh_config=board.config, connect_timeout=3).remote()
+
+
+def test_commands_run_on_the_board_and_failures_are_one_line(board):
+    remote = _remote(board)
+    assert remote.run("echo hello").strip() == "hello"
+    with pytest.raises(EdgeftError, match=r"failed \(exit 3\)"):
+        remote.run("exit 3")
+
+
+def test_unknown_host_key_and_unreachable_board_are_refused(board):
+    with pytest.raises(EdgeftError, match="host key verification failed"):
+        _remote(board, "stranger").run("true")
+    start = time.perf_counter()
+    with pytest.raises(EdgeftError, match="unreachable"):
+        _remote(board, "nowhere").run("true")
+    assert time.perf_counter() - start < 20
+
+
+def test_copy_is_verified_resumed_and_resent(board, tmp_path):
+    remote = _remote(board)
+    local = tmp_path / "model.bin"
+    data = bytes(range(256)) * 4096 + b"tail"
+    local.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    dest = tmp_path / "on board; with 'quotes'" / "model.bin"  # spaces, ; and quotes reach the shell quoted
+
+    first = remote.send(local, str(dest), digest)
+    assert first == {"resumed_from": 0, "sent": len(data), "attempts": 1} and dest.read_bytes() == data
+    assert remote.sha256([str(dest), str(dest) + ".missing"]) == {str(dest): digest}
+
+    dest.unlink()  # killed half-way: the .part file holds a prefix
+    (dest.parent / "model.bin.part").write_bytes(data[: len(data) // 2])
+    resumed = remote.send(local, str(dest), digest)
+    assert resumed["resumed_from"] == len(data) // 2 and resumed["sent"] == len(data) - len(data) // 2
+    assert dest.read_bytes() == data
+
+    bad = bytearray(data[: len(data) // 2])
+    bad[10] ^= 0xFF  # a corrupt prefix: detected by the hash, the file is sent again from the start
+    dest.unlink()
+    (dest.parent / "model.bin.part").write_bytes(bytes(bad))
+    again = remote.send(local, str(dest), digest)
+    assert again["attempts"] == 2 and dest.read_bytes() == data
+    assert not (dest.parent / "model.bin.part").exists()

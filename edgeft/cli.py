@@ -68,11 +68,18 @@ def eval_cmd(config_file, as_json, **flags):
     config = load_config(EvalConfig, config_file, flags)
     result = evaluate(config)
     p = result.perplexity
+    task = result.entry.get("task")
     if as_json:
-        click.echo(json.dumps({"run": str(result.run), "model": str(result.model), **p.to_json()}))
-    else:
-        out.print(f"perplexity {p.ppl:.4f}  ({p.tokens} tokens, {p.windows} windows of {p.window}, "
-                  f"{p.seconds:.1f} s)  model {config.model}  run {result.run}")
+        click.echo(json.dumps({"run": str(result.run), "model": str(result.model), **p.to_json(), "task": task}))
+        return
+    out.print(f"perplexity {p.ppl:.4f}  ({p.tokens} tokens, {p.windows} windows of {p.window}, "
+              f"{p.seconds:.1f} s)  model {config.model}  run {result.run}")
+    if task:
+        em = "" if task["exact_match"] is None else f", exact answers {100 * task['exact_match']:.0f}% " \
+                                                     f"(n={task['answered']})"
+        fields = "" if task["field_accuracy"] is None else f", fields {100 * task['field_accuracy']:.0f}%"
+        out.print(f"task {task['source']}: perplexity {task['ppl']:.4f} on {task['tokens']} answer tokens of "
+                  f"{task['items']} examples{em}{fields}")
 
 
 # -------------------------------------------------------------------------------------------------- train
@@ -195,18 +202,28 @@ def _fmt_bytes(n):
 
 
 def ledger_table(manifest: dict, title: str) -> Table:
+    rows = ledger_rows(manifest)
+    with_task = any(r["task_ppl"] is not None or r["exact_match"] is not None for r in rows)
     table = Table(title=title)
-    for col, justify in [("step", "left"), ("model", "left"), ("status", "left"), ("perplexity", "right"),
-                         ("Δ", "right"), ("tokens", "right"), ("size", "right"), ("wall", "right"),
-                         ("peak RSS", "right"), ("note", "left")]:
+    columns = [("step", "left"), ("model", "left"), ("status", "left"), ("perplexity", "right"), ("Δ", "right"),
+               ("tokens", "right")]
+    if with_task:
+        columns += [("task ppl", "right"), ("task Δ", "right"), ("exact", "right")]
+    columns += [("size", "right"), ("wall", "right"), ("peak RSS", "right"), ("note", "left")]
+    for col, justify in columns:
         table.add_column(col, justify=justify)
-    for r in ledger_rows(manifest):
+    for r in rows:
         status = {"ok": "[green]ok[/]", "ref": "[dim]ref[/]"}.get(r["status"], f"[red]{r['status']}[/]")
-        table.add_row(r["step"], r["model"], status, "" if r["ppl"] is None else f"{r['ppl']:.4f}",
-                      "" if r["delta_pct"] is None else f"{r['delta_pct']:+.2f}%",
-                      "" if r["tokens"] is None else str(r["tokens"]), _fmt_bytes(r["bytes"]),
-                      "" if r["wall_s"] is None else f"{r['wall_s']:.1f} s",
-                      "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f} MB", r["reason"][:80])
+        cells = [r["step"], r["model"], status, "" if r["ppl"] is None else f"{r['ppl']:.4f}",
+                 "" if r["delta_pct"] is None else f"{r['delta_pct']:+.2f}%",
+                 "" if r["tokens"] is None else str(r["tokens"])]
+        if with_task:
+            cells += ["" if r["task_ppl"] is None else f"{r['task_ppl']:.4f}",
+                      "" if r["task_delta_pct"] is None else f"{r['task_delta_pct']:+.2f}%",
+                      "" if r["exact_match"] is None else f"{100 * r['exact_match']:.0f}%"]
+        cells += [_fmt_bytes(r["bytes"]), "" if r["wall_s"] is None else f"{r['wall_s']:.1f} s",
+                  "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f} MB", r["reason"][:80]]
+        table.add_row(*cells)
     return table
 
 

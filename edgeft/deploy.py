@@ -75,14 +75,29 @@ def pick_gguf(run: Run, quant: str) -> tuple[Path, dict]:
     return path, entry
 
 
+TASK_PIECES = "task_pieces.txt"  # the task set's pieces for `edgeft-board score`
+TASK_PROMPTS = "task_prompts.txt"  # its prompts for `edgeft-board answers`
+
+
 def bundle(run: Run, gguf: Path, build_bin: Path, tokenizer) -> list[tuple[Path, str]]:
-    """(local file, name on the board) pairs; the id files are written into a temp folder."""
+    """(local file, name on the board) pairs; the id files are written into a temp folder. The run's task
+    set travels as two plain text files the board program reads (one piece / one prompt per line)."""
+    from .task import answer_budget, read_task_set
+
     tokens = EvalTokens.from_json(json.loads((run.path / TOKENS_FILE).read_text()))
     tmp = Path(tempfile.mkdtemp(prefix="edgeft-deploy-"))
     (tmp / "eval_ids.txt").write_text(" ".join(map(str, tokens.ids)) + "\n")
     (tmp / "prompt_ids.txt").write_text(" ".join(map(str, prompt_ids(tokenizer))) + "\n")
-    return [(gguf, gguf.name), (build_bin / "edgeft-board", "edgeft-board"), (tmp / "eval_ids.txt", "eval_ids.txt"),
-            (tmp / "prompt_ids.txt", "prompt_ids.txt")]
+    files = [(gguf, gguf.name), (build_bin / "edgeft-board", "edgeft-board"), (tmp / "eval_ids.txt", "eval_ids.txt"),
+             (tmp / "prompt_ids.txt", "prompt_ids.txt")]
+    task = read_task_set(run.path, tokenizer)
+    if task:
+        (tmp / TASK_PIECES).write_text("".join(f"{' '.join(map(str, i.ids))} | {' '.join(map(str, i.targets))}\n"
+                                               for i in task.items))
+        (tmp / TASK_PROMPTS).write_text("".join(f"{answer_budget(tokenizer, i.expected)} | "
+                                                f"{' '.join(map(str, i.prompt))}\n" for i in task.items if i.prompt))
+        files += [(tmp / TASK_PIECES, TASK_PIECES), (tmp / TASK_PROMPTS, TASK_PROMPTS)]
+    return files
 
 
 def preflight(remote, profile, gguf: Path, run: Run, model_config: dict, context: int, send_bytes: int, dest: str,

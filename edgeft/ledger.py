@@ -177,24 +177,26 @@ def _now() -> str:
 def ledger_rows(manifest: dict) -> list[dict]:
     """One row per measured model, in the order a person reads the chain. A step that compares against a
     reference (train: the base without the adapter) gets the reference's row first; Δ is against the
-    step's reference, else against the run's first perplexity."""
+    step's reference, else against the run's first perplexity. Task columns (the fine-tune's held-out
+    answers: their perplexity and the exact-answer rate) come from the entry's `task`, when the run has one."""
     rows = []
     first_ppl = None
     for entry in manifest.get("steps", []):
         ref = entry.get("reference")
+        task = entry.get("task") or {}
         # A reference already on the ledger (the F16 GGUF that every quant compares with) is not repeated.
         if ref and ref.get("ppl") is not None and not any(r["ppl"] == ref["ppl"] for r in rows):
-            rows.append(_row(entry, ref, status="ref", delta_to=None))
+            rows.append(_row(entry, ref, task.get("reference") or {}, status="ref", delta_to=None))
             first_ppl = first_ppl or ref["ppl"]
         ppl = (entry.get("perplexity") or {}).get("ppl")
-        rows.append(_row(entry, entry.get("perplexity") or {}, status=entry["status"],
+        rows.append(_row(entry, entry.get("perplexity") or {}, task, status=entry["status"],
                          delta_to=(ref or {}).get("ppl", first_ppl)))
         if first_ppl is None and ppl is not None:
             first_ppl = ppl
     return rows
 
 
-def _row(entry: dict, measured: dict, status: str, delta_to: float | None) -> dict:
+def _row(entry: dict, measured: dict, task: dict, status: str, delta_to: float | None) -> dict:
     ppl = measured.get("ppl")
     own = status != "ref"  # sizes, times and notes belong to the step's own row
     return {
@@ -204,8 +206,12 @@ def _row(entry: dict, measured: dict, status: str, delta_to: float | None) -> di
         "ppl": ppl,
         "delta_pct": None if ppl is None or not delta_to else round(100 * (ppl / delta_to - 1), 2),
         "tokens": measured.get("tokens"),
+        "task_ppl": task.get("ppl"),
+        "task_delta_pct": None if task.get("ppl_change") is None or not own else round(100 * task["ppl_change"], 2),
+        "exact_match": task.get("exact_match"),
+        "task_items": task.get("items") if own else None,
         "bytes": (sum(o.get("bytes", 0) for o in entry.get("outputs", [])) or None) if own else None,
         "wall_s": entry.get("wall_s") if own else None,
         "peak_rss_mb": entry.get("peak_rss_mb") if own else None,
-        "reason": (entry.get("reason") or entry.get("note") or "") if own else "",
+        "reason": (entry.get("reason") or entry.get("note") or task.get("note") or "") if own else "",
     }

@@ -19,7 +19,8 @@ from .errors import EdgeftError
 QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
                "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
                "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
-               "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M"}
+               "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+               "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K"}
 
 
 def _threads(threads: int | None) -> int:

@@ -26,12 +26,13 @@ from .adapter import Adapter, base_weights, check_adapter_fits, find_adapter
 from .atomic import atomic_dir, write_json
 from .config import to_dict
 from .errors import EdgeftError
-from .gates import check
+from .gates import Gate, check
 from .heldout import TOKENS_FILE, HeldOutOptions
 from .ledger import Run, artifact, default_run_dir, read_peak_rss_mb
 from .models import copy_tokenizer, load_model, load_tokenizer, resolve_model
 from .progress import bar
 from .scoring import Comparison, measure
+from .task import score_torch, store_task_set, task_set_for_run
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -193,24 +194,12 @@ def _unmerged_model(base_path: Path, adapter: Adapter, into: str):
     return PeftModel.from_pretrained(model, adapter.path).eval()
 
 
-def _task_split(adapter: Adapter, tokenizer) -> list:
-    """The held-out split the adapter's training used, rebuilt from the run's training record."""
-    from .train import data_path, read_train_config, split_examples
-
-    trained = read_train_config(adapter.run) if adapter.run else None
-    if trained is None or not (trained.eval_data or data_path(trained).is_file()):
-        return []
-    trained.strict = False
-    return split_examples(trained, tokenizer)[1]
-
-
 def _score(model, tokenizer, tokens, task, c: MergeConfig, label: str) -> dict:
-    from .task import eval_loss, exact_match
-
     ppl = measure(model, tokens.ids, c.window, c.stride, label)
-    loss = eval_loss(model, task, tokenizer.pad_token_id) if task else None
-    em = exact_match(model, tokenizer, task, c.eval_generate) if task and c.eval_generate else None
-    return {"ppl": ppl, "eval_loss": loss, "exact_match": em.rate if em else None, "exact_match_n": em.n if em else 0}
+    scored = score_torch(model, task, tokenizer, label, c.eval_generate) if task else None
+    return {"ppl": ppl, "task": scored, "eval_loss": scored.loss if scored else None,
+            "exact_match": scored.exact_match if scored else None,
+            "exact_match_n": scored.answered if scored else 0}
 
 
 def merge(config: MergeConfig) -> MergeResult:
@@ -244,12 +233,15 @@ def merge(config: MergeConfig) -> MergeResult:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokens = c.heldout_tokens(tokenizer, run.path)
-    task = _task_split(adapter, tokenizer)
+    task = task_set_for_run(adapter.run, tokenizer) if adapter.run else None
+    if task and adapter.run != run.path:
+        store_task_set(run.path, task)
 
     entries: list[dict] = []
     scored: dict[str, dict] = {}
     inputs = {"adapter": str(adapter.path), "base": base_name, "base_path": str(base_path),
-              "trained_quant": adapter.trained_quant, "eval_tokens": TOKENS_FILE, "task_rows": len(task)}
+              "trained_quant": adapter.trained_quant, "eval_tokens": TOKENS_FILE,
+              "task_rows": len(task.items) if task else 0}
     for into in candidates:
         folder = out if len(candidates) == 1 else out.with_name(f"{out.name}-{into}")
         with run.step("merge", to_dict(c), {**inputs, "into": into}) as entry:
@@ -265,6 +257,9 @@ def merge(config: MergeConfig) -> MergeResult:
             drift = Comparison(measured=got["ppl"], reference=ref["ppl"])
             drift.record(entry, f"merged ({into}, {c.dtype})", f"{base_name}+adapter ({into})", "unmerged",
                          tokens.source)
+            if task:
+                got["task"].record(entry, f"merged ({into}, {c.dtype})", task.source,
+                                   ref["task"].entry(f"{base_name}+adapter ({into})", task.source), "unmerged")
             entry["metrics"].update({
                 "into": into, "dtype": c.dtype, "drift_vs_unmerged": round(drift.change, 6),
                 "eval_loss": got["eval_loss"], "eval_loss_unmerged": ref["eval_loss"],
@@ -274,10 +269,10 @@ def merge(config: MergeConfig) -> MergeResult:
             entry["outputs"].append(artifact(folder, run.path))
             scored[into] = {"entry": entry, "folder": folder, **got}
             entries.append(entry)
-            check(entry, "perplexity drift merged vs unmerged", drift.change, c.max_drift,
-                  f"merged ({into}, {c.dtype}) perplexity {got['ppl'].ppl:.4f} differs {100 * drift.change:+.2f}% "
-                  f"from unmerged {ref['ppl'].ppl:.4f}, more than --max-drift {100 * c.max_drift:.1f}%",
-                  absolute=True)
+            check(entry, Gate("perplexity drift merged vs unmerged", drift.change, c.max_drift,
+                              f"merged ({into}, {c.dtype}) perplexity {got['ppl'].ppl:.4f} differs "
+                              f"{100 * drift.change:+.2f}% from unmerged {ref['ppl'].ppl:.4f}, more than --max-drift "
+                              f"{100 * c.max_drift:.1f}%", absolute=True))
 
     chosen, reason = _choose(scored, quantized)
     if len(candidates) > 1:
@@ -290,6 +285,8 @@ def merge(config: MergeConfig) -> MergeResult:
         with run.step("merge-choice", to_dict(c), inputs) as decision:
             decision["outputs"].append(artifact(final, run.path))
             decision["perplexity"] = scored[chosen]["entry"]["perplexity"]
+            if "task" in scored[chosen]["entry"]:
+                decision["task"] = scored[chosen]["entry"]["task"]
             decision["metrics"].update({
                 "chosen": chosen, "reason": reason,
                 "candidates": {k: {"ppl": v["ppl"].ppl, "eval_loss": v["eval_loss"],

@@ -7,10 +7,13 @@ perplexity tool and the usual HF recipe do: the first token of each chunk has no
 (8192 ids in windows of 512 score 16 x 511 tokens). With stride < window every token but the very first is
 scored. No BOS is inserted: the backends see exactly the stored ids.
 
-A backend supplies `logits_fn(window_ids) -> [len(window_ids), vocab]` float logits; `score` does the rest,
-so torch, llama.cpp and onnxruntime differ only in the logits they produce. `compare` scores two backends
-window by window on the same ids and adds KL divergence and top-1 agreement; `Comparison` is how every
-step records "this model vs its reference" in the ledger.
+The task (the fine-tune's held-out answers, see task.py) is scored the same way: each held-out example is
+one piece, and only its answer tokens are scored, with the prompt as context.
+
+A backend supplies `logits_fn(piece_ids) -> [len(piece_ids), vocab]` float logits; `score_pieces` does the
+rest, so torch, llama.cpp, onnxruntime and the board differ only in the logits they produce. `compare_pieces`
+scores two backends piece by piece on the same ids and adds KL divergence and top-1 agreement; `Comparison`
+is how every step records "this model vs its reference" in the ledger.
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ class Window:
     score_from: int  # absolute index of the first token scored in this window (> begin)
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Ids a backend sees at once (from an empty cache), and the positions in them that are scored: the
+    token at position t is predicted by the logits at t - 1."""
+
+    ids: list[int]
+    targets: tuple[int, ...]
+
+
 def windows(n_tokens: int, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE) -> list[Window]:
     if window < 2 or stride < 1 or stride > window:
         raise ValueError(f"need window >= 2 and 1 <= stride <= window (got window={window}, stride={stride})")
@@ -46,6 +58,12 @@ def windows(n_tokens: int, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_S
             scored_until = end
         begin += stride
     return out
+
+
+def text_pieces(ids: Sequence[int], window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE) -> list[Piece]:
+    ids = list(ids)
+    return [Piece(ids[w.begin:w.end], tuple(range(w.score_from - w.begin, w.end - w.begin)))
+            for w in windows(len(ids), window, stride)]
 
 
 @dataclass
@@ -107,25 +125,36 @@ def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return logits[np.arange(len(targets)), targets] - logz
 
 
-def score(ids: Sequence[int], logits_fn: Callable[[list[int]], np.ndarray], *, window: int = DEFAULT_WINDOW,
-          stride: int = DEFAULT_STRIDE, backend: str = "torch", progress: Callable[[int, int], None] | None = None
-          ) -> PerplexityResult:
-    ids = list(ids)
-    plan = windows(len(ids), window, stride)
+def _rows_and_targets(piece: Piece, logits) -> tuple[np.ndarray, np.ndarray]:
+    at = np.asarray(piece.targets, dtype=np.int64)
+    return np.asarray(logits)[at - 1], np.asarray(piece.ids)[at]
+
+
+def score_pieces(pieces: list[Piece], logits_fn: Callable[[list[int]], np.ndarray], *, backend: str = "torch",
+                 window: int = 0, stride: int = 0, progress: Callable[[int, int], None] | None = None
+                 ) -> PerplexityResult:
+    """Perplexity over every piece's scored positions. `window`/`stride` only describe the plan (0 for
+    task pieces, one per held-out example)."""
     start = time.perf_counter()
     nll = 0.0
     count = 0
-    for i, w in enumerate(plan):
-        logits = np.asarray(logits_fn(ids[w.begin:w.end]))
-        # logits at position p predict token p+1: rows [score_from-1-begin, end-1-begin) score [score_from, end)
-        rows = logits[w.score_from - 1 - w.begin: w.end - 1 - w.begin]
-        targets = np.asarray(ids[w.score_from:w.end])
+    for i, piece in enumerate(pieces):
+        rows, targets = _rows_and_targets(piece, logits_fn(piece.ids))
         nll -= float(token_logprobs(rows, targets).sum())
         count += len(targets)
         if progress:
-            progress(i + 1, len(plan))
-    return PerplexityResult(ppl=math.exp(nll / count), nll_sum=nll, tokens=count, windows=len(plan), window=window,
-                            stride=stride, seconds=round(time.perf_counter() - start, 3), backend=backend)
+            progress(i + 1, len(pieces))
+    return PerplexityResult(ppl=math.exp(nll / count), nll_sum=nll, tokens=count, windows=len(pieces),
+                            window=window or max((len(p.ids) for p in pieces), default=0), stride=stride,
+                            seconds=round(time.perf_counter() - start, 3), backend=backend)
+
+
+def score(ids: Sequence[int], logits_fn: Callable[[list[int]], np.ndarray], *, window: int = DEFAULT_WINDOW,
+          stride: int = DEFAULT_STRIDE, backend: str = "torch", progress: Callable[[int, int], None] | None = None
+          ) -> PerplexityResult:
+    """Perplexity of held-out text ids in the window plan above."""
+    return score_pieces(text_pieces(ids, window, stride), logits_fn, backend=backend, window=window, stride=stride,
+                        progress=progress)
 
 
 def torch_logits_fn(model) -> Callable[[list[int]], np.ndarray]:
@@ -148,39 +177,42 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - (np.log(np.exp(x - peak).sum(-1, keepdims=True)) + peak)
 
 
-def compare(reference, other, ids: Sequence[int], window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE,
-            progress: Callable[[int, int], None] | None = None, backends: tuple[str, str] = ("", "")
-            ) -> Comparison:
-    """Perplexity of two models on the same windows, mean KL(reference || other) and top-1 agreement.
-    Each model is anything with `.logits(window_ids)`. Window by window: at most one window of logits per
-    model is held, never all of them."""
-    ids = list(ids)
-    plan = windows(len(ids), window, stride)
+def compare_pieces(reference, other, pieces: list[Piece], progress: Callable[[int, int], None] | None = None,
+                   backends: tuple[str, str] = ("", ""), window: int = 0, stride: int = 0) -> Comparison:
+    """Perplexity of two models on the same pieces, mean KL(reference || other) and top-1 agreement.
+    Each model is anything with `.logits(piece_ids)`. Piece by piece: at most one piece of logits per model
+    is held, never all of them."""
     start = time.perf_counter()
     nll_ref = nll = kl = 0.0
     top1 = count = 0
-    for i, w in enumerate(plan):
-        rows = slice(w.score_from - 1 - w.begin, w.end - 1 - w.begin)
-        targets = np.asarray(ids[w.score_from:w.end])
+    for i, piece in enumerate(pieces):
+        ref, targets = _rows_and_targets(piece, reference.logits(piece.ids))
+        got, _ = _rows_and_targets(piece, other.logits(piece.ids))
+        ref_lp, got_lp = _log_softmax(ref.astype(np.float64)), _log_softmax(got.astype(np.float64))
         at = np.arange(len(targets))
-        ref = np.asarray(reference.logits(ids[w.begin:w.end]))[rows].astype(np.float64)
-        got = np.asarray(other.logits(ids[w.begin:w.end]))[rows].astype(np.float64)
-        ref_lp, got_lp = _log_softmax(ref), _log_softmax(got)
         nll_ref -= float(ref_lp[at, targets].sum())
         nll -= float(got_lp[at, targets].sum())
         kl += float((np.exp(ref_lp) * (ref_lp - got_lp)).sum())
         top1 += int((got.argmax(-1) == ref.argmax(-1)).sum())
         count += len(targets)
         if progress:
-            progress(i + 1, len(plan))
+            progress(i + 1, len(pieces))
     seconds = round(time.perf_counter() - start, 3)
+    window = window or max((len(p.ids) for p in pieces), default=0)
 
     def result(total: float, backend: str) -> PerplexityResult:
-        return PerplexityResult(ppl=math.exp(total / count), nll_sum=total, tokens=count, windows=len(plan),
+        return PerplexityResult(ppl=math.exp(total / count), nll_sum=total, tokens=count, windows=len(pieces),
                                 window=window, stride=stride, seconds=seconds, backend=backend)
 
     return Comparison(measured=result(nll, backends[1]), reference=result(nll_ref, backends[0]),
                       kl_mean=kl / count, top1_agreement=top1 / count)
+
+
+def compare(reference, other, ids: Sequence[int], window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE,
+            progress: Callable[[int, int], None] | None = None, backends: tuple[str, str] = ("", "")
+            ) -> Comparison:
+    """`compare_pieces` on held-out text ids in the window plan above."""
+    return compare_pieces(reference, other, text_pieces(ids, window, stride), progress, backends, window, stride)
 
 
 def measure(model, ids: Sequence[int], window: int, stride: int, label: str) -> PerplexityResult:

@@ -22,15 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import to_dict
-from .deploy import bundle, pick_gguf
+from .deploy import TASK_PIECES, TASK_PROMPTS, bundle, pick_gguf
 from .errors import EdgeftError
-from .gates import BOARD_MATCH, check
+from .gates import BOARD_MATCH, Gate, check
 from .heldout import TOKENS_FILE, EvalTokens
 from .ledger import Run
 from .progress import console
 from .prompt import answer_ok, prompt_ids, prompt_text
 from .scoring import Comparison, PerplexityResult, score
 from .ssh import SSHOptions
+from .task import TaskScore, changes, judge_answers, read_task_set, score_task
 
 SIGILL = 132
 
@@ -43,6 +44,8 @@ class SmokeConfig(SSHOptions):
     emulate: bool = field(default=False, metadata={"help": "run the aarch64 build under qemu-user (here or on --host)"})
     quant: str = field(default="", metadata={"help": "which GGUF (default: as deploy picks)"})
     max_tokens: int = field(default=0, metadata={"help": "score the first N ids (0: all; 129 when emulating)"})
+    task_items: int = field(default=0, metadata={
+        "help": "task examples scored and answered on the target (0: all; 3 when emulating)"})
     threads: int = field(default=0, metadata={"help": "threads on the target (0: the profile's)"})
 
 
@@ -83,6 +86,38 @@ def _runner(c: SmokeConfig, profile, workdir: str):
                               f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
         return proc.stdout
     return run_local
+
+
+def _task_on_target(entry: dict, task, c: SmokeConfig, target, q: str, threads: int, host_model, tokenizer,
+                    slow: int, label: str, run: Run) -> None:
+    """The task's perplexity and exact answers on the target, against the host's llama.cpp on the same GGUF
+    and the same examples (a subset when emulating: qemu runs llama.cpp 20-50x slower)."""
+    n = min(c.task_items or (3 if c.emulate else len(task.items)), len(task.items))
+    pieces, prompts_file = TASK_PIECES, TASK_PROMPTS
+    if n < len(task.items):  # the first n lines, cut on the target with POSIX tools
+        target(f"head -n {n} {TASK_PIECES} > n{n}-{TASK_PIECES} && head -n {n} {TASK_PROMPTS} > n{n}-{TASK_PROMPTS}",
+               timeout=60, board=False)
+        pieces, prompts_file = f"n{n}-{TASK_PIECES}", f"n{n}-{TASK_PROMPTS}"
+    tokens = sum(len(i.ids) for i in task.items[:n])
+    with console.status(f"smoke: the task's perplexity and answers on {n} examples"):
+        scored = json.loads(target(f"./edgeft-board score {q} {pieces} {threads}", timeout=(60 + tokens / 10) * slow))
+        answered = json.loads(target(f"./edgeft-board answers {q} {prompts_file} {threads}",
+                                     timeout=(60 + n * 10) * slow))
+    rate, fields, count, samples = judge_answers(task, answered["answers"], tokenizer)
+    on_board = TaskScore(ppl=PerplexityResult(ppl=scored["ppl"], nll_sum=scored["nll_sum"], tokens=scored["tokens"],
+                                              windows=scored["pieces"], window=0, stride=0,
+                                              seconds=scored["seconds"], backend="llama.cpp (target)"),
+                         exact_match=rate, field_accuracy=fields, answered=count, samples=samples, items=n,
+                         of=len(task.items))
+    on_host = score_task(task, host_model.logits, lambda p, m: host_model.generate(p, m)[0], tokenizer,
+                         "llama.cpp (host)", answer_limit=n, limit=n)
+    out = on_board.record(entry, label, task.source, on_host.entry("host", task.source), "host")
+    merged = next((e.get("task") for e in reversed(run.steps()) if e["step"] in ("merge-choice", "merge")
+                   and e["status"] == "ok" and e.get("task")), None)
+    if merged and n == len(task.items):
+        out["vs_merged"] = changes(out, merged)
+    elif n < len(task.items):
+        out["note"] = f"{n} of {len(task.items)} task examples (emulated: qemu is slow); compared with the host on the same {n}"
 
 
 def smoke(config: SmokeConfig) -> SmokeResult:
@@ -147,9 +182,13 @@ def smoke(config: SmokeConfig) -> SmokeResult:
                 sub = f"eval_ids_{limit}.txt"
             board = json.loads(target(f"./edgeft-board perplexity {q} {sub} {window} {stride} {threads}",
                                       timeout=120 * slow + len(ids) * slow / 10))
-        host_model = LlamaCpp(gguf, n_ctx=max(window, 128))
+        task = read_task_set(run.path, tokenizer)
+        host_model = LlamaCpp(gguf, n_ctx=max(window, 128, task.longest if task else 0))
         host = score(ids, host_model.logits, window=window, stride=stride, backend="llama.cpp (host)")
         host_ids, _ = host_model.generate(prompt_ids(tokenizer), 32)
+        if task:
+            _task_on_target(entry, task, c, target, q, threads, host_model, tokenizer, slow,
+                            f"{gguf.name} on {profile.name}" + (" (emulated)" if c.emulate else ""), run)
         host_model.close()
         same = next((i for i, (a, b) in enumerate(zip(gen["ids"], host_ids)) if a != b), min(len(gen["ids"]), len(host_ids)))
         on_board = PerplexityResult(ppl=board["ppl"], nll_sum=math.log(board["ppl"]) * board["tokens"],
@@ -174,5 +213,5 @@ def smoke(config: SmokeConfig) -> SmokeResult:
                    f"the same {board['tokens']} tokens (limit {100 * BOARD_MATCH:.0f}%)")
         if not gen_ok and abs(diff) <= BOARD_MATCH:
             failure = f"the board's answer failed its checks (empty or replacement characters): {answer[:80]!r}"
-        check(entry, "board vs host perplexity", diff, BOARD_MATCH, failure, also=gen_ok, absolute=True)
+        check(entry, Gate("board vs host perplexity", diff, BOARD_MATCH, failure, absolute=True, also=gen_ok))
     return SmokeResult(run=run.path, entry=entry)

@@ -28,7 +28,7 @@ from .atomic import atomic_dir, atomic_file, write_json
 from .config import to_dict
 from .dataset import Example, load_examples, split
 from .errors import EdgeftError
-from .gates import check
+from .gates import Gate, check
 from .heldout import TOKENS_FILE, HeldOutOptions
 from .ledger import Run, artifact, default_run_dir
 from .models import DEFAULT_BASE, fingerprint, load_model, load_tokenizer, resolve_model
@@ -309,7 +309,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
     from accelerate import Accelerator
 
     from .batches import SummedLoss, collate, pack
-    from .task import eval_loss, exact_match
+    from .task import build_task_set, score_torch, store_task_set
 
     c = config
     _validate(c)
@@ -326,8 +326,12 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
     if c.threads:
         torch.set_num_threads(c.threads)
     rows_per_step = c.batch_size * world * c.grad_accum
+    task = build_task_set(tokenizer, eval_set, c.eval_data or f"held-out split of {c.data} "
+                                                        f"({c.eval_split:.0%}, seed {c.seed})")
     if main:
         tokens = c.heldout_tokens(tokenizer, run.path)
+        if task:
+            store_task_set(run.path, task)
         console.print(f"train: {len(train_set)} rows ({truncated} truncated to {c.max_seq_len} tokens), "
                       f"{len(eval_set)} held out; {hw['device']}"
                       f"{f' x {world} processes' if world > 1 else ''}, quant {hw['quant']}, compute "
@@ -455,29 +459,29 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
 
         # After training only (see the module docstring): the adapter's effect, then the base without it.
         model.eval()
-        pad = tokenizer.pad_token_id
         label = f"{c.base}+adapter"
         after_ppl = measure(model, tokens.ids, c.window, c.stride, label)
-        after_loss = eval_loss(model, eval_set, pad, c.batch_size)
-        after_em = exact_match(model, tokenizer, eval_set, c.eval_generate) if c.eval_generate else None
+        after = score_torch(model, task, tokenizer, label, c.eval_generate) if task else None
         with model.disable_adapter():
             base_label = c.base if hw["quant"] == "none" else f"{c.base} ({hw['quant']})"
             before_ppl = measure(model, tokens.ids, c.window, c.stride, base_label)
-            before_loss = eval_loss(model, eval_set, pad, c.batch_size)
-            before_em = exact_match(model, tokenizer, eval_set, c.eval_generate) if c.eval_generate else None
+            before = score_torch(model, task, tokenizer, base_label, c.eval_generate) if task else None
 
         forgetting = Comparison(measured=after_ppl, reference=before_ppl)
         forgetting.record(entry, label, base_label, "base", tokens.source)
+        if task:
+            after.record(entry, label, task.source, before.entry(base_label, task.source), "base")
         tokens_per_s = round(seen_tokens / train_seconds, 1) if train_seconds else None
         entry["metrics"].update({
             "target_modules": targets, "trainable_params": trainable, "total_params": total,
             "trainable_pct": round(100 * trainable / total, 3), "steps": steps,
             "train_loss_first": curve[0] if curve else None, "train_loss_last": curve[-1] if curve else None,
-            "loss_curve": curve, "eval_loss_before": before_loss, "eval_loss_after": after_loss,
-            "exact_match_before": before_em.rate if before_em else None,
-            "exact_match_after": after_em.rate if after_em else None,
-            "exact_match_n": after_em.n if after_em else 0,
-            "exact_match_samples": after_em.samples if after_em else [],
+            "loss_curve": curve, "eval_loss_before": before.loss if task else None,
+            "eval_loss_after": after.loss if task else None,
+            "exact_match_before": before.exact_match if task else None,
+            "exact_match_after": after.exact_match if task else None,
+            "exact_match_n": after.answered if task else 0,
+            "exact_match_samples": after.samples if task else [],
             "world_size": world, "rows_per_step": rows_per_step,
             "train_tokens": seen_tokens, "train_seconds": round(train_seconds, 2),
             "tokens_per_s": tokens_per_s,
@@ -485,7 +489,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
             "peak_gpu_mb_training": peak_gpu,  # main process, before the evaluation; peak_gpu_mb: whole step
         })
         rise = forgetting.change
-        check(entry, "held-out perplexity rise", rise, c.max_ppl_rise,
-              f"held-out perplexity rose {100 * rise:.1f}% ({before_ppl.ppl:.4f} -> {after_ppl.ppl:.4f}), more "
-              f"than --max-ppl-rise {100 * c.max_ppl_rise:.0f}%; the adapter is kept in {adapter_dir}")
+        check(entry, Gate("held-out perplexity rise", rise, c.max_ppl_rise,
+                          f"held-out perplexity rose {100 * rise:.1f}% ({before_ppl.ppl:.4f} -> {after_ppl.ppl:.4f}), "
+                          f"more than --max-ppl-rise {100 * c.max_ppl_rise:.0f}%; the adapter is kept in {adapter_dir}"))
     return TrainResult(run=run.path, adapter=adapter_dir, entry=entry)

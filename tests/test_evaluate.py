@@ -101,3 +101,34 @@ def test_default_tokenizer_matches_llama_cpp_on_the_source_gguf(default_model):
     reference = Llama(model_path=str(embedded_gguf("smollm2-135m")), vocab_only=True, verbose=False)
     ids = AutoTokenizer.from_pretrained(default_model)(text, add_special_tokens=False)["input_ids"]
     assert ids == reference.tokenize(text.encode(), add_bos=False, special=False)
+
+
+def test_eval_data_scores_a_model_folder_and_its_gguf_alike(tiny_llama, tmp_path):
+    """`edgeft eval --data` gives a user the task metrics of any model folder or GGUF on their own file, with
+    one definition: the GGUF (F32, llama.cpp) and the folder (torch) agree."""
+    from edgeft.converters.hf_to_gguf import convert
+    from edgeft.data.demo_task import make_rows
+
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(4)))
+    gguf = tmp_path / "m.gguf"
+    convert(tiny_llama, gguf, "f32")
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--run", str(run), "--window", "128", "--stride", "128", "--eval-budget", "300",
+              "--task-answers", "2", "--json"]
+    hf = CliRunner().invoke(cli, ["eval", "--model", str(tiny_llama), *common])
+    assert hf.exit_code == 0, hf.output
+    cpp = CliRunner().invoke(cli, ["eval", "--model", str(gguf), "--tokenizer", str(tiny_llama), *common])
+    assert cpp.exit_code == 0, cpp.output
+    a, b = (json.loads(r.output.strip().splitlines()[-1]) for r in (hf, cpp))
+    assert a["task"]["items"] == b["task"]["items"] == 4 and a["task"]["tokens"] == b["task"]["tokens"]
+    assert abs(b["task"]["ppl"] / a["task"]["ppl"] - 1) < 1e-3 and abs(b["ppl"] / a["ppl"] - 1) < 1e-3
+    assert a["task"]["answered"] == 2 and a["task"]["exact_match"] is not None
+    steps = json.loads((run / "manifest.json").read_text())["steps"]
+    assert [s["inputs"]["backend"] for s in steps] == ["torch", "llama.cpp"]
+    # another task file cannot be mixed into the same run's comparison
+    other = tmp_path / "other.jsonl"
+    other.write_text(data.read_text())
+    result = CliRunner().invoke(cli, ["eval", "--model", str(tiny_llama), *common[:0], "--data", str(other), "--run",
+                                      str(run)])
+    assert_one_line_error(result, "task set came from", "new --run")

@@ -153,3 +153,26 @@ def test_imatrix_guides_quantization(tiny_llama, tmp_path):
     assert a.read_bytes() != b.read_bytes()
     assert_one_line_error(CliRunner().invoke(cli, common + ["--run", str(tmp_path / "x"), "--imatrix", "train"]),
                           "train_config.json")
+
+
+def test_every_artifact_records_the_task_and_a_damaged_quant_fails_the_task_gate(tiny_adapter_run, tmp_path):
+    """The task is measured on every GGUF with llama.cpp, as the HF model was measured with torch (the same
+    definition: F32 equals HF). A Q2_K whose general perplexity passes a loose gate still fails its task gate,
+    and the exit names the task gate."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_adapter_run, run)
+    merge(MergeConfig(adapter=str(run), dtype="float32", window=128, stride=128))
+    result = CliRunner().invoke(cli, ["export", "--run", str(run), "--quant", "f32,q2_k", "--max-ppl-rise", "100",
+                                      "--max-task-ppl-rise", "0.001", "--json", *WINDOW])
+    assert result.exit_code == 3, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "task perplexity rose" in line and "task gate" in line and "Q2_K: perplexity rose" not in line
+    steps = json.loads((run / "manifest.json").read_text())["steps"]
+    merged, f32, q2 = steps[-3], steps[-2], steps[-1]
+    assert merged["step"] == "merge" and f32["inputs"]["quant"] == "f32" and q2["inputs"]["quant"] == "q2_k"
+    assert merged["task"]["items"] == f32["task"]["items"] == q2["task"]["items"] > 0
+    assert abs(f32["task"]["vs_merged"]["ppl_change"]) < 1e-3  # llama.cpp F32 = HF on the task too
+    assert f32["task"]["reference"]["label"] == "hf" and q2["task"]["reference"]["label"] == "f32"
+    assert q2["task"]["kl_mean"] > 0 and "exact_match" in q2["task"]
+    general, task_rise = q2["gates"][0], q2["gates"][1]
+    assert general["passed"] and not task_rise["passed"] and q2["status"] == "failed"

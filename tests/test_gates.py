@@ -5,37 +5,49 @@ import math
 import pytest
 
 from edgeft.errors import EdgeftError, GateFailed
-from edgeft.gates import GGUF_GATES, check, parse_gates
+from edgeft.gates import GGUF_GATES, Gate, check, parse_gates, passed
 
 
 def test_a_passing_gate_is_recorded():
     entry = {}
-    check(entry, "rise", 0.01, 0.02, "too much")
+    check(entry, Gate("rise", 0.01, 0.02, "too much"))
     assert entry["gate"] == {"metric": "rise", "max": 0.02, "value": 0.01, "passed": True}
+    assert entry["gates"] == [entry["gate"]] and passed(entry)
 
 
 @pytest.mark.parametrize("value,absolute", [(0.03, False), (-0.03, True)])
 def test_a_failing_gate_raises_with_its_message(value, absolute):
     entry = {}
     with pytest.raises(GateFailed, match="too much"):
-        check(entry, "rise", value, 0.02, "too much", absolute=absolute)
-    assert entry["gate"]["passed"] is False and entry["gate"]["value"] == 0.03
+        check(entry, Gate("rise", value, 0.02, "too much", absolute=absolute))
+    assert entry["gate"]["passed"] is False and entry["gate"]["value"] == 0.03 and not passed(entry)
 
 
-@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, None])
 def test_a_value_that_is_not_a_number_fails_the_gate(value):
     """"NaN > limit" is False: a comparison alone would pass a broken model."""
     entry = {}
     with pytest.raises(GateFailed, match="not a number"):
-        check(entry, "rise", value, 0.02, "broken", absolute=True)
+        check(entry, Gate("rise", value, 0.02, "broken", absolute=True))
     assert entry["gate"]["passed"] is False and entry["gate"]["value"] is None
 
 
 def test_an_extra_condition_can_fail_a_gate_within_its_limit():
     entry = {}
     with pytest.raises(GateFailed, match="answer"):
-        check(entry, "board vs host", 0.001, 0.02, "bad answer", also=False)
+        check(entry, Gate("board vs host", 0.001, 0.02, "bad answer", also=False))
     assert entry["gate"]["passed"] is False
+
+
+def test_every_gate_is_recorded_and_the_failures_named_together():
+    """A quant has a general and two task gates: all are recorded, and the error names each one that failed."""
+    entry = {}
+    with pytest.raises(GateFailed) as e:
+        check(entry, Gate("perplexity rise", 0.01, 0.15, "general"), Gate("task perplexity rise", 0.5, 0.1, "task ppl"),
+              Gate("exact-answer drop", 0.4, 0.1, "exact answers"))
+    assert str(e.value) == "task ppl; exact answers"
+    assert [g["passed"] for g in entry["gates"]] == [True, False, False]
+    assert entry["gate"]["metric"] == "perplexity rise" and not passed(entry)
 
 
 def test_gate_specs():

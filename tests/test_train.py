@@ -184,6 +184,7 @@ def test_demo_finetune_learns_the_format(default_model, tmp_path):
     assert m["eval_loss_after"] < m["eval_loss_before"] / 3
     assert m["exact_match_before"] <= 0.25 and m["exact_match_after"] >= 0.75
     assert all(check(s["got"], s["expected"])[0] for s in m["exact_match_samples"] if s["ok"])
+    assert entry["task"]["exact_match"] == m["exact_match_after"] and entry["task"]["field_accuracy"] >= 0.75
     assert 0 < m["trainable_pct"] < 5 and m["tokens_per_s"] > 0
     assert entry["reference"]["ppl"] > 1 and entry["perplexity"]["ppl"] > 1 and entry["gate"]["passed"]
 
@@ -243,3 +244,15 @@ def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(
                                       "128", "--eval-generate", "0", "--max-ppl-rise", "100", "--lr", "1e-3",
                                       "--batch-size", "4", "--resume"])
     assert_one_line_error(result, "--resume: world_size differ")
+
+
+def test_train_stores_the_task_set_and_records_the_task_before_and_after(tiny_adapter_run):
+    from edgeft.task import TASK_FILE
+
+    entry = json.loads((tiny_adapter_run / "manifest.json").read_text())["steps"][0]
+    task = json.loads((tiny_adapter_run / TASK_FILE).read_text())
+    held_out = entry["inputs"]["eval_rows"]
+    assert len(task["items"]) == held_out > 0 and task["kind"] == "json"
+    assert entry["task"]["items"] == held_out and entry["task"]["reference"]["label"] == "base"
+    assert entry["task"]["ppl"] > 1 and entry["task"]["reference"]["ppl"] > 1
+    assert abs(entry["metrics"]["eval_loss_after"] - __import__("math").log(entry["task"]["ppl"])) < 1e-9

@@ -1,12 +1,16 @@
 // edgeft-board: what edgeft runs on a board, linked statically against llama.cpp.
 //
 // It scores token ids, not text: the host tokenizes once with the model's HF tokenizer, so the board's
-// perplexity uses exactly the windows and ids of every other backend (see edgeft/perplexity.py, whose
+// perplexity uses exactly the windows and ids of every other backend (see edgeft/scoring.py, whose
 // window plan this file repeats). Prompts for generation also arrive as ids.
 //
 //   edgeft-board perplexity MODEL IDS_FILE WINDOW STRIDE THREADS
 //   edgeft-board generate   MODEL IDS_FILE MAX_NEW THREADS
 //   edgeft-board bench      MODEL N_PROMPT N_GEN THREADS
+//   edgeft-board score      MODEL PIECES_FILE THREADS     (task perplexity: one piece per line,
+//                                                          "ids ... | scored positions ...")
+//   edgeft-board answers    MODEL PROMPTS_FILE THREADS    (greedy answers: one prompt per line,
+//                                                          "max_new | ids ...")
 //
 // Each prints one JSON object on stdout. IDS_FILE holds whitespace-separated token ids.
 #include "llama.h"
@@ -16,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -34,6 +39,40 @@ static std::vector<llama_token> read_ids(const char * path) {
     long v;
     while (f >> v) ids.push_back((llama_token) v);
     return ids;
+}
+
+// Lines of "left ... | right ...": two lists of integers per line.
+static std::vector<std::pair<std::vector<long>, std::vector<long>>> read_pairs(const char * path) {
+    std::ifstream f(path);
+    if (!f) { fprintf(stderr, "cannot read %s\n", path); exit(2); }
+    std::vector<std::pair<std::vector<long>, std::vector<long>>> out;
+    std::string line;
+    while (std::getline(f, line)) {
+        size_t bar = line.find('|');
+        if (bar == std::string::npos) continue;
+        std::pair<std::vector<long>, std::vector<long>> p;
+        std::istringstream left(line.substr(0, bar)), right(line.substr(bar + 1));
+        long v;
+        while (left >> v) p.first.push_back(v);
+        while (right >> v) p.second.push_back(v);
+        out.push_back(p);
+    }
+    return out;
+}
+
+// -log p(token) from one row of logits, in double precision like the host's scoring.
+static double nll_of(const float * logits, int n_vocab, llama_token token) {
+    double peak = logits[0];
+    for (int v = 1; v < n_vocab; v++) peak = logits[v] > peak ? logits[v] : peak;
+    double z = 0.0;
+    for (int v = 0; v < n_vocab; v++) z += std::exp((double) logits[v] - peak);
+    return -((double) logits[token] - peak - std::log(z));
+}
+
+static llama_token argmax(const float * logits, int n_vocab) {
+    llama_token best = 0;
+    for (int v = 1; v < n_vocab; v++) if (logits[v] > logits[best]) best = v;
+    return best;
 }
 
 struct Session {
@@ -92,12 +131,7 @@ static int perplexity(int argc, char ** argv) {
             llama_memory_clear(llama_get_memory(s.ctx), true);
             s.decode(ids, begin, end, true);
             for (size_t t = score_from; t < end; t++) {
-                const float * logits = llama_get_logits_ith(s.ctx, (int) (t - 1 - begin));
-                double peak = logits[0];
-                for (int v = 1; v < n_vocab; v++) peak = logits[v] > peak ? logits[v] : peak;
-                double z = 0.0;
-                for (int v = 0; v < n_vocab; v++) z += std::exp((double) logits[v] - peak);
-                nll -= (double) logits[ids[t]] - peak - std::log(z);
+                nll += nll_of(llama_get_logits_ith(s.ctx, (int) (t - 1 - begin)), n_vocab, ids[t]);
                 count++;
             }
             scored_until = end;
@@ -122,9 +156,7 @@ static int generate(int argc, char ** argv) {
     std::vector<llama_token> out;
     bool eos = false;
     for (int i = 0; i < max_new; i++) {
-        const float * logits = llama_get_logits_ith(s.ctx, -1);
-        llama_token best = 0;
-        for (int v = 1; v < n_vocab; v++) if (logits[v] > logits[best]) best = v;
+        llama_token best = argmax(llama_get_logits_ith(s.ctx, -1), n_vocab);
         if (llama_vocab_is_eog(s.vocab, best)) { eos = true; break; }
         out.push_back(best);
         std::vector<llama_token> one{best};
@@ -162,11 +194,69 @@ static int bench(int argc, char ** argv) {
     return 0;
 }
 
+static int score(int argc, char ** argv) {
+    // The task's perplexity: each piece decoded from an empty cache, only its listed positions scored.
+    if (argc != 5) { fprintf(stderr, "usage: score MODEL PIECES THREADS\n"); return 2; }
+    auto pieces = read_pairs(argv[3]);
+    size_t longest = 2;
+    for (auto & p : pieces) longest = p.first.size() > longest ? p.first.size() : longest;
+    Session s(argv[2], (int) longest, atoi(argv[4]));
+    int n_vocab = llama_vocab_n_tokens(s.vocab);
+    double start = now(), nll = 0.0;
+    long count = 0;
+    for (auto & p : pieces) {
+        std::vector<llama_token> ids(p.first.begin(), p.first.end());
+        llama_memory_clear(llama_get_memory(s.ctx), true);
+        s.decode(ids, 0, ids.size(), true);
+        for (long t : p.second) {
+            nll += nll_of(llama_get_logits_ith(s.ctx, (int) t - 1), n_vocab, ids[t]);
+            count++;
+        }
+    }
+    printf("{\"ppl\": %.8f, \"nll_sum\": %.6f, \"tokens\": %ld, \"pieces\": %zu, \"seconds\": %.3f}\n",
+           std::exp(nll / count), nll, count, pieces.size(), now() - start);
+    return 0;
+}
+
+static int answers(int argc, char ** argv) {
+    // Greedy answers to several prompts in one model load, each from an empty cache.
+    if (argc != 5) { fprintf(stderr, "usage: answers MODEL PROMPTS THREADS\n"); return 2; }
+    auto prompts = read_pairs(argv[3]);
+    size_t longest = 8;
+    for (auto & p : prompts) {
+        size_t need = p.second.size() + (p.first.empty() ? 0 : p.first[0]) + 8;
+        longest = need > longest ? need : longest;
+    }
+    Session s(argv[2], (int) longest, atoi(argv[4]));
+    int n_vocab = llama_vocab_n_tokens(s.vocab);
+    double start = now();
+    printf("{\"answers\": [");
+    for (size_t k = 0; k < prompts.size(); k++) {
+        int max_new = prompts[k].first.empty() ? 0 : (int) prompts[k].first[0];
+        std::vector<llama_token> ids(prompts[k].second.begin(), prompts[k].second.end());
+        llama_memory_clear(llama_get_memory(s.ctx), true);
+        s.decode(ids, 0, ids.size(), false);
+        printf(k ? ", [" : "[");
+        for (int i = 0; i < max_new; i++) {
+            llama_token best = argmax(llama_get_logits_ith(s.ctx, -1), n_vocab);
+            if (llama_vocab_is_eog(s.vocab, best)) break;
+            printf(i ? ", %d" : "%d", best);
+            std::vector<llama_token> one{best};
+            s.decode(one, 0, 1, false, (int) (ids.size() + i));
+        }
+        printf("]");
+    }
+    printf("], \"seconds\": %.3f}\n", now() - start);
+    return 0;
+}
+
 int main(int argc, char ** argv) {
     std::string cmd = argc > 1 ? argv[1] : "";
     if (cmd == "perplexity") return perplexity(argc, argv);
     if (cmd == "generate") return generate(argc, argv);
     if (cmd == "bench") return bench(argc, argv);
-    fprintf(stderr, "usage: edgeft-board perplexity|generate|bench ...\n");
+    if (cmd == "score") return score(argc, argv);
+    if (cmd == "answers") return answers(argc, argv);
+    fprintf(stderr, "usage: edgeft-board perplexity|generate|bench|score|answers ...\n");
     return 2;
 }

@@ -29,6 +29,11 @@ class ExportConfig(HeldOutOptions):
                 "onnx: fp32,int8,int4 (default all three)"})
     max_ppl_rise: str = field(default="", metadata={
         "help": "gate per quant, e.g. 'q8_0=0.02,q4_k_m=0.15' or one number for all (defaults in docs)"})
+    max_task_ppl_rise: str = field(default="", metadata={
+        "help": "task gate per quant: max rise of the held-out answers' perplexity (same syntax)"})
+    max_exact_drop: str = field(default="", metadata={
+        "help": "task gate per quant: max drop of the exact-answer rate, e.g. 'q4_k_m=0.1' (same syntax)"})
+    task_answers: int = field(default=20, metadata={"help": "held-out task prompts answered per artifact"})
     overwrite: bool = field(default=False, metadata={"help": "replace artifacts that already exist"})
     out: str = field(default="", metadata={"help": "output folder (default: RUN/gguf or RUN/onnx)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for llama.cpp/onnxruntime (0: all cores)"})

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..atomic import atomic_file
 from ..config import to_dict
 from ..errors import EdgeftError, GateFailed
-from ..gates import GGUF_GATE_OTHER, GGUF_GATES, HF_MATCH, LORA_MATCH, check, parse_gates
+from ..gates import GGUF_GATE_OTHER, GGUF_GATES, HF_MATCH, LORA_MATCH, Gate, check, parse_gates, passed
 from ..heldout import TOKENS_FILE, read_text
 from ..ledger import Run, artifact
 from ..llamacpp import QUANT_TYPES, LlamaCpp, quantize
@@ -30,12 +30,18 @@ from ..models import load_model, load_tokenizer
 from ..progress import bar, console
 from ..prompt import answer_ok, prompt_ids, prompt_text
 from ..scoring import Comparison, compare, score
+from ..task import read_task_set
 from . import ExportResult, GGUFExportConfig
+from .checks import record_quant_task, record_reference_task, task_gate_limits
 from .modelfile import write_modelfile
 from .source import Source, hf_reference, resolve_source
 
 UNQUANTIZED = ("f16", "bf16", "f32")
 AUTO_CANDIDATES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
+
+
+def _answer_fn(model: LlamaCpp):
+    return lambda prompt, max_new: model.generate(prompt, max_new)[0]
 
 
 def sample_answer(model: LlamaCpp, tokenizer, max_tokens: int) -> dict:
@@ -72,6 +78,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
         profile = get_profile(c.device)
     made = [q for q in quants if q not in UNQUANTIZED]
     gates = parse_gates(c.max_ppl_rise, GGUF_GATES, made, GGUF_GATE_OTHER)
+    task_limits = task_gate_limits(c, made)
     source = resolve_source(c)
     run, label = source.run, source.label
     out_dir = Path(c.out) if c.out else run.path / "gguf"
@@ -87,6 +94,8 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
         raise EdgeftError(f"{existing[0]}: already exists; pass --overwrite to replace it, or another --out")
     tokenizer = load_tokenizer(source.path)
     tokens = c.heldout_tokens(tokenizer, run.path)
+    task = read_task_set(run.path, tokenizer)
+    n_ctx = max(c.window, task.longest if task else 0)  # the longest task example must fit one context
 
     from ..converters.gguf_vocab import VocabError
     from ..converters.hf_to_gguf import ConversionError, convert
@@ -105,7 +114,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
         entry["outputs"].append(artifact(ref_path, run.path))
         entry["metrics"]["convert"] = {"arch": result.arch, "tensors": result.tensors,
                                        "fused_loras": result.fused_loras}
-        ref = LlamaCpp(ref_path, n_ctx=c.window, threads=c.threads)
+        ref = LlamaCpp(ref_path, n_ctx=n_ctx, threads=c.threads)
         parity = tokenizer_parity(ref, tokens)
         entry["metrics"]["tokenizer_parity"] = parity
         if not parity["equal"]:
@@ -114,16 +123,19 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
         with bar(f"llama.cpp perplexity {ref_path.name}") as update:
             got = score(tokens.ids, ref.logits, window=c.window, stride=c.stride, backend="llama.cpp",
                         progress=update)
-        hf, hf_src = hf_reference(source, tokens, c.window, c.stride)
-        vs_hf = Comparison(measured=got, reference=hf)
-        vs_hf.record(entry, f"GGUF {reference_type.upper()} ({label})", f"HF {label}", "hf", tokens.source,
-                     source=hf_src)
+        hf = hf_reference(source, tokens, task, tokenizer, c.window, c.stride, c.task_answers)
+        vs_hf = Comparison(measured=got, reference=hf.ppl)
+        ref_label = f"GGUF {reference_type.upper()} ({label})"
+        vs_hf.record(entry, ref_label, f"HF {label}", "hf", tokens.source, source=hf.how)
         entry["metrics"]["sample"] = sample_answer(ref, tokenizer, c.generate_tokens)
+        ref_task = record_reference_task(entry, task, ref, _answer_fn(ref), tokenizer, "llama.cpp", c, ref_label,
+                                         hf.task) if task else None
         write_modelfile(ref_path, tokenizer)
         entries.append(entry)
-        check(entry, "GGUF vs HF perplexity", vs_hf.change, HF_MATCH,
-              f"{reference_type.upper()} GGUF perplexity {got.ppl:.4f} is {100 * vs_hf.change:+.3f}% from HF "
-              f"{hf.ppl:.4f} (limit {100 * HF_MATCH:.1f}%): the conversion is wrong", absolute=True)
+        check(entry, Gate("GGUF vs HF perplexity", vs_hf.change, HF_MATCH,
+                          f"{reference_type.upper()} GGUF perplexity {got.ppl:.4f} is {100 * vs_hf.change:+.3f}% from "
+                          f"HF {hf.ppl.ppl:.4f} (limit {100 * HF_MATCH:.1f}%): the conversion is wrong",
+                          absolute=True))
 
     table = _imatrix(c, run, source, tokenizer) if c.imatrix else None
 
@@ -136,7 +148,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
                 with atomic_file(paths[q]) as tmp, console.status(f"quantize {ref_path.name} → {q}"):
                     quantize(ref_path, tmp, q, c.threads, imatrix=table)
                 entry["outputs"].append(artifact(paths[q], run.path))
-                model = LlamaCpp(paths[q], n_ctx=c.window, threads=c.threads)
+                model = LlamaCpp(paths[q], n_ctx=n_ctx, threads=c.threads)
                 with bar(f"llama.cpp {paths[q].name} vs {ref_path.name}") as update:
                     cmp = compare(ref, model, tokens.ids, c.window, c.stride, progress=update,
                                   backends=("llama.cpp", "llama.cpp"))
@@ -145,12 +157,15 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
                 entry["metrics"].update({"ppl_rise": round(cmp.change, 6),
                                          "imatrix": {"source": c.imatrix, "tensors": len(table)} if table else None,
                                          "sample": sample_answer(model, tokenizer, c.generate_tokens)})
+                task_gates = record_quant_task(entry, task, ref, model, _answer_fn(model), tokenizer, "llama.cpp", c,
+                                               f"GGUF {q.upper()} ({label})", ref_task, reference_type, hf.task, q,
+                                               task_limits) if task else []
                 model.close()
                 write_modelfile(paths[q], tokenizer)
                 entries.append(entry)
-                check(entry, f"perplexity rise vs {reference_type}", cmp.change, gates[q],
-                      f"{q.upper()}: perplexity rose {100 * cmp.change:.1f}% vs {reference_type.upper()} "
-                      f"(limit {100 * gates[q]:.0f}%)")
+                check(entry, Gate(f"perplexity rise vs {reference_type}", cmp.change, gates[q],
+                                  f"{q.upper()}: perplexity rose {100 * cmp.change:.1f}% vs {reference_type.upper()} "
+                                  f"(limit {100 * gates[q]:.0f}%)"), *task_gates)
         except GateFailed as e:
             failures.append(str(e))
 
@@ -186,7 +201,9 @@ def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entr
         size = e["outputs"][0]["bytes"]
         need = memory_need(size, config, c.context)
         rows.append({"quant": q, "bytes": size, "need_bytes": need, "fits": fits(profile, need, ram)[0],
-                     "gate_passed": bool((e.get("gate") or {}).get("passed")), "ppl": e["perplexity"]["ppl"]})
+                     "gate_passed": e["status"] == "ok" and passed(e), "ppl": e["perplexity"]["ppl"],
+                     "task_ppl": (e.get("task") or {}).get("ppl"),
+                     "exact_match": (e.get("task") or {}).get("exact_match")})
     good = sorted((r for r in rows if r["fits"] and r["gate_passed"]), key=lambda r: r["bytes"])
     inputs = {"device": profile.name, "context": c.context, "usable_ram_bytes": usable}
     entry: dict = {}
@@ -194,7 +211,7 @@ def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entr
         with run.step("export-gguf-choice", to_dict(c), inputs) as entry:
             entry["metrics"]["candidates"] = rows
             if not good:
-                raise GateFailed(f"no quant both passed its gate and fits {profile.name} "
+                raise GateFailed(f"no quant both passed its gates (general and task) and fits {profile.name} "
                                  f"({usable / 2**20:.0f} MiB usable at context {c.context})")
             best = good[0]
             entry["metrics"]["chosen"] = best["quant"]
@@ -254,13 +271,13 @@ def adapter_only(c: GGUFExportConfig, source: Source, paths: dict, fused: LlamaC
             convert(source.path, tmp, paths["base"].name.rsplit("-", 1)[-1].split(".")[0].lower(), progress=update,
                     name=source.path.name)
         entry["outputs"] += [artifact(paths["lora"], run.path), artifact(paths["base"], run.path)]
-        applied = LlamaCpp(paths["base"], n_ctx=c.window, threads=c.threads, lora=paths["lora"])
+        applied = LlamaCpp(paths["base"], n_ctx=fused.n_ctx, threads=c.threads, lora=paths["lora"])
         with bar("llama.cpp base + LoRA GGUF vs fused") as update:
             cmp = compare(fused, applied, tokens.ids, c.window, c.stride, progress=update,
                           backends=("llama.cpp", "llama.cpp"))
         applied.close()
         cmp.record(entry, "base GGUF + LoRA GGUF", "fused GGUF", "fused", tokens.source)
-        check(entry, "adapter GGUF vs fused GGUF perplexity", cmp.change, LORA_MATCH,
-              f"base + LoRA GGUF perplexity {cmp.measured.ppl:.4f} differs {100 * cmp.change:+.2f}% from the "
-              f"fused GGUF {cmp.reference.ppl:.4f} (limit {100 * LORA_MATCH:.1f}%)", absolute=True)
+        check(entry, Gate("adapter GGUF vs fused GGUF perplexity", cmp.change, LORA_MATCH,
+                          f"base + LoRA GGUF perplexity {cmp.measured.ppl:.4f} differs {100 * cmp.change:+.2f}% from "
+                          f"the fused GGUF {cmp.reference.ppl:.4f} (limit {100 * LORA_MATCH:.1f}%)", absolute=True))
     return entry

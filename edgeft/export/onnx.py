@@ -18,7 +18,7 @@ from pathlib import Path
 from ..atomic import atomic_dir
 from ..config import to_dict
 from ..errors import EdgeftError, GateFailed
-from ..gates import HF_MATCH, ONNX_GATES, check, parse_gates
+from ..gates import HF_MATCH, ONNX_GATES, Gate, check, parse_gates
 from ..heldout import TOKENS_FILE
 from ..ledger import artifact
 from ..models import copy_tokenizer, load_model, load_tokenizer
@@ -26,7 +26,9 @@ from ..onnx_runtime import OnnxLM
 from ..progress import bar, console
 from ..prompt import answer_ok, prompt_ids, prompt_text
 from ..scoring import Comparison, compare, score
+from ..task import read_task_set
 from . import ExportResult, OnnxExportConfig
+from .checks import record_quant_task, record_reference_task, task_gate_limits
 from .source import hf_reference, resolve_source
 
 ONNX_QUANTS = {"fp32": None, "int8": 8, "int4": 4}
@@ -116,11 +118,19 @@ def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig) 
 
 
 def _answer(lm: OnnxLM, tokenizer, max_new: int) -> dict:
-    prompt = prompt_ids(tokenizer)
-    eos = {tokenizer.eos_token_id} | set(_as_list(getattr(tokenizer, "eos_token_id", None)))
-    out = lm.generate(list(prompt), max_new, {e for e in eos if e is not None})
+    out = lm.generate(list(prompt_ids(tokenizer)), max_new, _eos_ids(tokenizer))
     text = tokenizer.decode(out["ids"], skip_special_tokens=True)
     return {"prompt": prompt_text(), "answer": text, **out, "ok": answer_ok(text)}
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    return {e for e in {tokenizer.eos_token_id} | set(_as_list(getattr(tokenizer, "eos_token_id", None)))
+            if e is not None}
+
+
+def _answer_fn(lm: OnnxLM, tokenizer):
+    eos = _eos_ids(tokenizer)
+    return lambda prompt, max_new: lm.generate(list(prompt), max_new, eos)["ids"]
 
 
 def _as_list(x):
@@ -150,6 +160,7 @@ def export_onnx(config: OnnxExportConfig) -> ExportResult:
         raise EdgeftError(f"--block-size {c.block_size}: use a power of two >= 16 (32, 64, 128)")
     made = [q for q in quants if q != "fp32"]
     gates = parse_gates(c.max_ppl_rise, ONNX_GATES, made)
+    task_limits = task_gate_limits(c, made)
     source = resolve_source(c)
     run, label = source.run, source.label
     out_dir = Path(c.out) if c.out else run.path / "onnx"
@@ -159,6 +170,7 @@ def export_onnx(config: OnnxExportConfig) -> ExportResult:
         raise EdgeftError(f"{existing[0]}: already exists; pass --overwrite to replace it, or another --out")
     tokenizer = load_tokenizer(source.path)
     tokens = c.heldout_tokens(tokenizer, run.path)
+    task = read_task_set(run.path, tokenizer)
     inputs = source.inputs(TOKENS_FILE, format="onnx")
     entries: list[dict] = []
 
@@ -174,24 +186,26 @@ def export_onnx(config: OnnxExportConfig) -> ExportResult:
                 copy_tokenizer(source.path, tmp, also=_MODEL_FILES)
         reference_ids = _hf_greedy(model, tokenizer, c.generate_tokens)
         del model
-        hf, hf_src = hf_reference(source, tokens, c.window, c.stride)
+        hf = hf_reference(source, tokens, task, tokenizer, c.window, c.stride, c.task_answers)
         ref = OnnxLM(folders["fp32"] / "model.onnx", c.threads)
         with bar("onnxruntime perplexity fp32") as update:
             got = score(tokens.ids, ref.logits, window=c.window, stride=c.stride, backend="onnxruntime",
                         progress=update)
         sample = _answer(ref, tokenizer, c.generate_tokens)
-        vs_hf = Comparison(measured=got, reference=hf)
+        vs_hf = Comparison(measured=got, reference=hf.ppl)
         same_answer = sample["ids"] == reference_ids
         entry["outputs"].append(artifact(folders["fp32"], run.path))
-        vs_hf.record(entry, f"ONNX fp32 ({label})", f"HF {label}", "hf", tokens.source, source=hf_src)
+        vs_hf.record(entry, f"ONNX fp32 ({label})", f"HF {label}", "hf", tokens.source, source=hf.how)
         entry["metrics"].update({"sample": sample, "greedy_identical_to_hf": same_answer,
                                  "prefill_tokens_per_s": sample["prefill_tokens_per_s"],
                                  "decode_tokens_per_s": sample["decode_tokens_per_s"]})
+        ref_task = record_reference_task(entry, task, ref, _answer_fn(ref, tokenizer), tokenizer, "onnxruntime", c,
+                                         f"ONNX fp32 ({label})", hf.task) if task else None
         entries.append(entry)
-        check(entry, "ONNX fp32 vs HF perplexity, greedy answer identical", vs_hf.change, HF_MATCH,
-              f"ONNX fp32 perplexity {got.ppl:.4f} vs HF {hf.ppl:.4f} ({100 * vs_hf.change:+.3f}%, limit "
-              f"{100 * HF_MATCH:.1f}%){'' if same_answer else '; greedy answer differs from HF'}: the export is wrong",
-              also=same_answer, absolute=True)
+        check(entry, Gate("ONNX fp32 vs HF perplexity, greedy answer identical", vs_hf.change, HF_MATCH,
+                          f"ONNX fp32 perplexity {got.ppl:.4f} vs HF {hf.ppl.ppl:.4f} ({100 * vs_hf.change:+.3f}%, "
+                          f"limit {100 * HF_MATCH:.1f}%){'' if same_answer else '; greedy answer differs from HF'}: "
+                          f"the export is wrong", absolute=True, also=same_answer))
 
     failures = []
     for q in made:
@@ -213,9 +227,13 @@ def export_onnx(config: OnnxExportConfig) -> ExportResult:
                                          "decode_tokens_per_s": sample["decode_tokens_per_s"],
                                          "block_size": c.block_size, "symmetric": c.symmetric,
                                          "accuracy_level": c.accuracy_level, "lm_head_fp32": c.keep_lm_head})
+                task_gates = record_quant_task(entry, task, ref, lm, _answer_fn(lm, tokenizer), tokenizer,
+                                               "onnxruntime", c, f"ONNX {q} ({label})", ref_task, "fp32", hf.task, q,
+                                               task_limits) if task else []
                 entries.append(entry)
-                check(entry, "perplexity rise vs fp32", cmp.change, gates[q],
-                      f"ONNX {q}: perplexity rose {100 * cmp.change:.1f}% vs fp32 (limit {100 * gates[q]:.0f}%)")
+                check(entry, Gate("perplexity rise vs fp32", cmp.change, gates[q],
+                                  f"ONNX {q}: perplexity rose {100 * cmp.change:.1f}% vs fp32 "
+                                  f"(limit {100 * gates[q]:.0f}%)"), *task_gates)
         except GateFailed as e:
             failures.append(str(e))
     if failures:

@@ -51,18 +51,40 @@ def resolve_source(c) -> Source:
     raise EdgeftError(f"--model is required (no {merged} to export); pass a model folder/name, or --adapter")
 
 
-def hf_reference(source: Source, tokens, window: int, stride: int) -> tuple[PerplexityResult, str]:
-    """The HF perplexity of what is exported, on the run's ids: base + adapter through PEFT when fusing;
-    else reused from the ledger when a step already measured exactly this folder; else measured now."""
+@dataclass
+class Reference:
+    """What the unquantized artifact must match: the exported model measured with transformers."""
+
+    ppl: PerplexityResult
+    how: str  # "measured now (torch)" or "ledger (merge)"
+    task: dict | None  # its task entry (task.TaskScore.entry), when the run has a task
+
+
+def hf_reference(source: Source, tokens, task, tokenizer, window: int, stride: int, answers: int) -> Reference:
+    """The HF perplexity (and task) of what is exported, on the run's ids: base + adapter through PEFT when
+    fusing; else reused from the ledger when a step already measured exactly this folder on the same ids;
+    else measured now."""
+    from ..task import score_torch
+
+    label = "base+adapter (HF)" if source.loras else source.path.name
+    reused = None
+    if not source.loras:
+        for entry in reversed(source.run.steps()):
+            if entry["status"] == "ok" and (entry.get("perplexity") or {}).get("window") == window and any(
+                    (source.run.path / out["path"]).resolve() == source.path.resolve() for out in entry["outputs"]):
+                reused = entry
+                break
+    if reused is not None and (task is None or reused.get("task")):
+        return Reference(PerplexityResult.from_entry(reused["perplexity"]), f"ledger ({reused['step']})",
+                         reused.get("task"))
+    model = load_model(source.path, "float32")
     if source.loras:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(load_model(source.path, "float32"), source.adapter.path).eval()
-        return measure(model, tokens.ids, window, stride, "base+adapter (HF)"), "measured now (torch, PEFT)"
-    for entry in reversed(source.run.steps()):
-        for out in entry.get("outputs", []):
-            if entry["status"] == "ok" and (source.run.path / out["path"]).resolve() == source.path.resolve() and \
-                    (entry.get("perplexity") or {}).get("window") == window:
-                return PerplexityResult.from_entry(entry["perplexity"]), f"ledger ({entry['step']})"
-    model = load_model(source.path, "float32").eval()
-    return measure(model, tokens.ids, window, stride, source.path.name), "measured now (torch)"
+        model = PeftModel.from_pretrained(model, source.adapter.path)
+    model.eval()
+    how = "measured now (torch, PEFT)" if source.loras else "measured now (torch)"
+    ppl = measure(model, tokens.ids, window, stride, label)
+    scored = score_torch(model, task, tokenizer, label, answers).entry(f"HF {source.label}", task.source) if task \
+        else None
+    return Reference(ppl, how, scored)

@@ -56,17 +56,35 @@ def _pythonpath_with_sentencepiece() -> str | None:
         return str(target)
 
 
+# Linux carries a process's RSS high-water mark across exec (ru_maxrss of a fork+exec'd child starts at its parent's
+# footprint, ~400 MB for a parent that imported torch). So the measured command is started by a bare Python launcher
+# (~10 MB) and its peak is the launcher's wait4() figure for it.
+_LAUNCHER = r"""
+import os, sys
+out = sys.argv[1]
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(out, "w") as f:
+    f.write("%d %d" % (os.waitstatus_to_exitcode(status), usage.ru_maxrss))
+"""
+
+
 def measured(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
-    """Run `cmd`; wall seconds and peak RSS (wait4: the process and its waited-for children)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = proc.stderr.read().decode(errors="replace")  # drain before waiting: a full pipe would block the child
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
+    """Run `cmd`; wall seconds and its peak RSS (itself and the children it waited for)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r", suffix=".rusage") as report:
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, report.name, *map(str, cmd)], env=env, cwd=cwd,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        seconds = time.perf_counter() - start
+        err = proc.stderr.decode(errors="replace")
+        parts = report.read().split()
+    if proc.returncode or len(parts) != 2 or parts[0] != "0":
         raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} failed:\n{err[-3000:]}")
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "stderr": err}
+    return {"seconds": seconds, "peak_rss_mb": int(parts[1]) / 1024, "stderr": err}
 
 
 def reference_convert(model_dir: Path, out: Path, outtype: str = "f16", pre_tokenizer: str | None = None) -> dict:

@@ -172,7 +172,8 @@ def write_spm(writer, model_dir: Path, vocab_size: int | None, phi3: bool = Fals
 _HUB_CLASS_IGNORED = {"phi3", "qwen2"}
 _REGISTERED_CLASS = {"qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer", "gemma2": "GemmaTokenizer",
                      "gemma3": "GemmaTokenizer", "gemma3_text": "GemmaTokenizer", "phi3": "TokenizersBackend"}
-_GENERIC = {"TokenizersBackend", "PreTrainedTokenizerFast", "PythonBackend"}
+# (names after transformers strips "Fast": PreTrainedTokenizerFast is looked up as PreTrainedTokenizer)
+_GENERIC = {"TokenizersBackend", "PreTrainedTokenizerFast", "PreTrainedTokenizer", "PythonBackend"}
 # Classes whose __init__ rebuilds the pre-tokenizer in code, and what they build.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                r"|\s+(?!\S)|\s+")

@@ -159,13 +159,18 @@ def test_llama_cpp_runs_our_gguf_like_transformers(variant, build, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["qwen2", "llama3", "smollm3-untied-bpe-smollm", "phi4mini"])
-def test_pre_tokenizer_is_the_one_transformers_runs(variant, build):
+def test_pre_tokenizer_is_the_one_transformers_runs(variant, build, monkeypatch):
     """Without importing transformers, the converter decides which pre-tokenizer HF applies (transformers 5 swaps
-    it by tokenizer class); it must be the one AutoTokenizer actually builds."""
+    it by tokenizer class); it must be the one AutoTokenizer actually builds, and for these hub layouts it must
+    know it without its transformers-in-a-subprocess fallback."""
     from transformers import AutoTokenizer
 
+    from edgeft.converters import gguf_vocab
     from edgeft.converters.gguf_vocab import effective_pre_tokenizer
 
+    def no_fallback(model_dir):
+        raise AssertionError(f"{model_dir}: fell back to asking transformers")
+    monkeypatch.setattr(gguf_vocab, "_pre_tokenizer_from_transformers", no_fallback)
     folder = build(variant)
     config = json.loads((folder / "config.json").read_text())
     mine = effective_pre_tokenizer(folder, config, json.loads((folder / "tokenizer.json").read_text()))

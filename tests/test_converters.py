@@ -279,3 +279,13 @@ def test_refusals_are_one_line_and_name_the_fix(build, tmp_path):
     (gemma / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConversionError, match="layer_types"):
         convert(gemma, tmp_path / "z.gguf")
+
+
+def test_test_tokenizers_are_deterministic(tmp_path):
+    """The offline tokenizers are trained, not downloaded: the same call must give the same bytes, or every
+    comparison above would be against a moving target."""
+    for build_tok, style, files in ((tm.spm_tokenizer, "gemma", ("tokenizer.model", "tokenizer.json")),
+                                    (tm.bpe_tokenizer, "qwen2", ("tokenizer.json", "tokenizer_config.json"))):
+        a, b = build_tok(tmp_path / f"a-{style}", style), build_tok(tmp_path / f"b-{style}", style)
+        for f in files:
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f

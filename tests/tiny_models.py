@@ -17,6 +17,7 @@ Builders write into `dir` and return it; they are deterministic (same bytes for 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -77,12 +78,23 @@ def _train_spm(prefix: Path, style: str, vocab_size: int) -> None:
         # Llama 2 / Mistral / Phi-3: <unk> <s> </s>, dummy prefix, no pad piece.
         ids = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
         extra = dict(add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity")
+    # The model file records its input and prefix paths: train from inside the folder with relative names so the
+    # bytes do not depend on where the folder is.
+    cwd = os.getcwd()
+    os.chdir(prefix.parent)
+    try:
+        _train(spm, corpus.name, prefix.name, vocab_size, ids, extra)
+    finally:
+        os.chdir(cwd)
+    corpus.unlink()
+
+
+def _train(spm, corpus: str, prefix: str, vocab_size: int, ids: dict, extra: dict) -> None:
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
+        input=corpus, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
         split_digits=True, character_coverage=1.0, num_threads=1, shuffle_input_sentence=False,
         input_sentence_size=0, max_sentence_length=100000, minloglevel=2, allow_whitespace_only_pieces=True,
         **ids, **extra)
-    corpus.unlink()
 
 
 def spm_tokenizer(out_dir: str | Path, style: str = "llama2", vocab_size: int = 2000) -> Path:

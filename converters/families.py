@@ -284,6 +284,15 @@ class Llama(Family):
     hf_archs = ("LlamaForCausalLM",)
     arch = "LLAMA"
     permute_qk = True
+    fills_head_dim = True  # LlamaConfig/MistralConfig set head_dim = hidden/heads when a config.json has none
+
+    def __init__(self, model_dir: Path, config: dict, hf_arch: str):
+        if self.fills_head_dim and config.get("head_dim") is None and config.get("hidden_size") and \
+                config.get("num_attention_heads"):
+            # llama.cpp's converter reads configs through transformers' AutoConfig, which fills this in (so Llama 2,
+            # Mistral 7B and TinyLlama files, which have no head_dim, still get attention.key_length written).
+            config = {**config, "head_dim": config["hidden_size"] // config["num_attention_heads"]}
+        super().__init__(model_dir, config, hf_arch)
 
     def write_hparams(self, w) -> None:
         super().write_hparams(w)
@@ -479,6 +488,7 @@ class SmolLM3(Llama):
 
     hf_archs = ("SmolLM3ForCausalLM",)
     arch = "SMOLLM3"
+    fills_head_dim = False  # SmolLM3Config leaves head_dim out
 
     def write_hparams(self, w) -> None:
         super().write_hparams(w)

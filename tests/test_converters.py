@@ -54,6 +54,8 @@ def build(tiny_root):
     made: dict[str, Path] = {}
 
     def get(variant: str) -> Path:
+        if variant.endswith("-hub-v4") and variant not in made:
+            made[variant] = tm.as_hub_v4_config(shutil.copytree(get(variant[:-len("-hub-v4")]), tiny_root / variant))
         if variant not in made:
             key, overrides, tok = VARIANTS[variant]
             if tok is None:
@@ -99,8 +101,10 @@ def test_registry_covers_every_family_and_refuses_unknown_architectures(tmp_path
     assert str(tmp_path) in msg
 
 
-# F16 for every variant, F32 for each family's own tiny model.
-@pytest.mark.parametrize("variant,outtype", [(v, "f16") for v in VARIANTS] + [(v, "f32") for v in tm.TINY])
+# F16 for every variant, F32 for each family's own tiny model, and each family's config.json as transformers 4 wrote
+# it (rope_theta/rope_scaling at the top, no head_dim): llama.cpp reads configs through AutoConfig, we read the JSON.
+@pytest.mark.parametrize("variant,outtype", [(v, "f16") for v in VARIANTS] + [(v, "f32") for v in tm.TINY]
+                         + [(f"{v}-hub-v4", "f16") for v in tm.TINY])
 def test_converts_like_llama_cpp(variant, outtype, build, tmp_path):
     folder = build(variant)
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"

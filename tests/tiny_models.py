@@ -323,3 +323,34 @@ def tiny_model(family: str, out_dir: str | Path, tokenizer_dir: str | Path, seed
         if f.is_file():
             shutil.copy(f, out / f.name)
     return out
+
+
+def as_hub_v4_config(folder: str | Path) -> Path:
+    """Rewrite `folder`'s config.json the way hub checkpoints saved by transformers 4 carry it: rope_theta and
+    rope_scaling at the top level (Gemma 3: rope_local_base_freq, sliding_window_pattern), no head_dim where it is
+    hidden/heads, no layer_types. llama.cpp's converter reads such files through AutoConfig (which fills the
+    transformers 5 fields back in); ours reads the JSON. Returns `folder`."""
+    path = Path(folder) / "config.json"
+    c = json.loads(path.read_text())
+    rp = c.pop("rope_parameters", None) or {}
+    if c.get("model_type") == "gemma3_text":
+        c["rope_theta"] = rp["full_attention"]["rope_theta"]
+        c["rope_local_base_freq"] = rp["sliding_attention"]["rope_theta"]
+        c["rope_scaling"] = None
+        c["sliding_window_pattern"] = c.pop("_sliding_window_pattern", 6)
+    else:
+        c["rope_theta"] = rp.pop("rope_theta", 10000.0)
+        rp.pop("partial_rotary_factor", None)
+        if rp.get("rope_type", "default") != "default":
+            if rp["rope_type"] == "longrope":
+                rp = {"type": "longrope", "long_factor": rp["long_factor"], "short_factor": rp["short_factor"]}
+            c["rope_scaling"] = rp
+        else:
+            c["rope_scaling"] = None
+    if c.get("head_dim") == c["hidden_size"] // c["num_attention_heads"] and c.get("model_type") in (
+            "llama", "mistral", "qwen2", "smollm3"):
+        del c["head_dim"]
+    c.pop("layer_types", None)
+    c["transformers_version"] = "4.46.0"
+    path.write_text(json.dumps(c, indent=2, sort_keys=True))
+    return Path(folder)

@@ -42,18 +42,17 @@ runpy.run_path(script, run_name="__main__")
 def _pythonpath_with_sentencepiece() -> str | None:
     """llama.cpp's converter imports sentencepiece even for BPE models. It is in edgeft's test extra; without it, a
     private --target install under $EDGEFT_HOME/src is used."""
-    try:
-        import sentencepiece  # noqa: F401
+    import importlib.util
 
+    if importlib.util.find_spec("sentencepiece") is not None:
         return None
-    except ImportError:
-        from edgeft.models import edgeft_home
+    from edgeft.models import edgeft_home
 
-        target = edgeft_home() / "src" / "bench-pydeps"
-        if not (target / "sentencepiece").is_dir():
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                            "sentencepiece"], check=True)
-        return str(target)
+    target = edgeft_home() / "src" / "bench-pydeps"
+    if not (target / "sentencepiece").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                        "sentencepiece"], check=True)
+    return str(target)
 
 
 # Linux carries a process's RSS high-water mark across exec (ru_maxrss of a fork+exec'd child starts at its parent's

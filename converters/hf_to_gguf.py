@@ -21,8 +21,11 @@ from typing import Callable
 
 import numpy as np
 
-from .families import ConversionError, family_for, families, permute_qk, supported  # noqa: F401 (re-exported)
-from .gguf_vocab import VocabError  # noqa: F401 (re-exported)
+from .families import ConversionError, family_for, families, permute_qk, supported
+from .gguf_vocab import VocabError
+
+__all__ = ["convert", "ConvertResult", "ConversionError", "VocabError", "families", "family_for", "permute_qk",
+           "supported", "read_safetensors_index", "read_tensor", "OUTTYPES"]
 
 OUTTYPES = ("f32", "f16", "bf16")
 try:

@@ -245,9 +245,10 @@ TINY: dict[str, dict] = {
     "smollm3": dict(arch="SmolLM3ForCausalLM", model_type="smollm3", tokenizer=("bpe", "llama3"),
                     config=dict(num_hidden_layers=4, tie_word_embeddings=True, rope_theta=2000000.0)),
 }
-ARCH_TO_TINY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-                "Phi3ForCausalLM": "phi3", "SmolLM3ForCausalLM": "smollm3"}
+# HF architecture -> its family's plain tiny entry (the first TINY key with that architecture).
+ARCH_TO_TINY: dict[str, str] = {}
+for _key, _spec in TINY.items():
+    ARCH_TO_TINY.setdefault(_spec["arch"], _key)
 
 
 def tokenizer_for(name: str, root: str | Path) -> Path:

@@ -300,12 +300,20 @@ class Llama(Family):
         w.add_rope_dimension_count(self.head_dim)
 
     def write_vocab(self, w) -> int:
+        import gguf
+
         cfg = self.dir / "tokenizer_config.json"
         if cfg.is_file():
             prefix = json.loads(cfg.read_text(encoding="utf-8")).get("add_prefix_space")
             if prefix is not None:
                 w.add_add_space_prefix(prefix)
-        return super().write_vocab(w)
+        n = super().write_vocab(w)
+        if self.c.get("vocab_size") == 49152:
+            # llama.cpp's converter says "no bos" for every 49152-token Llama vocabulary (Granite small, SmolLM,
+            # SmolLM2 and our default model: HF adds none there); without the key llama.cpp would add one.
+            w.kv_data[0].pop(gguf.Keys.Tokenizer.ADD_BOS, None)
+            w.add_add_bos_token(False)
+        return n
 
 
 @register

@@ -35,6 +35,9 @@ VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     "gemma3-softcap": ("gemma3", {"final_logit_softcapping": 30.0}, None),
     "smollm3-untied-bpe-smollm": ("smollm3", {"tie_word_embeddings": False}, ("bpe", "smollm")),
     "mistral-headdim32": ("mistral", {"head_dim": 32}, None),
+    # SmolLM2's layout (the default model): byte-level BPE with digit splitting in a 49152-row Llama, where
+    # llama.cpp's converter writes add_bos_token = false.
+    "smollm2-like": ("llama", {"vocab_size": 49152, "tie_word_embeddings": True}, ("bpe", "smollm")),
 }
 
 # Keys we write differently from llama.cpp's converter, with the reason. None today: general.* comes from the same

@@ -35,6 +35,12 @@ VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     "gemma3-softcap": ("gemma3", {"final_logit_softcapping": 30.0}, None),
     "smollm3-untied-bpe-smollm": ("smollm3", {"tie_word_embeddings": False}, ("bpe", "smollm")),
     "mistral-headdim32": ("mistral", {"head_dim": 32}, None),
+    # Checkpoints stored in bf16 / f16 as on the hub (the tiny defaults are float32): the BF16->F16 cast, BF16/F16
+    # pass-through, and Gemma's +1 norm shift computed from a 16-bit source (llama.cpp keeps F16 in float16 there).
+    "gemma3-bf16": ("gemma3", {"dtype": "bfloat16"}, None),
+    "gemma2-f16": ("gemma2", {"dtype": "float16"}, None),
+    "llama3-bf16": ("llama3", {"dtype": "bfloat16"}, None),
+    "phi3-f16-window": ("phi3", {"dtype": "float16", "sliding_window": 2047}, None),  # Phi-3-mini-4k's window
     # SmolLM2's layout (the default model): byte-level BPE with digit splitting in a 49152-row Llama, where
     # llama.cpp's converter writes add_bos_token = false.
     "smollm2-like": ("llama", {"vocab_size": 49152, "tie_word_embeddings": True}, ("bpe", "smollm")),
@@ -107,7 +113,9 @@ def test_registry_covers_every_family_and_refuses_unknown_architectures(tmp_path
 # F16 for every variant, F32 for each family's own tiny model, and each family's config.json as transformers 4 wrote
 # it (rope_theta/rope_scaling at the top, no head_dim): llama.cpp reads configs through AutoConfig, we read the JSON.
 @pytest.mark.parametrize("variant,outtype", [(v, "f16") for v in VARIANTS] + [(v, "f32") for v in tm.TINY]
-                         + [(f"{v}-hub-v4", "f16") for v in tm.TINY])
+                         + [(f"{v}-hub-v4", "f16") for v in tm.TINY]
+                         + [(v, t) for v in ("gemma3-bf16", "gemma2-f16", "llama3-bf16", "phi3-f16-window")
+                            for t in ("f32", "bf16")] + [("qwen2", "bf16"), ("phi4mini", "bf16")])
 def test_converts_like_llama_cpp(variant, outtype, build, tmp_path):
     folder = build(variant)
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"

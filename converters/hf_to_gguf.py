@@ -1,21 +1,19 @@
 """Hugging Face safetensors -> GGUF, written on the `gguf` package (GGUFWriter, constants, tensor-name maps).
 
-Streaming: the tensor table is built from the safetensors headers alone, the GGUF header and tensor infos
-are written first, then each tensor is read (mmap), transformed and written before the next is touched,
-so peak RAM is about one tensor, not the model.
+Streaming: the tensor table is built from the safetensors headers alone, the GGUF header and tensor infos are
+written first, then each tensor is read with positioned reads, transformed and written in row chunks (~32 MB of
+float32 at a time), so peak memory is about one chunk plus the process and the vocabulary, flat in model size.
+Tensors whose rows are reordered (q/k of llama-style RoPE) are read whole; they are hidden x hidden at most.
 
-Optionally fuses a LoRA adapter while converting (W + scale * B @ A per tensor): the result equals
+Optionally fuses LoRA deltas while converting (W + scale * B @ A per tensor, per row chunk): the result equals
 merge-then-convert tensor for tensor, without a merged 16-bit copy on disk.
 
-Supported: LlamaForCausalLM (Llama 2/3.x, SmolLM, TinyLlama), MistralForCausalLM, Qwen2ForCausalLM (q/k/v
-biases). llama.cpp's llama architecture applies RoPE to q/k rows in interleaved order, so q_proj and
-k_proj rows are permuted from HF's half-split order; Qwen2 uses NEOX RoPE and needs none.
+What differs between architectures lives in `families` (one class per family); this module only moves bytes.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +21,25 @@ from typing import Callable
 
 import numpy as np
 
-from .gguf_vocab import add_vocab
+from .families import ConversionError, family_for, families, permute_qk, supported
+from .gguf_vocab import VocabError
 
-SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+__all__ = ["convert", "ConvertResult", "ConversionError", "VocabError", "families", "family_for", "permute_qk",
+           "supported", "read_safetensors_index", "read_tensor", "OUTTYPES"]
+
 OUTTYPES = ("f32", "f16", "bf16")
+try:
+    from ml_dtypes import bfloat16 as _BFLOAT16
+except ImportError:  # then BF16 is widened through float32 (same values, slower)
+    _BFLOAT16 = None
+CHUNK_ELEMENTS = 8 * 1024 * 1024  # float32 working set per chunk: 32 MB
 
 
-class ConversionError(ValueError):
-    """Input the converter refuses; the message is one line naming the file and the fix."""
+def __getattr__(name: str):
+    # `SUPPORTED` (HF arch -> GGUF arch) is kept for callers that imported it; it follows the registry.
+    if name == "SUPPORTED":
+        return supported()
+    raise AttributeError(name)
 
 
 @dataclass
@@ -46,16 +55,33 @@ class SourceTensor:
 _NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
 
-def read_tensor(src: SourceTensor, fh) -> np.ndarray:
-    """One tensor as float32, read with a plain positioned read: no mmap, so the file's pages never count
-    as our memory, and no torch needed (BF16 is widened by shifting its 16 bits into a float32)."""
+def read_rows(src: SourceTensor, fh, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows [start, stop) of a tensor in its stored dtype (BF16 as raw uint16), with a plain positioned read: no
+    mmap, so the file's pages never count as our memory, and no torch."""
     if src.dtype not in _NUMPY:
         raise ConversionError(f"{src.file}: tensor {src.name} has dtype {src.dtype}; only F32/F16/BF16 are supported")
-    fh.seek(src.offset)
-    data = np.fromfile(fh, dtype=_NUMPY[src.dtype], count=src.nbytes // np.dtype(_NUMPY[src.dtype]).itemsize)
-    if src.dtype == "BF16":
-        data = (data.astype(np.uint32) << 16).view(np.float32)
-    return data.astype(np.float32, copy=False).reshape(src.shape)
+    dtype = np.dtype(_NUMPY[src.dtype])
+    shape = src.shape or (1,)
+    row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    stop = shape[0] if stop is None else stop
+    count = (stop - start) * row
+    fh.seek(src.offset + start * row * dtype.itemsize)
+    data = np.fromfile(fh, dtype=dtype, count=count)
+    if data.size != count:
+        raise ConversionError(f"{src.file}: tensor {src.name} is cut short; copy or save the model again")
+    return data.reshape((stop - start, *shape[1:]) if src.shape else ())
+
+
+def as_float(data: np.ndarray, dtype: str) -> np.ndarray:
+    """Widen to float32 (BF16 by shifting its 16 bits into the high half of a float32: exact)."""
+    if dtype == "BF16":
+        return (data.astype(np.uint32) << 16).view(np.float32)
+    return data.astype(np.float32, copy=False)
+
+
+def read_tensor(src: SourceTensor, fh) -> np.ndarray:
+    """One whole tensor as float32."""
+    return as_float(read_rows(src, fh), src.dtype)
 
 
 def read_safetensors_index(model_dir: Path) -> list[SourceTensor]:
@@ -93,44 +119,11 @@ def read_safetensors_index(model_dir: Path) -> list[SourceTensor]:
     return out
 
 
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF stores each head's rotary dims as [first half; second half]; llama.cpp's llama arch rotates
-    adjacent pairs. Reorder rows (dim 0) per head from half-split to interleaved."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _rope(config: dict) -> tuple[float, dict]:
-    """(theta, scaling) from either transformers 5's rope_parameters or the older rope_theta/rope_scaling."""
-    params = config.get("rope_parameters") or {}
-    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
-    scaling = dict(config.get("rope_scaling") or {})
-    if params.get("rope_type", "default") != "default":
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    if scaling:
-        scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
-    return float(theta), (scaling if scaling.get("rope_type") not in (None, "default") else {})
-
-
 def llama3_rope_freqs(config: dict, head_dim: int, theta: float, scaling: dict) -> np.ndarray:
-    """Llama 3.1+ scales RoPE frequencies by wavelength band; llama.cpp reads the factors from a
-    `rope_freqs` tensor (one factor per rotary pair)."""
-    factor = scaling.get("factor", 8.0)
-    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    old_ctx = scaling.get("original_max_position_embeddings", 8192)
-    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    factors = []
-    for i in range(0, head_dim, 2):
-        freq = 1.0 / (theta ** (i / head_dim))
-        wavelen = 2 * math.pi / freq
-        if wavelen < high_wavelen:
-            factors.append(1.0)
-        elif wavelen > low_wavelen:
-            factors.append(factor)
-        else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(factors, dtype=np.float32)
+    """Kept for callers of the old module: see families.llama3_rope_factors."""
+    from .families import llama3_rope_factors
+
+    return llama3_rope_factors(scaling, head_dim, theta)
 
 
 @dataclass
@@ -142,142 +135,170 @@ class ConvertResult:
     fused_loras: int
 
 
+@dataclass
+class _Planned:
+    name: str  # GGUF name
+    src: SourceTensor | np.ndarray
+    qtype: object  # gguf.GGMLQuantizationType
+    permute: int | None
+    shift: float
+    hf_name: str | None
+
+
+def _write_metadata(writer, model_dir: Path, name: str | None) -> None:
+    """general.* as llama.cpp writes them: gguf's Metadata (model card, folder-name heuristics) and the size label
+    from the parameter count of the tensors already announced to the writer."""
+    import gguf
+
+    total, shared, expert, count = writer.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, model_dir, name, total)
+    if meta.name is None:
+        meta.name = model_dir.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, count)
+    meta.set_gguf_meta_model(writer)
+
+
 def convert(model_dir: Path, out_path: Path, outtype: str = "f16", loras: dict | None = None,
             progress: Callable[[int, int], None] | None = None, name: str | None = None) -> ConvertResult:
     """Write `model_dir` (an HF folder) as a GGUF at `out_path`. The caller makes the write atomic."""
     import gguf
 
+    model_dir = Path(model_dir)
     if outtype not in OUTTYPES:
         raise ConversionError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)}")
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise ConversionError(f"{model_dir}: no config.json; pass a Hugging Face model folder")
-    config = json.loads(config_file.read_text())
-    hf_arch = (config.get("architectures") or ["?"])[0]
-    if hf_arch not in SUPPORTED:
-        raise ConversionError(f"{model_dir}: architecture {hf_arch} is not supported; supported: "
-                              f"{', '.join(SUPPORTED)}")
-    arch = SUPPORTED[hf_arch]
-    model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
+    fam = family_for(model_dir)
     sources = read_safetensors_index(model_dir)
     loras = loras or {}
+    names = fam.tensor_names()
+    matrix_type = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+                   "bf16": gguf.GGMLQuantizationType.BF16}[outtype]
 
-    n_layer = config["num_hidden_layers"]
-    n_head = config["num_attention_heads"]
-    n_head_kv = config.get("num_key_value_heads", n_head)
-    hidden = config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // n_head
-    tied = config.get("tie_word_embeddings", False)
-    theta, scaling = _rope(config)
-    name_map = gguf.get_tensor_name_map(model_arch, n_layer)
+    # The tensor table: GGUF name, source, transforms, output type. Computed tensors (rope factors) come first, as
+    # llama.cpp writes them.
+    plan: list[_Planned] = [_Planned(n, a, gguf.GGMLQuantizationType.F32, None, 0.0, None)
+                            for n, a in fam.extra_tensors().items()]
+    for src in sources:
+        if fam.skip(src.name):
+            continue
+        gguf_name = names.get_name(src.name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ConversionError(f"{src.file}: tensor {src.name} has no GGUF name for {fam.hf_arch}; the checkpoint "
+                                  f"has parts this converter does not know")
+        # llama.cpp keeps 1-D tensors, norms and biases in F32; matrices take the output type.
+        is_matrix = len(src.shape) >= 2 and gguf_name.endswith(".weight") and not gguf_name.endswith("_norm.weight")
+        qtype = matrix_type if is_matrix else gguf.GGMLQuantizationType.F32
+        plan.append(_Planned(gguf_name, src, qtype, fam.row_permutation(src.name), fam.value_shift(src.name),
+                             src.name))
 
-    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[model_arch])
+    writer = gguf.GGUFWriter(None, fam.gguf_arch_name())
+    for p in plan:
+        shape = p.src.shape
+        block, type_size = gguf.GGML_QUANT_SIZES[p.qtype]
+        writer.add_tensor_info(p.name, shape, np.dtype(np.float32), int(np.prod(shape)) // block * type_size,
+                               raw_dtype=p.qtype)
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name or model_dir.name)
-    writer.add_context_length(config.get("max_position_embeddings", 2048))
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
-    writer.add_rope_freq_base(theta)
-    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // n_head:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    _write_metadata(writer, model_dir, name)
+    fam.write_hparams(writer)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[outtype]
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-    extra: dict[str, np.ndarray] = {}
-    rope_type = scaling.get("rope_type")
-    if rope_type == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
-    elif rope_type == "yarn":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
-        writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
-    elif rope_type == "llama3":
-        extra[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = llama3_rope_freqs(config, head_dim,
-                                                                                               theta, scaling)
-    elif rope_type:
-        raise ConversionError(f"{config_file}: rope scaling '{rope_type}' is not supported; supported: linear, "
-                              f"yarn, llama3")
-
-    vocab_size = add_vocab(writer, model_dir, config.get("vocab_size"))
-    writer.add_vocab_size(vocab_size)
-
-    # The tensor table: GGUF name, source, how to transform, output dtype.
-    plan = []
-    for src in sources:
-        if src.name.endswith("rotary_emb.inv_freq") or (tied and src.name == "lm_head.weight"):
-            continue  # recomputed by llama.cpp / shared with token_embd when tied
-        gguf_name = name_map.get_name(src.name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise ConversionError(f"{src.file}: tensor {src.name} has no GGUF name for {hf_arch}; the checkpoint "
-                                  f"has parts this converter does not know")
-        is_matrix = len(src.shape) == 2 and not gguf_name.endswith("_norm.weight")
-        qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-                 "bf16": gguf.GGMLQuantizationType.BF16}[outtype] if is_matrix else gguf.GGMLQuantizationType.F32
-        permute = None
-        if arch == "llama" and src.name.endswith("self_attn.q_proj.weight"):
-            permute = n_head
-        elif arch == "llama" and src.name.endswith("self_attn.k_proj.weight"):
-            permute = n_head_kv
-        plan.append((gguf_name, src, qtype, permute))
-    for gguf_name, data in extra.items():
-        plan.append((gguf_name, data, gguf.GGMLQuantizationType.F32, None))
-
-    def nbytes(shape, qtype) -> int:
-        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        return int(np.prod(shape)) // block * type_size
-
-    for gguf_name, src, qtype, _ in plan:
-        shape = src.shape if isinstance(src, SourceTensor) else src.shape
-        dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else (
-            np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.uint8)
-        writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), nbytes(shape, qtype),
-                               raw_dtype=qtype if qtype == gguf.GGMLQuantizationType.BF16 else None)
+    fam.write_vocab(writer)
 
     writer.write_header_to_file(out_path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    fout = writer.fout[0]
+    align = writer.data_alignment
     used = 0
     handles: dict[Path, object] = {}
     try:
-        for i, (gguf_name, src, qtype, permute) in enumerate(plan):
-            if isinstance(src, SourceTensor):
-                if src.file not in handles:
-                    handles[src.file] = open(src.file, "rb")
-                data = read_tensor(src, handles[src.file])
-                lora = loras.get(src.name)
-                if lora is not None:
-                    data = data + lora.delta().numpy()
-                    used += 1
-                if permute:
-                    data = permute_qk(data, permute)
+        for i, p in enumerate(plan):
+            fout.write(b"\0" * (-fout.tell() % align))
+            if isinstance(p.src, SourceTensor):
+                if p.src.file not in handles:
+                    handles[p.src.file] = open(p.src.file, "rb")
+                lora = loras.get(p.src.name)
+                used += lora is not None
+                written = _stream_tensor(fout, p, handles[p.src.file], lora)
             else:
-                data = src
-            if qtype == gguf.GGMLQuantizationType.F32:
-                data = data.astype(np.float32)
-            elif qtype == gguf.GGMLQuantizationType.F16:
-                data = data.astype(np.float16)
-            else:
-                data = gguf.quants.quantize(data.astype(np.float32), qtype)
-            writer.write_tensor_data(np.ascontiguousarray(data))
+                written = _write_chunk(fout, p.src.astype(np.float32), p.qtype)
+            fout.write(b"\0" * (-written % align))
             if progress:
                 progress(i + 1, len(plan))
+        fout.flush()
     finally:
         writer.close()
         for fh in handles.values():
             fh.close()
     if used != len(loras):
-        missing = sorted(set(loras) - {p[1].name for p in plan if isinstance(p[1], SourceTensor)})
+        missing = sorted(set(loras) - {p.hf_name for p in plan})
         raise ConversionError(f"adapter targets {len(missing)} tensor(s) not in {model_dir} (e.g. {missing[:1]})")
-    return ConvertResult(path=out_path, arch=arch, tensors=len(plan), outtype=outtype, fused_loras=used)
+    return ConvertResult(path=out_path, arch=fam.gguf_arch_name(), tensors=len(plan), outtype=outtype,
+                         fused_loras=used)
+
+
+def _stream_tensor(fout, p: _Planned, fh, lora) -> int:
+    """Read, transform and write one tensor, in row chunks unless its rows are permuted. Returns bytes written."""
+    import gguf
+
+    src = p.src
+    rows = src.shape[0] if src.shape else 1
+    row_elems = int(np.prod(src.shape[1:], dtype=np.int64)) if len(src.shape) > 1 else 1
+    step = rows if p.permute else max(1, CHUNK_ELEMENTS // max(row_elems, 1))
+    # Copy bytes straight through when nothing changes them (same dtype in and out, no transform).
+    passthrough = (lora is None and not p.permute and not p.shift
+                   and ((src.dtype == "F32" and p.qtype == gguf.GGMLQuantizationType.F32)
+                        or (src.dtype == "F16" and p.qtype == gguf.GGMLQuantizationType.F16)
+                        or (src.dtype == "BF16" and p.qtype == gguf.GGMLQuantizationType.BF16)))
+    # BF16 -> F16 in one cast (exact value, one rounding: what widening to float32 first gives, at a quarter of
+    # the memory traffic), where ml_dtypes (an onnx dependency) is there; permuting rows commutes with it.
+    direct = (_BFLOAT16 is not None and src.dtype == "BF16" and p.qtype == gguf.GGMLQuantizationType.F16
+              and lora is None and not p.shift)
+    written = 0
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        raw = read_rows(src, fh, start, stop) if src.shape else read_rows(src, fh)
+        if passthrough:
+            fout.write(memoryview(np.ascontiguousarray(raw)).cast("B"))
+            written += raw.nbytes
+            continue
+        if direct:
+            data = raw.view(_BFLOAT16).astype(np.float16)
+            if p.permute:
+                data = permute_qk(data, p.permute)
+            written += _write_chunk(fout, data, p.qtype)
+            continue
+        if src.dtype == "F16" and lora is None:
+            # llama.cpp keeps F16 sources in float16 through its transforms (the +1 of Gemma's norms rounds there).
+            data = raw.copy() if p.shift else raw
+            if p.shift:
+                data += np.float16(p.shift)
+        else:
+            data = as_float(raw, src.dtype)
+            if lora is not None:
+                data = data + (lora.scale * (lora.b[start:stop].float() @ lora.a.float())).numpy()
+            if p.shift:
+                data = data + np.float32(p.shift)
+        if p.permute:
+            data = permute_qk(data, p.permute)
+        written += _write_chunk(fout, data, p.qtype)
+    return written
+
+
+def _write_chunk(fout, data: np.ndarray, qtype) -> int:
+    import gguf
+
+    if qtype == gguf.GGMLQuantizationType.F32:
+        out = data.astype(np.float32, copy=False)
+    elif qtype == gguf.GGMLQuantizationType.F16:
+        out = data.astype(np.float16, copy=False)
+    else:
+        out = gguf.quants.quantize(data.astype(np.float32, copy=False), qtype)
+    out = np.ascontiguousarray(out)
+    fout.write(memoryview(out).cast("B"))
+    return out.nbytes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,13 +29,21 @@ SHAPES: dict[str, dict] = {
                      "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128,
                      "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "hidden_act": "silu",
                      "tie_word_embeddings": True, "initializer_range": 0.02, "rope_parameters": _LLAMA3_ROPE},
+    # Qwen/Qwen2.5-3B: GQA 16/2, q/k/v biases, tied head, 151936-row embedding (the tokenizer has 151665 tokens).
+    "qwen2.5-3b": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936,
+                   "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+                   "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+                   "max_window_layers": 70, "rms_norm_eps": 1e-6, "hidden_act": "silu", "use_sliding_window": False,
+                   "sliding_window": 32768, "tie_word_embeddings": True, "initializer_range": 0.02,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
 }
 
 
 def build_checkpoint(shape: str, tokenizer_dir: str | Path, out: str | Path, dtype: str = "bfloat16",
-                     seed: int = 0, device: str | None = None) -> Path:
+                     seed: int = 0, device: str | None = None, max_shard_size: str | None = None) -> Path:
     """Write a random-weight checkpoint of a published shape to `out` (reused if already complete).
-    Weights are drawn on the GPU when there is one: a 3B model's 3.2 G normal draws take minutes on 2 cores."""
+    Weights are drawn on the GPU when there is one: a 3B model's 3.2 G normal draws take minutes on 2 cores.
+    `max_shard_size` ("5GB" shards as the hub's checkpoints are) defaults to transformers' own."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -55,7 +63,7 @@ def build_checkpoint(shape: str, tokenizer_dir: str | Path, out: str | Path, dty
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "edgeft_shape.json", {"shape": shape, "seed": seed, "dtype": dtype,
                                                "params": sum(p.numel() for p in model.parameters()),

@@ -50,37 +50,15 @@ def default_model(edgeft_home) -> Path:
     return resolve_model(DEFAULT_BASE)
 
 
-# ChatML with a default system turn, as SmolLM2's template renders it (our own text).
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\nYou are a small test model.<|im_end|>\n' }}{% endif %}"
-          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory) -> Path:
     """A byte-level BPE of 2,048 tokens trained on the CPython docs in a second or two, with SmolLM's
-    pre-tokenizer (each digit alone, then GPT-2's regex), special tokens and a ChatML template: tiny models
-    need neither the 135M default model nor any download, and llama.cpp knows this pre-tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    pre-tokenizer (each digit alone, then GPT-2's regex), ChatML special tokens and a template with a default
+    system turn: tiny models need neither the 135M default model nor any download."""
+    from .tiny_models import CHATML_WITH_SYSTEM, bpe_tokenizer
 
-    from edgeft.heldout import read_text
-
-    text = read_text(None)[0]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator((text[i:i + 10_000] for i in range(0, len(text), 10_000)), trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                 pad_token="<|im_end|>", unk_token="<|endoftext|>")
-    hf.chat_template = CHATML
-    path = tmp_path_factory.mktemp("tiny-tokenizer")
-    hf.save_pretrained(path)
-    return path
+    return bpe_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"), "smollm", vocab_size=2048,
+                         chat_template=CHATML_WITH_SYSTEM)
 
 
 @pytest.fixture(scope="session")

@@ -112,10 +112,17 @@ def test_registry_covers_every_family_and_refuses_unknown_architectures(tmp_path
 
 # F16 for every variant, F32 for each family's own tiny model, and each family's config.json as transformers 4 wrote
 # it (rope_theta/rope_scaling at the top, no head_dim): llama.cpp reads configs through AutoConfig, we read the JSON.
-@pytest.mark.parametrize("variant,outtype", [(v, "f16") for v in VARIANTS] + [(v, "f32") for v in tm.TINY]
-                         + [(f"{v}-hub-v4", "f16") for v in tm.TINY]
-                         + [(v, t) for v in ("gemma3-bf16", "gemma2-f16", "llama3-bf16", "phi3-f16-window")
-                            for t in ("f32", "bf16")] + [("qwen2", "bf16"), ("phi4mini", "bf16")])
+def _tier(cases: list, fast: set) -> list:
+    """Every family's own tiny model in the fast tier; the other shapes, dtypes and config vintages marked slow
+    (each runs llama.cpp's converter in a subprocess, a few seconds apiece)."""
+    return [pytest.param(*c, marks=() if c in fast else pytest.mark.slow) if isinstance(c, tuple)
+            else pytest.param(c, marks=() if c in fast else pytest.mark.slow) for c in cases]
+
+
+@pytest.mark.parametrize("variant,outtype", _tier(
+    [(v, "f16") for v in VARIANTS] + [(v, "f32") for v in tm.TINY] + [(f"{v}-hub-v4", "f16") for v in tm.TINY]
+    + [(v, t) for v in ("gemma3-bf16", "gemma2-f16", "llama3-bf16", "phi3-f16-window") for t in ("f32", "bf16")]
+    + [("qwen2", "bf16"), ("phi4mini", "bf16")], fast={(v, "f16") for v in tm.TINY}))
 def test_converts_like_llama_cpp(variant, outtype, build, tmp_path):
     folder = build(variant)
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
@@ -137,7 +144,7 @@ def _nll(logits: np.ndarray, ids: list[int]) -> float:
 # transformers 5 forces Qwen2Tokenizer on model_type qwen2 (a byte-level BPE rebuilt from the SentencePiece vocab), so
 # HF itself does not run a Qwen2 folder's tokenizer.model; llama.cpp does. That variant is compared to llama.cpp's
 # converter only.
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "qwen2-spm"])
+@pytest.mark.parametrize("variant", _tier([v for v in VARIANTS if v != "qwen2-spm"], fast=set(tm.TINY)))
 def test_llama_cpp_runs_our_gguf_like_transformers(variant, build, tmp_path):
     """Perplexity within 0.1% and the same argmax on a few hundred tokens; same tokenization; chat template kept."""
     import torch

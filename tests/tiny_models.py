@@ -23,6 +23,12 @@ from pathlib import Path
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# ChatML with a default system turn, as SmolLM2's template renders it (our own text).
+CHATML_WITH_SYSTEM = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a small test model.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 LLAMA2_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
                    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ ' ' + message['content'] + eos_token }}"
                    "{% endif %}{% endfor %}")
@@ -157,7 +163,7 @@ def spm_tokenizer(out_dir: str | Path, style: str = "llama2", vocab_size: int = 
     return out
 
 
-def bpe_tokenizer(out_dir: str | Path, style: str = "qwen2", vocab_size: int = 3000) -> Path:
+def bpe_tokenizer(out_dir: str | Path, style: str = "qwen2", vocab_size: int = 3000, chat_template: str = CHATML) -> Path:
     """A byte-level BPE tokenizer.json trained on the docs, with ChatML special tokens and chat template, pre-tokenized
     like `style` (qwen2, llama3, smollm). llama3 style also has a <|begin_of_text|> bos added by its post-processor."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -193,7 +199,7 @@ def bpe_tokenizer(out_dir: str | Path, style: str = "qwen2", vocab_size: int = 3
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    bos_token="<|begin_of_text|>" if style == "llama3" else None,
                                    additional_special_tokens=["<|im_start|>"])
-    fast.chat_template = CHATML
+    fast.chat_template = chat_template
     fast.save_pretrained(str(out))
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())

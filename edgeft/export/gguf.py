@@ -224,15 +224,11 @@ def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entr
 
 
 def _imatrix(c: GGUFExportConfig, run: Run, source: Source, tokenizer) -> dict:
-    """The importance matrix of the model being exported (adapter fused when there is one)."""
-    import gguf
-
-    from ..converters.hf_to_gguf import SUPPORTED
+    """The importance matrix of the model being exported (adapter fused when there is one), its entries
+    named after the GGUF tensors by the architecture's converter family."""
+    from ..converters.families import imatrix_name_map
     from ..imatrix import calibration_ids, compute
 
-    config = json.loads((source.path / "config.json").read_text())
-    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[SUPPORTED[config["architectures"][0]]]
-    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     chunks = calibration_ids(c.imatrix, run.path, tokenizer, c.imatrix_tokens)
     model = load_model(source.path, "float32")
     if source.loras:
@@ -240,7 +236,7 @@ def _imatrix(c: GGUFExportConfig, run: Run, source: Source, tokenizer) -> dict:
 
         model = PeftModel.from_pretrained(model, source.adapter.path).merge_and_unload()
     with console.status(f"importance matrix from {c.imatrix} ({sum(map(len, chunks))} tokens)"):
-        return compute(model.eval(), chunks, lambda n: names.get_name(n, try_suffixes=(".weight",)))
+        return compute(model.eval(), chunks, imatrix_name_map(source.path))
 
 
 def tokenizer_parity(model: LlamaCpp, tokens) -> dict:

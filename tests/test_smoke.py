@@ -23,6 +23,27 @@ def test_local_smoke_matches_the_host(tiny_export_run):
     assert entry["metrics"]["bench"]["tg_tokens_per_s"] > 0
 
 
+def test_the_task_is_scored_on_the_target_like_on_the_host(tiny_adapter_run, tmp_path):
+    """edgeft-board's task modes (score, answers) give the host's numbers on the same GGUF and ids."""
+    import shutil
+
+    from .conftest import WINDOW
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_adapter_run, run)
+    assert CliRunner().invoke(cli, ["merge", "--adapter", str(run), "--dtype", "float32", *WINDOW]).exit_code == 0
+    result = CliRunner().invoke(cli, ["export", "--run", str(run), "--quant", "f16,q8_0", "--max-ppl-rise", "10",
+                                      "--max-task-ppl-rise", "10", "--max-exact-drop", "1", *WINDOW])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["smoke", str(run), "--local", "--quant", "q8_0", "--json"])
+    entry = json.loads((run / "manifest.json").read_text())["steps"][-1]
+    assert entry["step"] == "smoke", result.output
+    task = entry["task"]
+    assert task["items"] == task["of"] > 0 and task["reference"]["label"] == "host"
+    assert abs(task["ppl_change"]) < 1e-4 and task["exact_match_change"] == 0  # same machine, same kernels
+    assert task["answered"] == task["reference"]["items"] and "vs_merged" in task
+
+
 def test_default_q4km_deployed_and_smoked_on_the_emulated_pi5(default_model, board, tmp_path):
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, ["export", "--model", "smollm2-135m", "--quant", "f16,q4_k_m", "--run", str(run),

@@ -314,6 +314,11 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
     c = config
     _validate(c)
     acc = Accelerator(cpu=not torch.cuda.is_available())
+    if acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # Evaluation and saving run on the main process with the whole model: a sharded model would hang there.
+        raise EdgeftError(f"edgeft train does not shard the model ({acc.distributed_type.value}); launch plain data "
+                          f"parallelism (accelerate launch --multi_gpu), and use --quant 4bit if the base does not "
+                          f"fit one GPU in 16 bits")
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     base_path = resolve_model(c.base, what="--base")
     tokenizer = load_tokenizer(base_path)

@@ -77,7 +77,7 @@ def pick_gguf(run: Run, quant: str) -> tuple[Path, dict]:
 
 def bundle(run: Run, gguf: Path, build_bin: Path, tokenizer) -> list[tuple[Path, str]]:
     """(local file, name on the board) pairs; the id files are written into a temp folder."""
-    tokens = EvalTokens.from_json(json.loads((run.path / TOKENS_FILE).read_text()))
+    tokens = EvalTokens.read(run.path / TOKENS_FILE)
     tmp = Path(tempfile.mkdtemp(prefix="edgeft-deploy-"))
     (tmp / "eval_ids.txt").write_text(" ".join(map(str, tokens.ids)) + "\n")
     (tmp / "prompt_ids.txt").write_text(" ".join(map(str, prompt_ids(tokenizer))) + "\n")
@@ -89,9 +89,9 @@ def preflight(remote, profile, gguf: Path, run: Run, model_config: dict, context
               emulate: bool) -> dict:
     from .devices import fits, memory_need
 
-    out = remote.run(f"uname -m; df -Pk {shlex.quote(dest)} 2>/dev/null | tail -1 || df -Pk . | tail -1; "
+    out = remote.run(f"uname -m; df -Pk -- {shlex.quote(dest)} 2>/dev/null | tail -1 || df -Pk . | tail -1; "
                      f"grep -E '^MemTotal|^MemAvailable' /proc/meminfo; command -v sha256sum; "
-                     f"command -v qemu-{profile.arch}-static || true", timeout=remote.connect_timeout + 20)
+                     f"command -v {shlex.quote(f'qemu-{profile.arch}-static')} || true", timeout=remote.connect_timeout + 20)
     lines = out.strip().splitlines()
     arch = lines[0].strip()
     disk_free = int(lines[1].split()[3]) * 1024
@@ -147,7 +147,7 @@ def deploy(config: DeployConfig) -> DeployResult:
     inputs = {"gguf": gguf.name, "quant": export_entry["inputs"]["quant"], "host": c.host, "dest": dest,
               "device": profile.name, "build": board_build.folder.name}
     with run.step("deploy", to_dict(c), inputs) as entry:
-        remote.run(f"mkdir -p {shlex.quote(dest)}")
+        remote.run(f"mkdir -p -- {shlex.quote(dest)}")
         model_config = json.loads((source / "config.json").read_text())
         entry["metrics"]["preflight"] = preflight(remote, profile, gguf, run, model_config, c.context, send_bytes,
                                                   dest, c.emulate)
@@ -167,7 +167,7 @@ def deploy(config: DeployConfig) -> DeployResult:
                     resumed += bool(r["resumed_from"])
                 done += size
                 update(done)
-        remote.run(f"chmod +x {shlex.quote(dest + '/edgeft-board')}")
+        remote.run(f"chmod +x -- {shlex.quote(dest + '/edgeft-board')}")
         manifest = {"run": str(run.path.resolve()), "device": profile.name, "files": hashes,
                     "gguf": gguf.name, "quant": inputs["quant"]}
         remote.run(f"printf '%s\\n' {shlex.quote(json.dumps(manifest))} > {shlex.quote(dest + '/deploy.json')}")

@@ -4,7 +4,8 @@
 // perplexity uses exactly the windows and ids of every other backend (see edgeft/perplexity.py, whose
 // window plan this file repeats). Prompts for generation also arrive as ids.
 //
-//   edgeft-board perplexity MODEL IDS_FILE WINDOW STRIDE THREADS
+//   edgeft-board perplexity MODEL IDS_FILE WINDOW STRIDE THREADS [MAX_IDS]
+//                           (the first MAX_IDS ids only; also prints each scored token's NLL and top-1 id)
 //   edgeft-board generate   MODEL IDS_FILE MAX_NEW THREADS
 //   edgeft-board bench      MODEL N_PROMPT N_GEN THREADS
 //
@@ -25,6 +26,11 @@ static double now() {
 
 static void quiet(enum ggml_log_level level, const char * text, void *) {
     if (level >= GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
+}
+
+// A number as JSON: NaN and inf are not JSON, so a broken model's scores print as null.
+static void print_number(const char * format, double x) {
+    if (std::isfinite(x)) printf(format, x); else printf("null");
 }
 
 static std::vector<llama_token> read_ids(const char * path) {
@@ -77,13 +83,16 @@ struct Session {
 };
 
 static int perplexity(int argc, char ** argv) {
-    if (argc != 7) { fprintf(stderr, "usage: perplexity MODEL IDS WINDOW STRIDE THREADS\n"); return 2; }
+    if (argc != 7 && argc != 8) { fprintf(stderr, "usage: perplexity MODEL IDS WINDOW STRIDE THREADS [MAX_IDS]\n"); return 2; }
     std::vector<llama_token> ids = read_ids(argv[3]);
     int window = atoi(argv[4]), stride = atoi(argv[5]), threads = atoi(argv[6]);
+    if (argc == 8 && (size_t) atol(argv[7]) < ids.size()) ids.resize((size_t) atol(argv[7]));
     Session s(argv[2], window, threads);
     int n_vocab = llama_vocab_n_tokens(s.vocab);
     double start = now(), nll = 0.0;
     long count = 0, n_windows = 0;
+    std::vector<double> token_nll;  // per scored token, for the host's per-token comparison
+    std::vector<int> top1;
     size_t n = ids.size(), scored_until = 1, begin = 0;
     while (scored_until < n) {  // the same plan as edgeft.perplexity.windows
         size_t end = begin + window < n ? begin + window : n;
@@ -94,10 +103,14 @@ static int perplexity(int argc, char ** argv) {
             for (size_t t = score_from; t < end; t++) {
                 const float * logits = llama_get_logits_ith(s.ctx, (int) (t - 1 - begin));
                 double peak = logits[0];
-                for (int v = 1; v < n_vocab; v++) peak = logits[v] > peak ? logits[v] : peak;
+                int best = 0;
+                for (int v = 1; v < n_vocab; v++) if (logits[v] > peak) { peak = logits[v]; best = v; }
                 double z = 0.0;
                 for (int v = 0; v < n_vocab; v++) z += std::exp((double) logits[v] - peak);
-                nll -= (double) logits[ids[t]] - peak - std::log(z);
+                double token = -((double) logits[ids[t]] - peak - std::log(z));
+                nll += token;
+                token_nll.push_back(token);
+                top1.push_back(best);
                 count++;
             }
             scored_until = end;
@@ -105,8 +118,19 @@ static int perplexity(int argc, char ** argv) {
         }
         begin += stride;
     }
-    printf("{\"ppl\": %.8f, \"nll_sum\": %.6f, \"tokens\": %ld, \"windows\": %ld, \"window\": %d, \"stride\": %d, "
-           "\"seconds\": %.3f}\n", std::exp(nll / count), nll, count, n_windows, window, stride, now() - start);
+    printf("{\"ppl\": ");
+    print_number("%.8f", std::exp(nll / count));
+    printf(", \"nll_sum\": ");
+    print_number("%.6f", nll);
+    printf(", \"tokens\": %ld, \"windows\": %ld, \"window\": %d, \"stride\": %d, \"seconds\": %.3f, \"token_nll\": [",
+           count, n_windows, window, stride, now() - start);
+    for (size_t i = 0; i < token_nll.size(); i++) {
+        if (i) printf(", ");
+        print_number("%.6f", token_nll[i]);
+    }
+    printf("], \"top1\": [");
+    for (size_t i = 0; i < top1.size(); i++) printf(i ? ", %d" : "%d", top1[i]);
+    printf("]}\n");
     return 0;
 }
 

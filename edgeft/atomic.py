@@ -29,6 +29,7 @@ from typing import Iterator
 from .errors import EdgeftError
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NEARLY_FULL = 1 << 20
 NON_FINITE = "non_finite"  # the key listing the numbers that were not finite, as {"where": "nan"}
 
 
@@ -76,9 +77,21 @@ def remove_leftovers(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _is_disk_full(path: Path, e: OSError) -> bool:
+    """ENOSPC and kin; or a short write that says no errno (numpy's tofile, which the gguf writer uses)
+    on a filesystem with (almost) nothing left."""
+    if e.errno in _DISK_FULL:
+        return True
+    try:
+        return e.errno is None and shutil.disk_usage(path.parent).free < _NEARLY_FULL
+    except OSError:
+        return False
+
+
 def _disk_full(path: Path, e: OSError) -> EdgeftError:
-    return EdgeftError(f"{path}: {os.strerror(e.errno).lower()} while writing it ({e.filename or path}); free "
-                       f"space there or write elsewhere (--out/--run); nothing half-written was kept")
+    what = os.strerror(e.errno).lower() if e.errno else "no space left on device"
+    return EdgeftError(f"{path}: {what} while writing it; free space there or write elsewhere (--out/--run); "
+                       f"nothing half-written was kept")
 
 
 @contextmanager
@@ -92,7 +105,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        if e.errno in _DISK_FULL:
+        if _is_disk_full(path, e):
             raise _disk_full(path, e) from None
         raise
     finally:
@@ -121,7 +134,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
     except OSError as e:
-        if e.errno in _DISK_FULL:
+        if _is_disk_full(path, e):
             raise _disk_full(path, e) from None
         raise
     finally:

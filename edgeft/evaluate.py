@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from .config import to_dict
 from .errors import EdgeftError
+from .gates import check
 from .heldout import TOKENS_FILE, HeldOutOptions
 from .ledger import Run, default_run_dir
 from .models import DEFAULT_BASE, load_model, load_tokenizer, resolve_model
@@ -48,4 +49,6 @@ def evaluate(config: EvalConfig) -> EvalResult:
         model.eval()
         result = measure(model, tokens.ids, config.window, config.stride, config.model)
         entry["perplexity"] = result.entry(config.model, tokens.source)
+        check(entry, "perplexity", result.ppl, None, f"the perplexity of {config.model} is not a number: its "
+              f"weights or outputs are broken (NaN/inf)")
     return EvalResult(run=run.path, model=path, perplexity=result)

@@ -72,6 +72,7 @@ class LlamaCpp:
 
     def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, lora: Path | None = None,
                  trusted: bool = False):
+        from jinja2 import TemplateError
         from llama_cpp import Llama
 
         if not trusted:
@@ -86,6 +87,9 @@ class LlamaCpp:
                              seed=0)
         except (ValueError, RuntimeError) as e:
             raise EdgeftError(f"{path}: llama.cpp cannot load it ({e})") from None
+        except TemplateError as e:  # llama-cpp-python compiles the GGUF's chat template when it loads
+            raise EdgeftError(f"{path}: its chat template (tokenizer.chat_template) does not parse ({e}); fix the "
+                              f"template in the model folder and export again") from None
         self.n_ctx = n_ctx
 
     def logits(self, window_ids: list[int]) -> np.ndarray:

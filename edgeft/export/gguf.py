@@ -86,6 +86,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
     if existing and not c.overwrite:
         raise EdgeftError(f"{existing[0]}: already exists; pass --overwrite to replace it, or another --out")
     tokenizer = load_tokenizer(source.path)
+    prompt_ids(tokenizer)  # a chat template that fails is refused before anything is written
     tokens = c.heldout_tokens(tokenizer, run.path)
 
     from ..converters.gguf_vocab import VocabError

@@ -57,7 +57,8 @@ def _decode(x, tensors: dict, where: str):
         (tag, value), = x.items()
         if tag == "$tensor":
             if value not in tensors:
-                raise EdgeftError(f"{where}: refers to tensor {value!r}, missing from {TENSORS}; the checkpoint is damaged")
+                raise EdgeftError(f"{where}: refers to tensor {value!r}, missing from {TENSORS}; the checkpoint is "
+                                  f"damaged")
             return tensors[value]
         if tag == "$float":
             return float(value)

@@ -91,7 +91,8 @@ def preflight(remote, profile, gguf: Path, run: Run, model_config: dict, context
 
     out = remote.run(f"uname -m; df -Pk -- {shlex.quote(dest)} 2>/dev/null | tail -1 || df -Pk . | tail -1; "
                      f"grep -E '^MemTotal|^MemAvailable' /proc/meminfo; command -v sha256sum; "
-                     f"command -v {shlex.quote(f'qemu-{profile.arch}-static')} || true", timeout=remote.connect_timeout + 20)
+                     f"command -v {shlex.quote(f'qemu-{profile.arch}-static')} || true",
+                     timeout=remote.connect_timeout + 20)
     lines = out.strip().splitlines()
     arch = lines[0].strip()
     disk_free = int(lines[1].split()[3]) * 1024
@@ -130,13 +131,13 @@ def deploy(config: DeployConfig) -> DeployResult:
     c = config
     if not c.host:
         raise EdgeftError("--host is required: user@board, or an alias from your ssh config")
+    remote = c.remote()  # a host that is not a host name is refused before anything else
     run = Run(c.run)
     if not run.manifest_path.is_file():
         raise EdgeftError(f"{c.run}: not a run folder (no manifest.json)")
     profile = get(c.device)
     gguf, export_entry = pick_gguf(run, c.quant)
     dest = c.board_dir(run.path)
-    remote = c.remote()
     remote.run("true", timeout=c.connect_timeout + 10)  # reachable, key accepted, host key known
     source = run.path / "merged" if (run.path / "merged").is_dir() else Path(export_entry["inputs"]["source"])
     tokenizer = load_tokenizer(source)

@@ -10,7 +10,8 @@ GGUF is checked before llama.cpp sees it, by our own bounded reader of the heade
 GGUFReader walks every array element and length the file claims, so a damaged count makes it run for
 minutes): every count and length against the bytes that are left, the alignment, every tensor's type,
 shape and data range against the file's length, and the values llama.cpp asserts on instead of refusing
-(duplicate vocabulary entries, a layer count beyond its arrays, non-finite hyperparameters).
+(duplicate vocabulary entries as it reads them, up to a NUL; a layer count beyond its arrays; non-finite
+hyperparameters; strings that are not UTF-8).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def check_unicode(value, where: str, fix: str) -> None:
                                   f"escape such as \\ud800); {fix}")
         elif isinstance(x, dict):
             for k, v in x.items():
-                stack += [(k, f"the key {_shown(str(k))!r}"), (v, f"{place}.{_shown(str(k))}" if place else _shown(str(k)))]
+                name = _shown(str(k))
+                stack += [(k, f"the key {name!r}"), (v, f"{place}.{name}" if place else name)]
         elif isinstance(x, list):
             stack += [(v, f"{place}[{i}]") for i, v in enumerate(x)]
 
@@ -137,7 +139,7 @@ _STRING, _ARRAY = 8, 9
 
 
 class _Bad(Exception):
-    """A problem found in the header; `place` says where."""
+    """A problem found in a GGUF header; the message says where."""
 
 
 @dataclass

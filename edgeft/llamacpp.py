@@ -60,7 +60,8 @@ def probe(path: Path, lora: Path | None = None) -> None:
     said = lines[-1].strip()[:200] if lines else "no message"
     if proc.returncode < 0:
         name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else proc.returncode
-        asserted = next((line.strip()[:200] for line in lines if "GGML_ASSERT" in line or "error" in line.lower()), said)
+        asserted = next((line.strip()[:200] for line in lines if "GGML_ASSERT" in line or "error" in line.lower()),
+                        said)
         raise EdgeftError(f"{path}: llama.cpp crashed loading it ({name}: {asserted}); the file is damaged or not a "
                           f"model this llama.cpp supports")
     raise EdgeftError(f"{path}: llama.cpp cannot load it ({said}); the file is damaged or not a model this "

@@ -6,7 +6,8 @@ windows as everywhere else. The board's perplexity must match the host's (llama.
 GGUF, same ids) within 2%: ARM's dot-product kernels round differently, more than that means a broken
 build. Both score every token, so the comparison is token by token: what the gate takes is the change
 beyond 3 standard errors of the per-token differences (see gates.BOARD_Z), not the raw perplexity ratio,
-which a sample of 128 tokens moves by about 1% by chance. Decode tokens/s is also given as a fraction of the profile's bandwidth bound (bandwidth / model size).
+which a sample of 128 tokens moves by about 1% by chance. Decode tokens/s is also given as a fraction of
+the profile's bandwidth bound (bandwidth / model size).
 
 --emulate runs the board's aarch64 build under qemu-user with the board's own CPU model (-cpu cortex-a76
 for a Pi 5), on this host or, with --host, on that host: a build whose flags do not fit the CPU dies with

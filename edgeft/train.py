@@ -3,8 +3,9 @@
 The recipe users expect from PEFT/TRL (LoRA r=16, alpha=32, dropout 0.05; QLoRA = NF4 base with double
 quantization and bf16 compute on CUDA; cosine schedule with warmup; adapter saved alone in PEFT format),
 run by a training loop of our own rather than TRL's SFTTrainer, because:
-- resume must give the *same* adapter as an uninterrupted run: we checkpoint adapter, optimizer, scheduler
-  and RNG state, and the data order is a pure function of (seed, epoch), so resuming is exact;
+- resume must give the *same* adapter as an uninterrupted run: we checkpoint adapter, optimizer and
+  scheduler state at step boundaries only (Ctrl-C finishes the step it lands in), and the data order and
+  dropout masks are pure functions of (seed, step), so resuming is exact;
 - the loss is normalised by the labelled tokens of a whole optimizer step (prompt and padding are -100),
   whatever the micro-batching, and batches are grouped by length so CPU time is not spent on padding;
 - measuring "before" on a 4-bit base before training silently zeroes LoRA gradients on AVX512-BF16 CPUs

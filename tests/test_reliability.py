@@ -129,7 +129,9 @@ def config_float_for_int(tmp, fx):
 
 
 def deploy_host_option(tmp, fx):
-    run = _copy(fx("tiny_export_run"), tmp / "run")
+    run = tmp / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text('{"steps": []}')
     marker = tmp / "pwned"
     return Case(["deploy", str(run), "--device", "x86-64", "--host", f"-oProxyCommand=touch {marker}"], 2,
                 ("--host", "not a host name", "may not start with '-'"), run, absent=[marker])

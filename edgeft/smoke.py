@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import to_dict
-from .deploy import bundle, pick_gguf
+from .deploy import bundle, export_source, pick_gguf
 from .errors import EdgeftError
 from .gates import BOARD_MATCH, BOARD_Z, check
 from .heldout import TOKENS_FILE, EvalTokens
@@ -120,7 +120,7 @@ def smoke(config: SmokeConfig) -> SmokeResult:
     threads = c.threads or profile.threads or 2
     if c.emulate:
         threads = c.threads or 2  # qemu-user runs on the host's cores
-    source = run.path / "merged" if (run.path / "merged").is_dir() else Path(export_entry["inputs"]["source"])
+    source = export_source(run, export_entry)
     tokenizer = load_tokenizer(source)
 
     if c.host:

@@ -158,6 +158,21 @@ def resume_planted_pickle(tmp, fx):
                 ("step-000002.pt", "old pickle checkpoint", "start without --resume"), run, absent=[marker])
 
 
+def smoke_gguf_outside_the_run(tmp, fx):
+    """A run folder from elsewhere whose ledger names a file outside it (with the right sha256)."""
+    from edgeft.atomic import sha256_file
+
+    secret = tmp / "secret.gguf"
+    secret.write_bytes(b"GGUF not for the board")
+    run = tmp / "run"
+    run.mkdir()
+    entry = {"step": "export-gguf", "status": "ok", "inputs": {"quant": "q8_0"}, "metrics": {},
+             "config": {"window": 128, "stride": 128},
+             "outputs": [{"path": "../secret.gguf", "bytes": secret.stat().st_size, "sha256": sha256_file(secret)}]}
+    (run / "manifest.json").write_text(json.dumps({"steps": [entry]}))
+    return Case(["smoke", str(run), "--local"], 2, ("manifest.json", "outside the run folder"), run)
+
+
 MATRIX = {
     "train: JSONL from Windows (BOM, CRLF, system turn) trains": train_windows_jsonl,
     "train: invalid UTF-8": _bad_train(b'{"text": "caf\xe9"}\n', "not UTF-8 text"),
@@ -176,6 +191,7 @@ MATRIX = {
     "show: binary garbage manifest": show_garbage,
     "show: manifest that is a JSON list": show_list,
     "deploy: --host=-oProxyCommand=...": deploy_host_option,
+    "smoke: a ledger naming a GGUF outside the run": smoke_gguf_outside_the_run,
 }
 
 

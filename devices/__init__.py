@@ -70,7 +70,8 @@ def _load(path: Path) -> Profile:
     for f in ("name", "arch"):
         if not isinstance(data[f], str) or not _NAME.fullmatch(data[f]):
             raise bad(f, "a plain name (letters, digits, '.', '_', '+', '-')")
-    if data["qemu_cpu"] is not None and (not isinstance(data["qemu_cpu"], str) or not _NAME.fullmatch(data["qemu_cpu"])):
+    qemu_cpu = data["qemu_cpu"]
+    if qemu_cpu is not None and (not isinstance(qemu_cpu, str) or not _NAME.fullmatch(qemu_cpu)):
         raise bad("qemu_cpu", "a qemu CPU model name or null")
     for f in ("description", "cpu", "c_flags", "memory_bandwidth_source"):
         if not isinstance(data[f], str):

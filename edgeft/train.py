@@ -282,7 +282,8 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     if bad:
         raise EdgeftError(f"{path}: {', '.join(bad)} missing or of the wrong kind; {fix}")
     adapter = blob["adapter"]
-    if set(adapter) != set(get_peft_model_state_dict(model)) or not all(isinstance(v, torch.Tensor) for v in adapter.values()):
+    tensors = all(isinstance(v, torch.Tensor) for v in adapter.values())
+    if set(adapter) != set(get_peft_model_state_dict(model)) or not tensors:
         raise EdgeftError(f"{path}: its adapter tensors do not match the model's LoRA modules; {fix}")
     try:
         set_peft_model_state_dict(model, adapter)

@@ -7,10 +7,10 @@ bandwidth / model size). Users add their own boards as YAML files in $EDGEFT_HOM
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
 
 from ..errors import EdgeftError
 
@@ -50,17 +50,48 @@ def _user_dir() -> Path:
     return edgeft_home() / "devices"
 
 
+# Values that reach file names and (quoted) command lines: plain names only.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
 def _load(path: Path) -> Profile:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise EdgeftError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    """One profile file, validated: it is data anyone can hand over, and its names reach build paths and the
+    commands run on a board."""
+    from ..config import read_config_file
+
+    data = read_config_file(path, "board profile")
     missing = [f for f in _FIELDS if f not in data]
     if missing:
         raise EdgeftError(f"{path}: missing {', '.join(missing)}; see the shipped profiles in {Path(__file__).parent}")
+
+    def bad(field: str, want: str) -> EdgeftError:
+        return EdgeftError(f"{path}: '{field}' is {data[field]!r}; it must be {want}")
+
+    for f in ("name", "arch"):
+        if not isinstance(data[f], str) or not _NAME.fullmatch(data[f]):
+            raise bad(f, "a plain name (letters, digits, '.', '_', '+', '-')")
+    qemu_cpu = data["qemu_cpu"]
+    if qemu_cpu is not None and (not isinstance(qemu_cpu, str) or not _NAME.fullmatch(qemu_cpu)):
+        raise bad("qemu_cpu", "a qemu CPU model name or null")
+    for f in ("description", "cpu", "c_flags", "memory_bandwidth_source"):
+        if not isinstance(data[f], str):
+            raise bad(f, "text")
+    if not isinstance(data["cmake"], list) or not all(isinstance(x, str) for x in data["cmake"]):
+        raise bad("cmake", "a list of CMake flags")
     ram = data["ram_gb"] if isinstance(data["ram_gb"], list) else [data["ram_gb"]]
+    if not ram or not all(_number(r) and r >= 0 for r in ram):
+        raise bad("ram_gb", "a number of GB or a list of them (0: the host's)")
+    if isinstance(data["threads"], bool) or not isinstance(data["threads"], int) or not 0 <= data["threads"] <= 4096:
+        raise bad("threads", "a whole number (0: all cores)")
+    if data["memory_bandwidth_gbs"] is not None and not (_number(data["memory_bandwidth_gbs"])
+                                                         and data["memory_bandwidth_gbs"] > 0):
+        raise bad("memory_bandwidth_gbs", "a positive number or null")
     return Profile(**{**{f: data[f] for f in _FIELDS}, "ram_gb": tuple(float(r) for r in ram),
-                      "cmake": tuple(data["cmake"]), "threads": int(data["threads"]), "source": path})
+                      "cmake": tuple(data["cmake"]), "source": path})
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def profiles() -> dict[str, Profile]:

@@ -7,13 +7,13 @@ apply the same deltas while converting.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import EdgeftError
+from .inputs import check_safetensors, load_safetensors, read_json
 from .models import fingerprint
 from .progress import console
 
@@ -58,13 +58,21 @@ def find_adapter(arg: str | Path) -> Adapter:
     if not (p / "adapter_config.json").is_file():
         raise EdgeftError(f"--adapter {arg}: no adapter_config.json there (nor in {arg}/adapter); pass a run "
                           f"folder from `edgeft train` or a PEFT adapter folder")
-    config = json.loads((p / "adapter_config.json").read_text())
+    fix = "the adapter folder is damaged; copy it again or train again"
+    config = read_json(p / "adapter_config.json", fix)
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+            raise EdgeftError(f"{p / 'adapter_config.json'}: '{key}' is {value!r}, not a positive number; {fix}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise EdgeftError(f"{p / 'adapter_config.json'}: '{key}' must be an object; {fix}")
     if config.get("peft_type", "LORA") != "LORA":
         raise EdgeftError(f"--adapter {arg}: a {config.get('peft_type')} adapter; only LoRA can be merged")
     if config.get("use_dora"):
         raise EdgeftError(f"--adapter {arg}: DoRA adapters are not supported yet; train a plain LoRA")
     meta_file = p / ADAPTER_META
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    meta = read_json(meta_file, fix) if meta_file.is_file() else None
     run = p.parent if (p.parent / "manifest.json").is_file() else None
     adapter = Adapter(path=p, config=config, meta=meta, run=run)
     adapter.loras = _read_loras(p, config, arg)
@@ -72,12 +80,10 @@ def find_adapter(arg: str | Path) -> Adapter:
 
 
 def _read_loras(p: Path, config: dict, arg) -> dict[str, Lora]:
-    from safetensors.torch import load_file
-
     weights = p / "adapter_model.safetensors"
     if not weights.is_file():
         raise EdgeftError(f"--adapter {arg}: no adapter_model.safetensors in {p}")
-    tensors = load_file(weights)
+    tensors = load_safetensors(weights, "the adapter is damaged; copy it again or train again")
     r, alpha = config["r"], config["lora_alpha"]
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     loras: dict[str, Lora] = {}
@@ -94,6 +100,9 @@ def _read_loras(p: Path, config: dict, arg) -> dict[str, Lora]:
         ma = next((v for k, v in alpha_pattern.items() if module.endswith(k)), alpha)
         scale = ma / math.sqrt(mr) if config.get("use_rslora") else ma / mr
         a, b = tensors[key], tensors[b_key]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise EdgeftError(f"--adapter {arg}: {key} is {list(a.shape)} and its lora_B {list(b.shape)}; they do "
+                              f"not multiply, the adapter is damaged")
         if config.get("fan_in_fan_out"):
             raise EdgeftError(f"--adapter {arg}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported; "
                               f"module {short}")
@@ -112,6 +121,7 @@ def base_weights(base_path: Path) -> dict[str, tuple[Path, list[int]]]:
     if not files:
         raise EdgeftError(f"--base {base_path}: no .safetensors weights; re-save the model with "
                           f"save_pretrained(safe_serialization=True)")
+    check_safetensors(base_path, "the model folder is damaged; copy or save it again")
     out = {}
     for f in files:
         with safe_open(f, framework="pt") as st:
@@ -124,15 +134,18 @@ def check_adapter_fits(adapter: Adapter, base_path: Path, weights: dict, force: 
     """Refuse an adapter that does not belong to this base. Returns the fingerprint record for the ledger."""
     record = {"checked": False, "forced": False}
     recorded = (adapter.meta or {}).get("base_fingerprint")
+    if recorded and not isinstance(recorded, dict):
+        raise EdgeftError(f"{adapter.path / ADAPTER_META}: 'base_fingerprint' is not an object; the adapter folder is "
+                          f"damaged; copy it again or train again")
     if recorded:
         actual = fingerprint(base_path)
         record.update(checked=True, recorded=recorded, actual=actual)
         if recorded != actual:
             if not force:
                 raise EdgeftError(
-                    f"adapter {adapter.path} was trained on {adapter.base} ({recorded['architecture']}, weights "
-                    f"{recorded['weights_sha256'][:12]}) but --base {base_path} is {actual['architecture']}, weights "
-                    f"{actual['weights_sha256'][:12]}; pass the base it was trained on, or --force")
+                    f"adapter {adapter.path} was trained on {adapter.base} ({recorded.get('architecture')}, weights "
+                    f"{str(recorded.get('weights_sha256'))[:12]}) but --base {base_path} is {actual['architecture']}, "
+                    f"weights {actual['weights_sha256'][:12]}; pass the base it was trained on, or --force")
             record["forced"] = True
             console.print("[yellow]warning: base fingerprint differs from the adapter's; merging anyway (--force)")
     else:

@@ -6,13 +6,13 @@ import those only when a step runs, so `edgeft --help`, `devices`, `show` and `r
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from .atomic import json_text
 from .config import config_options, load_config, step_options
 from .deploy import DeployConfig
 from .errors import EdgeftError
@@ -70,7 +70,8 @@ def eval_cmd(config_file, as_json, **flags):
     p = result.perplexity
     task = result.entry.get("task")
     if as_json:
-        click.echo(json.dumps({"run": str(result.run), "model": str(result.model), **p.to_json(), "task": task}))
+        click.echo(json_text({"run": str(result.run), "model": str(result.model), **p.to_json(), "task": task},
+                             indent=None))
         return
     out.print(f"perplexity {p.ppl:.4f}  ({p.tokens} tokens, {p.windows} windows of {p.window}, "
               f"{p.seconds:.1f} s)  model {config.model}  run {result.run}")
@@ -101,7 +102,7 @@ def train_cmd(config_file, as_json, **flags):
     if entry is None:  # another process of a data-parallel run: the main process reports
         return
     if as_json:
-        click.echo(json.dumps(entry))
+        click.echo(json_text(entry, indent=None))
         return
     m = entry["metrics"]
     out.print(ledger_table({"steps": [entry]}, f"train → {result.adapter}"))
@@ -132,7 +133,7 @@ def merge_cmd(config_file, as_json, **flags):
     config = load_config(MergeConfig, config_file, flags)
     result = merge(config)
     if as_json:
-        click.echo(json.dumps(result.entries))
+        click.echo(json_text(result.entries, indent=None))
         return
     out.print(ledger_table({"steps": result.entries}, f"merge → {result.merged} (into {result.into})"))
 
@@ -158,7 +159,7 @@ def export_cmd(config_file, as_json, **flags):
     config = load_export_config(config_file, flags)
     result = export(config)
     if as_json:
-        click.echo(json.dumps(result.entries))
+        click.echo(json_text(result.entries, indent=None))
         return
     out.print(ledger_table({"steps": result.entries}, f"export → {result.run / config.format}"))
     for e in result.entries:
@@ -179,7 +180,7 @@ def devices(as_json):
 
     found = profiles()
     if as_json:
-        click.echo(json.dumps({n: {**p.__dict__, "source": str(p.source)} for n, p in found.items()}))
+        click.echo(json_text({n: {**p.__dict__, "source": str(p.source)} for n, p in found.items()}, indent=None))
         return
     table = Table(title="board profiles")
     for col in ("name", "arch", "cpu", "threads", "RAM GB", "bandwidth GB/s", "description"):
@@ -237,7 +238,7 @@ def show(run, as_json):
         raise EdgeftError(f"{run}: no {r.manifest_path.name} here; pass a run folder written by an edgeft step")
     manifest = r.manifest()
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        click.echo(json_text(manifest))
     else:
         out.print(ledger_table(manifest, f"ledger of {run}"))
 
@@ -257,7 +258,7 @@ def build_cmd(device, as_json):
     b = build(device)
     info = {"device": device, "bin": str(b.bin), "seconds": round(b.seconds, 1), "cached": b.cached}
     if as_json:
-        click.echo(json.dumps(info))
+        click.echo(json_text(info, indent=None))
     else:
         out.print(f"{device}: {b.bin} ({'cached' if b.cached else f'built in {b.seconds:.0f} s'})")
 
@@ -276,7 +277,7 @@ def deploy_cmd(run_dir, config_file, as_json, **flags):
     config = load_config(DeployConfig, config_file, {**flags, "run": run_dir})
     result = deploy(config)
     if as_json:
-        click.echo(json.dumps(result.entry))
+        click.echo(json_text(result.entry, indent=None))
         return
     m = result.entry["metrics"]
     out.print(f"{config.host}:{result.dest}: {len(result.files)} files verified ({m['files_skipped']} already there, "
@@ -296,7 +297,7 @@ def smoke_cmd(run_dir, config_file, as_json, **flags):
     config = load_config(SmokeConfig, config_file, {**flags, "run": run_dir})
     result = smoke(config)
     if as_json:
-        click.echo(json.dumps(result.entry))
+        click.echo(json_text(result.entry, indent=None))
         return
     e = result.entry
     m = e["metrics"]

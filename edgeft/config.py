@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import reprlib
 import sys
 import types
 import typing
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import click
 
-from .errors import EdgeftError
+from .errors import EdgeftError, first_line
+from .inputs import check_unicode
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,22 +25,33 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def read_config_file(path: str | Path) -> dict:
+def read_config_file(path: str | Path, what: str = "--config") -> dict:
+    """A YAML/TOML/JSON config file as a mapping of setting names to values (one-line errors for a missing,
+    binary, unparsable or wrongly shaped file; values are checked later, against the config class)."""
+    import yaml
+
     path = Path(path)
     if not path.is_file():
-        raise EdgeftError(f"--config {path}: no such file")
-    text = path.read_text()
+        raise EdgeftError(f"{what} {path}: no such file")
     try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-    except Exception as e:
-        raise EdgeftError(f"--config {path}: cannot parse it ({str(e).splitlines()[0]})") from None
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise EdgeftError(f"{what} {path}: not UTF-8 text (byte {e.start}); save it as UTF-8 YAML or TOML") from None
+    except OSError as e:
+        raise EdgeftError(f"{what} {path}: cannot read it ({e.strerror})") from None
+    try:
+        # YAML is a superset of JSON, so .json files parse here too.
+        data = tomllib.loads(text) if path.suffix == ".toml" else (yaml.safe_load(text) or {})
+    except RecursionError:
+        raise EdgeftError(f"{what} {path}: cannot parse it (nested too deeply)") from None
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, ValueError) as e:
+        raise EdgeftError(f"{what} {path}: cannot parse it ({first_line(e)})") from None
     if not isinstance(data, dict):
-        raise EdgeftError(f"--config {path}: must hold a mapping of keys to values, not a {type(data).__name__}")
+        raise EdgeftError(f"{what} {path}: must hold a mapping of keys to values, not a {type(data).__name__}")
+    bad = next((k for k in data if not isinstance(k, str)), None)
+    if bad is not None:
+        raise EdgeftError(f"{what} {path}: key {bad!r} is not a name; keys are setting names such as max_steps")
+    check_unicode(data, f"{what} {path}", "save the file as valid UTF-8")
     return data
 
 
@@ -63,6 +77,8 @@ def _coerce(value, tp, where: str):
             (item,) = typing.get_args(tp)[:1] or (str,)
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(value)
             return [_coerce(v, item, where) for v in value]
         if tp is bool:
             if isinstance(value, str):
@@ -71,16 +87,36 @@ def _coerce(value, tp, where: str):
                 if value.lower() in ("0", "false", "no", "off"):
                     return False
                 raise ValueError(value)
+            if value not in (0, 1) or isinstance(value, float):  # True/False, or 0/1
+                raise ValueError(value)
             return bool(value)
-        if tp in (int, float):
+        if tp is int:
+            # int(2.7) is 2: a float for an integer setting is refused unless it is whole (8.0).
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        if tp is float:
             if isinstance(value, bool):
                 raise ValueError(value)
-            return tp(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError(value)
+            return number
         if tp is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError(value)
             return str(value)
-    except (TypeError, ValueError):
-        raise EdgeftError(f"{where}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise EdgeftError(f"{where}: {reprlib.repr(value)} is not a valid {_type_name(tp)}") from None
     return value
+
+
+def _type_name(tp) -> str:
+    if tp is int:
+        return "int (a whole number)"
+    if tp is float:
+        return "float (a finite number)"
+    return getattr(tp, "__name__", str(tp))
 
 
 def aliases(cls) -> dict[str, str]:

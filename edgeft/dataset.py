@@ -11,12 +11,13 @@ A chat or prompt/completion row is rendered with the tokenizer's own chat templa
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EdgeftError
+from .inputs import parse_json
+from .prompt import TemplateRefused, apply_template
 
 IGNORE = -100
 
@@ -34,22 +35,23 @@ class Example:
 
 
 def read_rows(path: str | Path) -> list[tuple[int, dict]]:
-    """Parse and shape-check a JSONL file; return (line number, row) pairs. Blank lines are skipped."""
+    """Parse and shape-check a JSONL file; return (line number, row) pairs. Blank lines are skipped. Files
+    from Windows tools (a UTF-8 BOM, CRLF line ends) read as they are; invalid UTF-8, lone surrogate
+    escapes and JSON nested beyond the parser's depth are refused naming the line."""
     path = Path(path)
     if not path.is_file():
         raise EdgeftError(f"--data {path}: no such file; pass a JSONL file (one JSON object per line)")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EdgeftError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
-                                  f"each line must be one JSON object") from None
-            _check_shape(row, path, n)
-            rows.append((n, row))
+    try:
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = parse_json(line, f"{path}:{n}", "each line must be one JSON object in UTF-8")
+                _check_shape(row, path, n)
+                rows.append((n, row))
+    except OSError as e:
+        raise EdgeftError(f"--data {path}: cannot read it ({e.strerror})") from None
     if not rows:
         raise EdgeftError(f"{path}: the file has no rows; add JSON lines with 'messages', "
                           f"'prompt'+'completion' or 'text'")
@@ -71,6 +73,10 @@ def _check_shape(row, path: Path, n: int) -> None:
                 raise EdgeftError(f"{where}: messages[{i}].role is '{m['role']}'; use system, user or assistant")
         if not any(m["role"] == "assistant" for m in msgs):
             raise EdgeftError(f"{where}: 'messages' has no assistant turn, so there is nothing to learn")
+        first = next((i for i, m in enumerate(msgs) if m["role"] != "system"), None)
+        if msgs[first]["role"] != "user":
+            raise EdgeftError(f"{where}: messages[{first}] is an assistant turn with no user turn before it; a "
+                              f"conversation starts with a user turn (after an optional system turn)")
     elif "prompt" in row or "completion" in row:
         if not (isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)):
             raise EdgeftError(f"{where}: a prompt/completion row needs both 'prompt' and 'completion' as strings")
@@ -93,7 +99,7 @@ def as_messages(row: dict) -> list[dict] | None:
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return apply_template(tokenizer, messages, generation_prompt, tokenize=False)
 
 
 def render(tokenizer, row: dict) -> tuple[list[int], list[int]]:
@@ -138,7 +144,10 @@ def load_examples(path: str | Path, tokenizer, max_seq_len: int, strict: bool) -
     examples = []
     truncated = 0
     for n, row in read_rows(path):
-        ids, labels = render(tokenizer, row)
+        try:
+            ids, labels = render(tokenizer, row)
+        except TemplateRefused as e:
+            raise EdgeftError(f"{path}:{n}: {e}") from None
         if len(ids) > max_seq_len:
             if strict:
                 raise EdgeftError(f"{path}:{n}: row is {len(ids)} tokens, longer than max_seq_len {max_seq_len}; "

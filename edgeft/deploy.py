@@ -19,6 +19,7 @@ from .atomic import sha256_file
 from .config import to_dict
 from .errors import EdgeftError
 from .heldout import TOKENS_FILE, EvalTokens
+from .inputs import read_json
 from .ledger import Run
 from .progress import bar
 from .prompt import prompt_ids
@@ -44,8 +45,15 @@ class DeployResult:
 
 
 def gguf_entries(run: Run) -> list[dict]:
-    return [e for e in run.steps() if e["step"] == "export-gguf" and e.get("outputs")
-            and e["outputs"][0]["path"].endswith(".gguf")]
+    """The ledger's GGUF exports, with what deploy and smoke read from them (a quant name, the scoring
+    windows) of the right kind: a run folder can come from anywhere."""
+    def usable(e: dict) -> bool:
+        config = e.get("config") or {}
+        return (e["step"] == "export-gguf" and bool(e["outputs"]) and e["outputs"][0]["path"].endswith(".gguf")
+                and isinstance(e["inputs"].get("quant"), str)
+                and all(type(config.get(k)) is int and config[k] > 0 for k in ("window", "stride")))
+
+    return [e for e in run.steps() if usable(e)]
 
 
 def pick_gguf(run: Run, quant: str) -> tuple[Path, dict]:
@@ -62,17 +70,34 @@ def pick_gguf(run: Run, quant: str) -> tuple[Path, dict]:
     else:
         choice = next((e for e in reversed(run.steps()) if e["step"] == "export-gguf-choice" and e["status"] == "ok"),
                       None)
+        chosen = next((e for e in reversed(entries) if choice and e["inputs"]["quant"] == choice["metrics"].get(
+            "chosen")), None)
         passed = [e for e in entries if e["status"] == "ok"]
-        if choice:
-            entry = next(e for e in reversed(entries) if e["inputs"]["quant"] == choice["metrics"]["chosen"])
+        if chosen:
+            entry = chosen
         elif passed:
             entry = min(passed, key=lambda e: e["outputs"][0]["bytes"])
         else:
             raise EdgeftError(f"{run.path}: no GGUF passed its gate; pass --quant to ship one anyway")
     path = run.path / entry["outputs"][0]["path"]
+    if not path.resolve().is_relative_to(run.path.resolve()):
+        raise EdgeftError(f"{run.path / 'manifest.json'}: the GGUF it names ({entry['outputs'][0]['path']}) is outside "
+                          f"the run folder; restore the manifest or export again")
     if not path.is_file() or sha256_file(path) != entry["outputs"][0]["sha256"]:
         raise EdgeftError(f"{path}: missing or changed since export (sha256 differs from the ledger); export again")
     return path, entry
+
+
+def export_source(run: Run, entry: dict) -> Path:
+    """The HF folder a GGUF was exported from (its tokenizer and config): the run's merged model, else the
+    folder the export entry names."""
+    if (run.path / "merged").is_dir():
+        return run.path / "merged"
+    source = entry["inputs"].get("source")
+    if not isinstance(source, str) or not Path(source, "config.json").is_file():
+        raise EdgeftError(f"{run.path}: the model {entry['outputs'][0]['path']} was exported from is gone ({source}); "
+                          f"export again")
+    return Path(source)
 
 
 TASK_PIECES = "task_pieces.txt"  # the task set's pieces for `edgeft-board score`
@@ -84,7 +109,7 @@ def bundle(run: Run, gguf: Path, build_bin: Path, tokenizer) -> list[tuple[Path,
     set travels as two plain text files the board program reads (one piece / one prompt per line)."""
     from .task import answer_budget, read_task_set
 
-    tokens = EvalTokens.from_json(json.loads((run.path / TOKENS_FILE).read_text()))
+    tokens = EvalTokens.read(run.path / TOKENS_FILE)
     tmp = Path(tempfile.mkdtemp(prefix="edgeft-deploy-"))
     (tmp / "eval_ids.txt").write_text(" ".join(map(str, tokens.ids)) + "\n")
     (tmp / "prompt_ids.txt").write_text(" ".join(map(str, prompt_ids(tokenizer))) + "\n")
@@ -104,9 +129,10 @@ def preflight(remote, profile, gguf: Path, run: Run, model_config: dict, context
               emulate: bool) -> dict:
     from .devices import fits, memory_need
 
-    out = remote.run(f"uname -m; df -Pk {shlex.quote(dest)} 2>/dev/null | tail -1 || df -Pk . | tail -1; "
+    out = remote.run(f"uname -m; df -Pk -- {shlex.quote(dest)} 2>/dev/null | tail -1 || df -Pk . | tail -1; "
                      f"grep -E '^MemTotal|^MemAvailable' /proc/meminfo; command -v sha256sum; "
-                     f"command -v qemu-{profile.arch}-static || true", timeout=remote.connect_timeout + 20)
+                     f"command -v {shlex.quote(f'qemu-{profile.arch}-static')} || true",
+                     timeout=remote.connect_timeout + 20)
     lines = out.strip().splitlines()
     arch = lines[0].strip()
     disk_free = int(lines[1].split()[3]) * 1024
@@ -145,15 +171,15 @@ def deploy(config: DeployConfig) -> DeployResult:
     c = config
     if not c.host:
         raise EdgeftError("--host is required: user@board, or an alias from your ssh config")
+    remote = c.remote()  # a host that is not a host name is refused before anything else
     run = Run(c.run)
     if not run.manifest_path.is_file():
         raise EdgeftError(f"{c.run}: not a run folder (no manifest.json)")
     profile = get(c.device)
     gguf, export_entry = pick_gguf(run, c.quant)
     dest = c.board_dir(run.path)
-    remote = c.remote()
     remote.run("true", timeout=c.connect_timeout + 10)  # reachable, key accepted, host key known
-    source = run.path / "merged" if (run.path / "merged").is_dir() else Path(export_entry["inputs"]["source"])
+    source = export_source(run, export_entry)
     tokenizer = load_tokenizer(source)
     board_build = build(c.device)
     files = bundle(run, gguf, board_build.bin, tokenizer)
@@ -162,8 +188,8 @@ def deploy(config: DeployConfig) -> DeployResult:
     inputs = {"gguf": gguf.name, "quant": export_entry["inputs"]["quant"], "host": c.host, "dest": dest,
               "device": profile.name, "build": board_build.folder.name}
     with run.step("deploy", to_dict(c), inputs) as entry:
-        remote.run(f"mkdir -p {shlex.quote(dest)}")
-        model_config = json.loads((source / "config.json").read_text())
+        remote.run(f"mkdir -p -- {shlex.quote(dest)}")
+        model_config = read_json(source / "config.json", "the exported model's folder is damaged; export again")
         entry["metrics"]["preflight"] = preflight(remote, profile, gguf, run, model_config, c.context, send_bytes,
                                                   dest, c.emulate)
         present = remote.sha256([f"{dest}/{name}" for _, name in files])
@@ -182,7 +208,7 @@ def deploy(config: DeployConfig) -> DeployResult:
                     resumed += bool(r["resumed_from"])
                 done += size
                 update(done)
-        remote.run(f"chmod +x {shlex.quote(dest + '/edgeft-board')}")
+        remote.run(f"chmod +x -- {shlex.quote(dest + '/edgeft-board')}")
         manifest = {"run": str(run.path.resolve()), "device": profile.name, "files": hashes,
                     "gguf": gguf.name, "quant": inputs["quant"]}
         remote.run(f"printf '%s\\n' {shlex.quote(json.dumps(manifest))} > {shlex.quote(dest + '/deploy.json')}")

@@ -11,3 +11,10 @@ class GateFailed(EdgeftError):
     """A step ran but its result failed a quality gate (e.g. perplexity rose too much). Exit 3."""
 
     exit_code = 3
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): library errors can
+    span pages, a one-line error needs their headline."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

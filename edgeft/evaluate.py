@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from .config import to_dict
 from .errors import EdgeftError
+from .gates import Gate, check
 from .heldout import TOKENS_FILE, HeldOutOptions
 from .ledger import Run, default_run_dir
 from .models import DEFAULT_BASE, load_model, load_tokenizer, resolve_model
@@ -86,6 +87,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
         else:
             result, scored = _eval_hf(path, tokens, task, tokenizer, c)
         entry["perplexity"] = result.entry(c.model, tokens.source)
+        check(entry, Gate("perplexity", result.ppl, None, f"the perplexity of {c.model} is not a number: its weights "
+                          f"or outputs are broken (NaN/inf)"))
         if scored is not None:
             scored.record(entry, c.model, task.source)
     return EvalResult(run=run.path, model=path, perplexity=result, entry=entry)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .atomic import write_json
 from .errors import EdgeftError
+from .inputs import read_json
 from .models import edgeft_home
 from .scoring import DEFAULT_STRIDE, DEFAULT_WINDOW
 
@@ -70,6 +71,19 @@ class EvalTokens:
         return cls(ids=list(d["ids"]), source=d["source"], text_sha256=d["text_sha256"],
                    tokenizer_sha256=d["tokenizer_sha256"], budget=d["budget"])
 
+    @classmethod
+    def read(cls, path: Path) -> "EvalTokens":
+        """A run's (or the cache's) stored ids, checked: every backend will index its vocabulary with them."""
+        fix = "restore it, or use a new --run (the cache: delete the file)"
+        d = read_json(path, fix)
+        ids = d.get("ids")
+        if not (isinstance(ids, list) and len(ids) >= 2 and all(type(i) is int and 0 <= i < 2**31 for i in ids)):
+            raise EdgeftError(f"{path}: 'ids' must be a list of at least 2 token ids; {fix}")
+        if not all(isinstance(d.get(k), str) for k in ("source", "text_sha256", "tokenizer_sha256")) or \
+                type(d.get("budget")) is not int:
+            raise EdgeftError(f"{path}: not an edgeft eval-token file (source, hashes, budget); {fix}")
+        return cls.from_json(d)
+
 
 def read_text(text: str | None) -> tuple[str, str]:
     """Return (text, source description). None or "pydoc" means the CPython docs."""
@@ -118,7 +132,7 @@ def eval_tokens(tokenizer, text: str | None, budget: int, run_dir: Path | None =
     same ids), else from the cache in $EDGEFT_HOME/tokens, else tokenized now and cached."""
     tok_sha = tokenizer_sha256(tokenizer)
     if run_dir is not None and (run_dir / TOKENS_FILE).is_file():
-        stored = EvalTokens.from_json(json.loads((run_dir / TOKENS_FILE).read_text()))
+        stored = EvalTokens.read(run_dir / TOKENS_FILE)
         if stored.tokenizer_sha256 != tok_sha:
             raise EdgeftError(f"{run_dir / TOKENS_FILE}: this run's eval tokens were made with another tokenizer; "
                               f"use a new --run folder for a model with a different tokenizer")
@@ -128,7 +142,7 @@ def eval_tokens(tokenizer, text: str | None, budget: int, run_dir: Path | None =
     key = hashlib.sha256(f"{tok_sha}:{text_sha}:{budget}".encode()).hexdigest()[:24]
     cache = edgeft_home() / "tokens" / f"{key}.json"
     if cache.is_file():
-        result = EvalTokens.from_json(json.loads(cache.read_text()))
+        result = EvalTokens.read(cache)
     else:
         ids = tokenize_budget(tokenizer, body, budget)
         if len(ids) < 2:

@@ -3,6 +3,14 @@
 Every step appends one entry to RUN/manifest.json: what went in, what came out (path, bytes, sha256),
 the perplexity of its result on the run's token ids, wall time, peak RSS, library versions and the exact
 config. A failed step is recorded too, with its reason, so the ledger shows where quality was lost.
+
+Steps of one run may run side by side (`export --format gguf` and `--format onnx` at once): an append is a
+read-modify-replace of the manifest under an exclusive lock on RUN/.manifest.json.lock (filelock: flock on
+Linux and macOS, LockFileEx on Windows; where neither works, e.g. some network filesystems, it falls back
+to a lock file that exists only while held). Readers need no lock: the manifest is replaced atomically.
+
+A manifest is also input (runs are copied, edited, damaged): it is read through one validated reader that
+refuses anything but an edgeft ledger with a one-line error.
 """
 
 from __future__ import annotations
@@ -21,10 +29,21 @@ from pathlib import Path
 from typing import Iterator
 
 from . import __version__
-from .atomic import sha256_file, write_json
+from .atomic import NON_FINITE, finite, sha256_file, write_json
 from .errors import EdgeftError
+from .inputs import read_json
 
 MANIFEST = "manifest.json"
+LOCK = ".manifest.json.lock"
+LOCK_TIMEOUT_S = 600  # another step's append takes milliseconds; minutes mean a stuck process
+_FIX = "restore it from a copy or use a new --run"
+# The fields the ledger's readers use, and the JSON types each may hold (None: may be absent or null).
+_ENTRY_FIELDS = {"step": (str,), "status": (str,), "inputs": (dict,), "outputs": (list,), "metrics": (dict,),
+                 "perplexity": (dict, None), "reference": (dict, None),
+                 "config": (dict, None), "gate": (dict, None), "reason": (str, None), "note": (str, None),
+                 "wall_s": (int, float, None), "peak_rss_mb": (int, float, None)}
+_MEASURED_FIELDS = {"ppl": (int, float, None), "tokens": (int, None), "model": (str, None)}
+_OUTPUT_FIELDS = {"path": (str,), "bytes": (int,), "sha256": (str,)}
 _STACK = ["torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "gguf", "llama_cpp_python",
           "onnxruntime", "safetensors", "tokenizers"]
 
@@ -114,10 +133,7 @@ class Run:
     def manifest(self) -> dict:
         if not self.manifest_path.is_file():
             return {"edgeft_version": __version__, "created": _now(), "steps": []}
-        try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise EdgeftError(f"{self.manifest_path}: not valid JSON (line {e.lineno}); restore it or use a new --run") from None
+        return read_manifest(self.manifest_path)
 
     def steps(self) -> list[dict]:
         return self.manifest()["steps"]
@@ -129,11 +145,25 @@ class Run:
         return None
 
     def append(self, entry: dict) -> None:
+        """Add `entry` to the manifest. Non-finite numbers in it become null, listed under the entry's
+        "non_finite" (the caller's dict is updated in place, so what it prints matches the ledger)."""
+        from filelock import FileLock, Timeout
+
+        clean, notes = finite(entry)
+        if notes:
+            clean[NON_FINITE] = {**(clean.get(NON_FINITE) or {}), **notes}
+        entry.clear()
+        entry.update(clean)
         self.path.mkdir(parents=True, exist_ok=True)
-        manifest = self.manifest()
-        manifest["steps"].append(entry)
-        manifest["updated"] = _now()
-        write_json(self.manifest_path, manifest)
+        try:
+            with FileLock(self.path / LOCK, timeout=LOCK_TIMEOUT_S):
+                manifest = self.manifest()
+                manifest["steps"].append(entry)
+                manifest["updated"] = _now()
+                write_json(self.manifest_path, manifest)
+        except Timeout:
+            raise EdgeftError(f"{self.path / LOCK}: held by another process for {LOCK_TIMEOUT_S} s; if no edgeft "
+                              f"step is running on {self.path}, that process is stuck: stop it") from None
 
     @contextmanager
     def step(self, name: str, config: dict, inputs: dict) -> Iterator[dict]:
@@ -168,6 +198,38 @@ class Run:
             if torch.cuda.is_available():
                 entry["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             self.append(entry)
+
+
+def read_manifest(path: Path) -> dict:
+    """A manifest checked as a ledger: an object with a list of step entries, each with the fields the
+    ledger's readers use holding the types they expect."""
+    manifest = read_json(path, _FIX)
+    steps = manifest.get("steps")
+    if not isinstance(steps, list):
+        raise EdgeftError(f"{path}: has no 'steps' list, so it is not an edgeft ledger; {_FIX}")
+    for i, entry in enumerate(steps):
+        where = f"{path}: steps[{i}]"
+        if not isinstance(entry, dict):
+            raise EdgeftError(f"{where} is not an object; {_FIX}")
+        _check_fields(entry, _ENTRY_FIELDS, where)
+        for key in ("perplexity", "reference"):
+            if entry.get(key):
+                _check_fields(entry[key], _MEASURED_FIELDS, f"{where}.{key}")
+        for j, out in enumerate(entry.get("outputs") or []):
+            if not isinstance(out, dict):
+                raise EdgeftError(f"{where}.outputs[{j}] is not an object; {_FIX}")
+            _check_fields(out, _OUTPUT_FIELDS, f"{where}.outputs[{j}]")
+    return manifest
+
+
+def _check_fields(obj: dict, fields: dict, where: str) -> None:
+    for key, types in fields.items():
+        value = obj.get(key)
+        if value is None and None in types:
+            continue
+        if isinstance(value, bool) or not isinstance(value, tuple(t for t in types if t is not None)):
+            raise EdgeftError(f"{where}.{key} is {json.dumps(value)[:40]}, not what an edgeft ledger holds there; "
+                              f"{_FIX}")
 
 
 def _now() -> str:

@@ -3,6 +3,11 @@ quantization (`llama_model_quantize`, the same code as the `llama-quantize` tool
 
 Scoring uses perplexity.score with these logits, so a GGUF is measured on exactly the run's token ids in
 exactly the windows `edgeft eval` uses.
+
+A GGUF that did not come from this process (a run folder can be copied from anywhere) is checked first:
+its header by edgeft.inputs.check_gguf, then a load and one decode in a child process, because llama.cpp
+answers some damaged files with GGML_ASSERT, which aborts the whole process. In the child an abort is an
+exit status, turned into a one-line error here. Files the exporter has just written are `trusted`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgeftError
+from .inputs import check_gguf
 
 # --quant name -> llama.cpp file type (llama_ftype); f16/bf16/f32 come from the converter itself.
 QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
@@ -27,12 +33,55 @@ def _threads(threads: int | None) -> int:
     return threads or max(1, os.cpu_count() or 1)
 
 
+# The child process of `probe`: load, make a small context, decode one token.
+_PROBE = """
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], lora_path=sys.argv[2] or None, n_ctx=16, n_batch=16, verbose=False, seed=0)
+llm.eval([min(1, llm.n_vocab() - 1)])
+"""
+PROBE_TIMEOUT_S = 600
+
+
+def probe(path: Path, lora: Path | None = None) -> None:
+    """Load `path` (with `lora`) and decode a token in a child process; an abort or a crash there (a damaged
+    file that llama.cpp asserts on) becomes an EdgeftError here instead of killing this process."""
+    import signal
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(lora or "")], capture_output=True,
+                              text=True, timeout=PROBE_TIMEOUT_S, errors="replace")
+    except subprocess.TimeoutExpired:
+        raise EdgeftError(f"{path}: llama.cpp did not finish loading it in {PROBE_TIMEOUT_S} s") from None
+    if proc.returncode == 0:
+        return
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    said = lines[-1].strip()[:200] if lines else "no message"
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else proc.returncode
+        asserted = next((line.strip()[:200] for line in lines if "GGML_ASSERT" in line or "error" in line.lower()),
+                        said)
+        raise EdgeftError(f"{path}: llama.cpp crashed loading it ({name}: {asserted}); the file is damaged or not a "
+                          f"model this llama.cpp supports")
+    raise EdgeftError(f"{path}: llama.cpp cannot load it ({said}); the file is damaged or not a model this "
+                      f"llama.cpp supports")
+
+
 class LlamaCpp:
     """One loaded GGUF (optionally with a LoRA GGUF applied at load time, as `--lora` does)."""
 
-    def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, lora: Path | None = None):
+    def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, lora: Path | None = None,
+                 trusted: bool = False):
+        from jinja2 import TemplateError
         from llama_cpp import Llama
 
+        if not trusted:
+            for f in (path, lora):
+                if f is not None:
+                    check_gguf(f)
+            probe(Path(path), lora)
         self.path = Path(path)
         try:
             self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
@@ -40,6 +89,9 @@ class LlamaCpp:
                              seed=0)
         except (ValueError, RuntimeError) as e:
             raise EdgeftError(f"{path}: llama.cpp cannot load it ({e})") from None
+        except TemplateError as e:  # llama-cpp-python compiles the GGUF's chat template when it loads
+            raise EdgeftError(f"{path}: its chat template (tokenizer.chat_template) does not parse ({e}); fix the "
+                              f"template in the model folder and export again") from None
         self.n_ctx = n_ctx
 
     def logits(self, window_ids: list[int]) -> np.ndarray:

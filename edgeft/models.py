@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_dir, sha256_file, write_json
-from .errors import EdgeftError
+from .errors import EdgeftError, first_line
+from .inputs import check_safetensors, read_json
 
 DEFAULT_BASE = "smollm2-135m"
 
@@ -60,6 +61,7 @@ def resolve_model(name: str | os.PathLike, *, what: str = "--model") -> Path:
         if not (path / "config.json").is_file():
             raise EdgeftError(f"{what} {name}: not a model folder (no config.json); pass a Hugging Face model "
                               f"folder or one of: {', '.join(EMBEDDED_MODELS)}")
+        read_json(path / "config.json", "the model folder is damaged; copy or save it again")
         return path
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         return _hub_snapshot(name, what)
@@ -175,22 +177,19 @@ def load_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise EdgeftError(f"{path}: cannot load its tokenizer ({_first_line(e)})") from None
+        raise EdgeftError(f"{path}: cannot load its tokenizer ({first_line(e)})") from None
 
 
 def load_model(path: Path, dtype: str = "float32", **kwargs):
     from transformers import AutoModelForCausalLM
 
+    if any(Path(path).glob("*.safetensors")):  # a truncated shard: refused by name, not by a library traceback
+        check_safetensors(path, "the model folder is damaged; copy or save it again")
     _quiet_transformers()
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
-        raise EdgeftError(f"{path}: cannot load it as a causal LM ({_first_line(e)})") from None
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+        raise EdgeftError(f"{path}: cannot load it as a causal LM ({first_line(e)})") from None
 
 
 # Keys that change when the same weights are merely re-saved; they must not change the fingerprint.

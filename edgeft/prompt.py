@@ -7,12 +7,37 @@ answers are comparable token for token.
 
 from __future__ import annotations
 
+from .errors import EdgeftError, first_line
+
 CHAT_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+class TemplateRefused(EdgeftError):
+    """The chat template raised on this conversation (its own check, e.g. "roles must alternate"); the
+    caller names the row."""
+
+
+def apply_template(tokenizer, messages: list[dict], generation_prompt: bool, tokenize: bool):
+    """The tokenizer's chat template applied, its failures as one-line errors: a template that does not
+    parse or crashes is the model folder's fault, a raise_exception() in it refuses the conversation."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    try:
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=tokenize,
+                                            **({"return_dict": True} if tokenize else {}))
+    except TemplateSyntaxError as e:
+        raise EdgeftError(f"{tokenizer.name_or_path}: its chat template does not parse ({first_line(e)}, template "
+                          f"line {e.lineno}); fix chat_template in the model folder") from None
+    except TemplateError as e:
+        raise TemplateRefused(f"the model's chat template refuses this conversation ({first_line(e)})") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise EdgeftError(f"{tokenizer.name_or_path}: its chat template fails ({type(e).__name__}: "
+                          f"{first_line(e)}); fix chat_template in the model folder") from None
+    return out["input_ids"] if tokenize else out
+
+
 def prompt_ids(tokenizer) -> list[int]:
-    return list(tokenizer.apply_chat_template(CHAT_PROMPT, add_generation_prompt=True, tokenize=True,
-                                              return_dict=True)["input_ids"])
+    return list(apply_template(tokenizer, CHAT_PROMPT, generation_prompt=True, tokenize=True))
 
 
 def prompt_text() -> str:

@@ -14,13 +14,17 @@ A backend supplies `logits_fn(piece_ids) -> [len(piece_ids), vocab]` float logit
 rest, so torch, llama.cpp, onnxruntime and the board differ only in the logits they produce. `compare_pieces`
 scores two backends piece by piece on the same ids and adds KL divergence and top-1 agreement; `Comparison`
 is how every step records "this model vs its reference" in the ledger.
+
+`TokenDifference` compares two backends token by token when both kept their per-token NLLs (the board
+and the host): the perplexity ratio is exp(mean difference), and the spread of the differences says how
+much of that ratio a sample of this many tokens can show by chance (its standard error).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -76,9 +80,12 @@ class PerplexityResult:
     stride: int
     seconds: float
     backend: str
+    # Per scored token, in order (score(..., per_token=True), or the board's own): the NLL and the top-1 id.
+    token_nll: list[float] | None = field(default=None, repr=False)
+    token_top1: list[int] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k not in ("token_nll", "token_top1")}
 
     def entry(self, model: str, text: str) -> dict:
         """The ledger form: the result, what was scored and on which text."""
@@ -131,30 +138,96 @@ def _rows_and_targets(piece: Piece, logits) -> tuple[np.ndarray, np.ndarray]:
 
 
 def score_pieces(pieces: list[Piece], logits_fn: Callable[[list[int]], np.ndarray], *, backend: str = "torch",
-                 window: int = 0, stride: int = 0, progress: Callable[[int, int], None] | None = None
-                 ) -> PerplexityResult:
+                 window: int = 0, stride: int = 0, progress: Callable[[int, int], None] | None = None,
+                 per_token: bool = False) -> PerplexityResult:
     """Perplexity over every piece's scored positions. `window`/`stride` only describe the plan (0 for
-    task pieces, one per held-out example)."""
+    task pieces, one per held-out example). `per_token` keeps each scored token's NLL and top-1 id."""
     start = time.perf_counter()
     nll = 0.0
     count = 0
+    token_nll: list[float] = []
+    token_top1: list[int] = []
     for i, piece in enumerate(pieces):
         rows, targets = _rows_and_targets(piece, logits_fn(piece.ids))
-        nll -= float(token_logprobs(rows, targets).sum())
+        lp = token_logprobs(rows, targets)
+        nll -= float(lp.sum())
         count += len(targets)
+        if per_token:
+            token_nll += (-lp).tolist()
+            token_top1 += rows.argmax(-1).tolist()
         if progress:
             progress(i + 1, len(pieces))
     return PerplexityResult(ppl=math.exp(nll / count), nll_sum=nll, tokens=count, windows=len(pieces),
                             window=window or max((len(p.ids) for p in pieces), default=0), stride=stride,
-                            seconds=round(time.perf_counter() - start, 3), backend=backend)
+                            seconds=round(time.perf_counter() - start, 3), backend=backend,
+                            token_nll=token_nll if per_token else None, token_top1=token_top1 if per_token else None)
 
 
 def score(ids: Sequence[int], logits_fn: Callable[[list[int]], np.ndarray], *, window: int = DEFAULT_WINDOW,
-          stride: int = DEFAULT_STRIDE, backend: str = "torch", progress: Callable[[int, int], None] | None = None
-          ) -> PerplexityResult:
+          stride: int = DEFAULT_STRIDE, backend: str = "torch", progress: Callable[[int, int], None] | None = None,
+          per_token: bool = False) -> PerplexityResult:
     """Perplexity of held-out text ids in the window plan above."""
     return score_pieces(text_pieces(ids, window, stride), logits_fn, backend=backend, window=window, stride=stride,
-                        progress=progress)
+                        progress=progress, per_token=per_token)
+
+
+@dataclass
+class TokenDifference:
+    """Per-token NLL differences d_i = measured - reference of two backends on the same ids and contexts.
+
+    exp(mean d) is the perplexity ratio. The d_i of two correct builds are rounding noise of mean ~0 (the
+    default model's Q4_K_M, emulated Pi 5 vs x86: mean +0.0001 nats, sd 0.10 nats over 1,022 tokens), so
+    the mean of n of them is off by about sd / sqrt(n) by chance alone (0.9% of perplexity at n = 128).
+    `excess` is the smallest |perplexity change| the data supports at `z` standard errors: a gate on it
+    fails a healthy build only with probability Phi(-z) even at its limit, and still fails a broken one,
+    whose change is far beyond its standard error."""
+
+    n: int
+    mean: float  # nats per token
+    sd: float
+    z: float
+    top1_agreement: float | None
+
+    @property
+    def se(self) -> float:
+        return self.sd / math.sqrt(self.n) if self.n > 1 else math.inf
+
+    @property
+    def change(self) -> float:
+        """The measured relative perplexity change (+0.05 = 5% higher)."""
+        return math.exp(self.mean) - 1
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """The relative perplexity change at mean -/+ z standard errors."""
+        return math.exp(self.mean - self.z * self.se) - 1, math.exp(self.mean + self.z * self.se) - 1
+
+    @property
+    def excess(self) -> float:
+        """The smallest |relative perplexity change| within those bounds (0 when they include no change;
+        NaN when the measurement is not a number)."""
+        if not math.isfinite(self.mean) or not math.isfinite(self.sd):
+            return math.nan
+        beyond = max(0.0, abs(self.mean) - self.z * self.se)
+        return math.exp(beyond) - 1
+
+    def to_json(self) -> dict:
+        lo, hi = self.bounds
+        return {"tokens": self.n, "mean_nll_diff": self.mean, "sd_nll_diff": self.sd, "se_nll_diff": self.se,
+                "z": self.z, "change": self.change, "change_low": lo, "change_high": hi, "excess": self.excess,
+                "top1_agreement": self.top1_agreement}
+
+
+def token_difference(measured: PerplexityResult, reference: PerplexityResult, z: float) -> TokenDifference:
+    """Both results must have kept their per-token NLLs over the same scored tokens."""
+    if measured.token_nll is None or reference.token_nll is None or len(measured.token_nll) != len(reference.token_nll):
+        raise ValueError("token_difference needs the per-token NLLs of both results, over the same tokens")
+    d = np.asarray(measured.token_nll, dtype=np.float64) - np.asarray(reference.token_nll, dtype=np.float64)
+    top1 = None
+    if measured.token_top1 is not None and reference.token_top1 is not None:
+        top1 = float(np.mean(np.asarray(measured.token_top1) == np.asarray(reference.token_top1)))
+    return TokenDifference(n=len(d), mean=float(d.mean()), sd=float(d.std(ddof=1)) if len(d) > 1 else math.inf, z=z,
+                           top1_agreement=top1)
 
 
 def torch_logits_fn(model) -> Callable[[list[int]], np.ndarray]:

@@ -4,7 +4,10 @@ On the target: a greedy answer to a fixed chat prompt (checks: non-empty, no rep
 at end-of-generation), prompt and decode tokens/s, and perplexity on the run's token ids with the same
 windows as everywhere else. The board's perplexity must match the host's (llama.cpp's Python binding, same
 GGUF, same ids) within 2%: ARM's dot-product kernels round differently, more than that means a broken
-build. Decode tokens/s is also given as a fraction of the profile's bandwidth bound (bandwidth / model size).
+build. Both score every token, so the comparison is token by token: what the gate takes is the change
+beyond 3 standard errors of the per-token differences (see gates.BOARD_Z), not the raw perplexity ratio,
+which a sample of 128 tokens moves by about 1% by chance. Decode tokens/s is also given as a fraction of
+the profile's bandwidth bound (bandwidth / model size).
 
 --emulate runs the board's aarch64 build under qemu-user with the board's own CPU model (-cpu cortex-a76
 for a Pi 5), on this host or, with --host, on that host: a build whose flags do not fit the CPU dies with
@@ -13,23 +16,25 @@ SIGILL, a free check. llama.cpp is 20-50x slower there, so emulated runs score -
 
 from __future__ import annotations
 
-import json
 import math
 import shlex
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .config import to_dict
-from .deploy import TASK_PIECES, TASK_PROMPTS, bundle, pick_gguf
+from .deploy import TASK_PIECES, TASK_PROMPTS, bundle, export_source, pick_gguf
 from .errors import EdgeftError
-from .gates import BOARD_MATCH, Gate, check
+from .gates import BOARD_MATCH, BOARD_Z, Gate, check
 from .heldout import TOKENS_FILE, EvalTokens
+from .inputs import parse_json
 from .ledger import Run
 from .progress import console
 from .prompt import answer_ok, prompt_ids, prompt_text
-from .scoring import Comparison, PerplexityResult, score
+from .scoring import Comparison, PerplexityResult, score, token_difference
 from .ssh import SSHOptions
 from .task import TaskScore, changes, judge_answers, read_task_set, score_task
 
@@ -55,11 +60,11 @@ class SmokeResult:
     entry: dict
 
 
-def _runner(c: SmokeConfig, profile, workdir: str):
-    """A function running a shell command in the target's work folder, returning stdout."""
-    prefix = ""
-    if c.emulate:
-        prefix = f"qemu-{profile.arch}-static -cpu {profile.qemu_cpu or 'max'} "
+def _runner(c: SmokeConfig, profile, workdir: str) -> Callable[[list[str], float], str]:
+    """A function running a command (an argument list) in the target's work folder, returning stdout.
+    Never through a local shell: profile fields are data (a user's profile is a YAML file anyone can hand
+    over). On a board the command line is the remote shell's, so every argument is quoted."""
+    prefix = [f"qemu-{profile.arch}-static", "-cpu", profile.qemu_cpu or "max"] if c.emulate else []
     sigill = (f"the {profile.name} build died with SIGILL (illegal instruction) on the target CPU"
               + (f" (qemu -cpu {profile.qemu_cpu})" if c.emulate else "")
               + ": the profile's compiler flags use instructions that CPU lacks; pick the board's profile")
@@ -67,42 +72,43 @@ def _runner(c: SmokeConfig, profile, workdir: str):
     if c.host:
         remote = c.remote()
 
-        def run(cmd: str, timeout: float, board: bool = True) -> str:
+        def run(argv: list[str], timeout: float) -> str:
             try:
-                return remote.run(f"cd {shlex.quote(workdir)} && {prefix if board else ''}{cmd}", timeout=timeout)
+                return remote.run(f"cd -- {shlex.quote(workdir)} && {shlex.join(prefix + argv)}", timeout=timeout)
             except EdgeftError as e:
                 if f"(exit {SIGILL})" in str(e):
                     raise EdgeftError(sigill) from None
                 raise
         return run
 
-    def run_local(cmd: str, timeout: float, board: bool = True) -> str:
-        proc = subprocess.run(f"{prefix if board else ''}{cmd}", shell=True, cwd=workdir, capture_output=True, text=True,
-                              timeout=timeout)
-        if proc.returncode in (SIGILL, -4):
+    def run_local(argv: list[str], timeout: float) -> str:
+        try:
+            proc = subprocess.run(prefix + argv, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+        except FileNotFoundError:
+            raise EdgeftError(f"{(prefix + argv)[0]}: not found on this machine"
+                              + ("; apt-get install qemu-user-static" if prefix else "")) from None
+        except subprocess.TimeoutExpired:
+            raise EdgeftError(f"`{shlex.join(argv)[:60]}` took longer than {timeout:.0f} s on the target") from None
+        if proc.returncode in (SIGILL, -signal.SIGILL):
             raise EdgeftError(sigill)
         if proc.returncode != 0:
-            raise EdgeftError(f"`{cmd[:60]}` failed on the target (exit {proc.returncode}): "
+            raise EdgeftError(f"`{shlex.join(argv)[:60]}` failed on the target (exit {proc.returncode}): "
                               f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
         return proc.stdout
     return run_local
 
 
-def _task_on_target(entry: dict, task, c: SmokeConfig, target, q: str, threads: int, host_model, tokenizer,
-                    slow: int, label: str, run: Run) -> None:
+def _task_on_target(entry: dict, task, c: SmokeConfig, board_json, model_file: str, threads: int, host_model,
+                    tokenizer, slow: int, label: str, run: Run) -> None:
     """The task's perplexity and exact answers on the target, against the host's llama.cpp on the same GGUF
     and the same examples (a subset when emulating: qemu runs llama.cpp 20-50x slower)."""
     n = min(c.task_items or (3 if c.emulate else len(task.items)), len(task.items))
-    pieces, prompts_file = TASK_PIECES, TASK_PROMPTS
-    if n < len(task.items):  # the first n lines, cut on the target with POSIX tools
-        target(f"head -n {n} {TASK_PIECES} > n{n}-{TASK_PIECES} && head -n {n} {TASK_PROMPTS} > n{n}-{TASK_PROMPTS}",
-               timeout=60, board=False)
-        pieces, prompts_file = f"n{n}-{TASK_PIECES}", f"n{n}-{TASK_PROMPTS}"
     tokens = sum(len(i.ids) for i in task.items[:n])
     with console.status(f"smoke: the task's perplexity and answers on {n} examples"):
-        scored = json.loads(target(f"./edgeft-board score {q} {pieces} {threads}", timeout=(60 + tokens / 10) * slow))
-        answered = json.loads(target(f"./edgeft-board answers {q} {prompts_file} {threads}",
-                                     timeout=(60 + n * 10) * slow))
+        scored = board_json("score", model_file, TASK_PIECES, str(threads), str(n), timeout=(60 + tokens / 10) * slow,
+                            keys=("ppl", "nll_sum", "tokens", "pieces", "seconds"))
+        answered = board_json("answers", model_file, TASK_PROMPTS, str(threads), str(n), timeout=(60 + n * 10) * slow,
+                              keys=("answers",))
     rate, fields, count, samples = judge_answers(task, answered["answers"], tokenizer)
     on_board = TaskScore(ppl=PerplexityResult(ppl=scored["ppl"], nll_sum=scored["nll_sum"], tokens=scored["tokens"],
                                               windows=scored["pieces"], window=0, stride=0,
@@ -117,7 +123,8 @@ def _task_on_target(entry: dict, task, c: SmokeConfig, target, q: str, threads: 
     if merged and n == len(task.items):
         out["vs_merged"] = changes(out, merged)
     elif n < len(task.items):
-        out["note"] = f"{n} of {len(task.items)} task examples (emulated: qemu is slow); compared with the host on the same {n}"
+        out["note"] = (f"{n} of {len(task.items)} task examples (emulated: qemu is slow); compared with the host on "
+                       f"the same {n}")
 
 
 def smoke(config: SmokeConfig) -> SmokeResult:
@@ -137,7 +144,7 @@ def smoke(config: SmokeConfig) -> SmokeResult:
     if c.emulate and not profile.qemu_cpu and profile.arch == "aarch64":
         raise EdgeftError(f"--device {profile.name}: the profile has no qemu_cpu to emulate")
     gguf, export_entry = pick_gguf(run, c.quant)
-    tokens = EvalTokens.from_json(json.loads((run.path / TOKENS_FILE).read_text()))
+    tokens = EvalTokens.read(run.path / TOKENS_FILE)
     limit = c.max_tokens or (129 if c.emulate else len(tokens.ids))
     ids = tokens.ids[:limit]
     window = min(export_entry["config"]["window"], len(ids))
@@ -145,7 +152,7 @@ def smoke(config: SmokeConfig) -> SmokeResult:
     threads = c.threads or profile.threads or 2
     if c.emulate:
         threads = c.threads or 2  # qemu-user runs on the host's cores
-    source = run.path / "merged" if (run.path / "merged").is_dir() else Path(export_entry["inputs"]["source"])
+    source = export_source(run, export_entry)
     tokenizer = load_tokenizer(source)
 
     if c.host:
@@ -162,10 +169,19 @@ def smoke(config: SmokeConfig) -> SmokeResult:
     inputs = {"gguf": gguf.name, "quant": export_entry["inputs"]["quant"], "device": profile.name,
               "mode": "emulated" if c.emulate else ("board" if c.host else "local"), "host": c.host or None,
               "tokens": len(ids), "eval_tokens": TOKENS_FILE}
+    def board_json(*args: str, timeout: float, keys: tuple[str, ...]) -> dict:
+        """edgeft-board's one JSON object; anything else means another (older) build on the board."""
+        out = parse_json(target(["./edgeft-board", *args], timeout), f"edgeft-board {args[0]} on the target",
+                         "run `edgeft deploy` again so the board has this edgeft's build")
+        if not isinstance(out, dict) or any(k not in out for k in keys):
+            raise EdgeftError(f"edgeft-board {args[0]} on the target printed no {', '.join(keys)}: it is another "
+                              f"version's build; run `edgeft deploy` again")
+        return out
+
     with run.step("smoke", to_dict(c), inputs) as entry:
-        q = shlex.quote(model_file)
         with console.status(f"smoke on {inputs['mode']} {profile.name}: generate"):
-            gen = json.loads(target(f"./edgeft-board generate {q} prompt_ids.txt 32 {threads}", timeout=60 * slow))
+            gen = board_json("generate", model_file, "prompt_ids.txt", "32", str(threads), timeout=60 * slow,
+                             keys=("ids",))
         answer = tokenizer.decode(gen["ids"], skip_special_tokens=True)
         # Gated: an answer at all, and valid UTF-8 text. Recorded: whether it stopped at end-of-generation
         # and whether it is the host's greedy answer for the same GGUF (a small quant of a small model can
@@ -173,28 +189,31 @@ def smoke(config: SmokeConfig) -> SmokeResult:
         gen_ok = answer_ok(answer)
         with console.status(f"smoke on {inputs['mode']} {profile.name}: bench"):
             pp, tg = (32, 8) if c.emulate else (128, 32)
-            bench = json.loads(target(f"./edgeft-board bench {q} {pp} {tg} {threads}", timeout=60 * slow))
+            bench = board_json("bench", model_file, str(pp), str(tg), str(threads), timeout=60 * slow,
+                               keys=("tg_tokens_per_s", "model_bytes"))
         with console.status(f"smoke on {inputs['mode']} {profile.name}: perplexity on {len(ids)} ids"):
-            sub = "eval_ids.txt"
-            if limit < len(tokens.ids):  # the first N ids, cut on the target with POSIX tools
-                target(f"tr ' ' '\\n' < eval_ids.txt | head -n {limit} > eval_ids_{limit}.txt", timeout=60,
-                       board=False)
-                sub = f"eval_ids_{limit}.txt"
-            board = json.loads(target(f"./edgeft-board perplexity {q} {sub} {window} {stride} {threads}",
-                                      timeout=120 * slow + len(ids) * slow / 10))
+            board = board_json("perplexity", model_file, "eval_ids.txt", str(window), str(stride), str(threads),
+                               str(len(ids)), timeout=120 * slow + len(ids) * slow / 10,
+                               keys=("ppl", "tokens", "windows", "seconds", "token_nll", "top1"))
         task = read_task_set(run.path, tokenizer)
         host_model = LlamaCpp(gguf, n_ctx=max(window, 128, task.longest if task else 0))
-        host = score(ids, host_model.logits, window=window, stride=stride, backend="llama.cpp (host)")
+        host = score(ids, host_model.logits, window=window, stride=stride, backend="llama.cpp (host)", per_token=True)
         host_ids, _ = host_model.generate(prompt_ids(tokenizer), 32)
         if task:
-            _task_on_target(entry, task, c, target, q, threads, host_model, tokenizer, slow,
+            _task_on_target(entry, task, c, board_json, model_file, threads, host_model, tokenizer, slow,
                             f"{gguf.name} on {profile.name}" + (" (emulated)" if c.emulate else ""), run)
         host_model.close()
         same = next((i for i, (a, b) in enumerate(zip(gen["ids"], host_ids)) if a != b), min(len(gen["ids"]), len(host_ids)))
-        on_board = PerplexityResult(ppl=board["ppl"], nll_sum=math.log(board["ppl"]) * board["tokens"],
-                                    tokens=board["tokens"], windows=board["windows"], window=window, stride=stride,
-                                    seconds=board["seconds"], backend=f"llama.cpp on {inputs['mode']} {profile.name}")
+        token_nll = [math.nan if x is None else x for x in board["token_nll"]]  # the board prints NaN as null
+        if len(token_nll) != host.tokens:
+            raise EdgeftError(f"edgeft-board scored {len(token_nll)} tokens where the host scored {host.tokens}: "
+                              f"another version's build; run `edgeft deploy` again")
+        on_board = PerplexityResult(ppl=math.exp(sum(token_nll) / len(token_nll)), nll_sum=sum(token_nll),
+                                    tokens=len(token_nll), windows=board["windows"], window=window, stride=stride,
+                                    seconds=board["seconds"], backend=f"llama.cpp on {inputs['mode']} {profile.name}",
+                                    token_nll=token_nll, token_top1=board["top1"])
         vs_host = Comparison(measured=on_board, reference=host)
+        per_token = token_difference(on_board, host, BOARD_Z)
         vs_host.record(entry, f"{gguf.name} on {profile.name}" + (" (emulated)" if c.emulate else ""),
                        f"{gguf.name} on host", "host", tokens.source)
         bound = (profile.memory_bandwidth_gbs * 1e9 / bench["model_bytes"]) if profile.memory_bandwidth_gbs else None
@@ -207,11 +226,15 @@ def smoke(config: SmokeConfig) -> SmokeResult:
             "bound_note": ("emulated: qemu speed, not the board's" if c.emulate else
                            f"bound = {profile.memory_bandwidth_gbs} GB/s / model bytes "
                            f"({profile.memory_bandwidth_source})" if bound else "no bandwidth figure in the profile"),
-            "threads": threads, "qemu_cpu": profile.qemu_cpu if c.emulate else None})
-        diff = vs_host.change
-        failure = (f"board perplexity {board['ppl']:.4f} is {100 * diff:+.2f}% from the host's {host.ppl:.4f} on "
-                   f"the same {board['tokens']} tokens (limit {100 * BOARD_MATCH:.0f}%)")
-        if not gen_ok and abs(diff) <= BOARD_MATCH:
+            "threads": threads, "qemu_cpu": profile.qemu_cpu if c.emulate else None,
+            "board_vs_host": per_token.to_json()})
+        low, high = per_token.bounds
+        failure = (f"board perplexity {on_board.ppl:.4f} is {100 * per_token.change:+.2f}% from the host's "
+                   f"{host.ppl:.4f} on the same {host.tokens} tokens ({100 * low:+.2f}% to {100 * high:+.2f}% at "
+                   f"{BOARD_Z:g} standard errors of the per-token differences), beyond the {100 * BOARD_MATCH:.0f}% "
+                   f"that rounding explains: the board's build computes something else")
+        if not gen_ok and per_token.excess <= BOARD_MATCH:
             failure = f"the board's answer failed its checks (empty or replacement characters): {answer[:80]!r}"
-        check(entry, Gate("board vs host perplexity", diff, BOARD_MATCH, failure, absolute=True, also=gen_ok))
+        check(entry, Gate(f"board vs host perplexity change beyond {BOARD_Z:g} standard errors", per_token.excess,
+                          BOARD_MATCH, failure, also=gen_ok))
     return SmokeResult(run=run.path, entry=entry)

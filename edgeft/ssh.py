@@ -3,7 +3,9 @@
 Everything goes through the `ssh` binary, so ~/.ssh/config, agents, jump hosts and known_hosts work as
 they do for the user. Host keys are checked as OpenSSH checks them (we never pass StrictHostKeyChecking=no);
 BatchMode makes an unknown key or a password prompt fail at once instead of hanging. Every remote path
-is quoted with shlex.quote.
+is quoted with shlex.quote and follows `--` in the remote commands, and the host follows `--` on ssh's own
+command line: a host such as `-oProxyCommand=...` would otherwise reach ssh as an option and run a local
+command, so hosts starting with '-' are refused outright.
 
 Copies stream the file into `ssh HOST 'cat >> DEST.part'`: an interrupted copy leaves DEST.part, the next
 copy appends from its size, the whole file's sha256 is checked on the board, and only then is it renamed
@@ -50,6 +52,11 @@ class Remote:
     connect_timeout: int = 10
     extra: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        if not self.host or self.host.startswith("-") or any(ch in self.host for ch in "\0\n\r"):
+            raise EdgeftError(f"--host {self.host!r}: not a host name; give user@board or an alias from your ssh "
+                              f"config (a host may not start with '-': ssh would read it as an option)")
+
     def command(self, remote_cmd: str) -> list[str]:
         cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout}",
                "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
@@ -57,7 +64,7 @@ class Remote:
             cmd += ["-F", self.ssh_config]
         if self.port:
             cmd += ["-p", str(self.port)]
-        return cmd + self.extra + [self.host, remote_cmd]
+        return cmd + self.extra + ["--", self.host, remote_cmd]
 
     def run(self, remote_cmd: str, timeout: float | None = 60, check: bool = True) -> str:
         try:
@@ -76,7 +83,7 @@ class Remote:
         if not paths:
             return {}
         quoted = " ".join(shlex.quote(p) for p in paths)
-        out = self.run(f"for f in {quoted}; do [ -f \"$f\" ] && sha256sum \"$f\"; done; true", timeout=600)
+        out = self.run(f"for f in {quoted}; do [ -f \"$f\" ] && sha256sum -- \"$f\"; done; true", timeout=600)
         found = {}
         for line in out.splitlines():
             digest, _, name = line.partition("  ")
@@ -91,21 +98,21 @@ class Remote:
         """Copy `local` to `dest` on the board, resuming a partial copy; verified before the final rename."""
         part = dest + ".part"
         q_part, q_dest = shlex.quote(part), shlex.quote(dest)
-        self.run(f"mkdir -p {shlex.quote(str(Path(dest).parent))}")
+        self.run(f"mkdir -p -- {shlex.quote(str(Path(dest).parent))}")
         total = local.stat().st_size
         for attempt in (1, 2):
             have = self.size(part)
             if have > total:  # longer than the source: not a prefix of it
-                self.run(f"rm -f {q_part}")
+                self.run(f"rm -f -- {q_part}")
                 have = -1
             offset = max(have, 0)
             if offset < total or have < 0:
                 self._stream(local, offset, f"cat >> {q_part}" if offset else f"cat > {q_part}", progress)
             got = self.sha256([part]).get(part)
             if got == sha256:
-                self.run(f"mv -f {q_part} {q_dest}")
+                self.run(f"mv -f -- {q_part} {q_dest}")
                 return {"resumed_from": offset, "sent": total - offset, "attempts": attempt}
-            self.run(f"rm -f {q_part}")  # a corrupt prefix: start over once
+            self.run(f"rm -f -- {q_part}")  # a corrupt prefix: start over once
         raise EdgeftError(f"{local.name}: the copy on the board does not match its sha256 after two tries")
 
     def _stream(self, local: Path, offset: int, remote_cmd: str, progress) -> None:

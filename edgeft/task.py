@@ -60,8 +60,28 @@ class TaskSet:
 
     @classmethod
     def from_json(cls, d: dict) -> "TaskSet":
-        return cls(items=[TaskItem(**i) for i in d["items"]], source=d["source"],
+        return cls(items=[TaskItem(i["ids"], i["targets"], i["prompt"], i["expected"]) for i in d["items"]],
+                   source=d["source"],
                    tokenizer_sha256=d["tokenizer_sha256"], kind=d["kind"])
+
+    @classmethod
+    def read(cls, path: Path) -> "TaskSet":
+        """A run's stored task set, checked: every backend will index its vocabulary with these ids."""
+        from .inputs import read_json
+
+        fix = "restore it, or use a new --run"
+        d = read_json(path, fix)
+        items = d.get("items")
+
+        def ints(xs) -> bool:
+            return isinstance(xs, list) and all(type(i) is int and 0 <= i < 2**31 for i in xs)
+
+        if not (isinstance(items, list) and all(isinstance(i, dict) and ints(i.get("ids")) and ints(i.get("targets"))
+                                                and ints(i.get("prompt")) and isinstance(i.get("expected"), str)
+                                                and all(0 < t < len(i["ids"]) for t in i["targets"]) for i in items)
+                and all(isinstance(d.get(k), str) for k in ("source", "tokenizer_sha256", "kind"))):
+            raise EdgeftError(f"{path}: not an edgeft task file (items of ids, targets, prompt, expected); {fix}")
+        return cls.from_json(d)
 
 
 def _as_json_object(text: str):
@@ -105,7 +125,7 @@ def read_task_set(run_dir: Path | None, tokenizer=None) -> TaskSet | None:
     if run_dir is None or not (Path(run_dir) / TASK_FILE).is_file():
         return None
     path = Path(run_dir) / TASK_FILE
-    task = TaskSet.from_json(json.loads(path.read_text()))
+    task = TaskSet.read(path)
     if tokenizer is not None:
         from .heldout import tokenizer_sha256
 

@@ -3,8 +3,9 @@
 The recipe users expect from PEFT/TRL (LoRA r=16, alpha=32, dropout 0.05; QLoRA = NF4 base with double
 quantization and bf16 compute on CUDA; cosine schedule with warmup; adapter saved alone in PEFT format),
 run by a training loop of our own rather than TRL's SFTTrainer, because:
-- resume must give the *same* adapter as an uninterrupted run: we checkpoint adapter, optimizer, scheduler
-  and RNG state, and the data order is a pure function of (seed, epoch), so resuming is exact;
+- resume must give the *same* adapter as an uninterrupted run: we checkpoint adapter, optimizer and
+  scheduler state at step boundaries only (Ctrl-C finishes the step it lands in), and the data order and
+  dropout masks are pure functions of (seed, step), so resuming is exact;
 - the loss is normalised by the labelled tokens of a whole optimizer step (prompt and padding are -100),
   whatever the micro-batching, and batches are grouped by length so CPU time is not spent on padding;
 - measuring "before" on a 4-bit base before training silently zeroes LoRA gradients on AVX512-BF16 CPUs
@@ -18,18 +19,23 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .adapter import ADAPTER_META
-from .atomic import atomic_dir, atomic_file, write_json
+from .atomic import atomic_dir, write_json
+from .checkpoint import load_state, save_state
 from .config import to_dict
 from .dataset import Example, load_examples, split
-from .errors import EdgeftError
+from .errors import EdgeftError, first_line
 from .gates import Gate, check
 from .heldout import TOKENS_FILE, HeldOutOptions
+from .inputs import read_json
 from .ledger import Run, artifact, default_run_dir
 from .models import DEFAULT_BASE, fingerprint, load_model, load_tokenizer, resolve_model
 from .progress import bar, console
@@ -115,13 +121,18 @@ def split_examples(c: TrainConfig, tokenizer) -> tuple[list[Example], list[Examp
 def read_train_config(run_dir: Path) -> TrainConfig | None:
     """How the run's adapter was trained (RUN/train_config.json), or None for a run without training."""
     import dataclasses
-    import json
+
+    from .config import load_config
 
     path = Path(run_dir) / TRAIN_CONFIG
     if not path.is_file():
         return None
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+    saved = read_json(path, "it records how the run was trained; restore it or train again")
+    try:
+        return load_config(TrainConfig, None, {k: v for k, v in saved.items() if k in known})
+    except EdgeftError as e:
+        raise EdgeftError(f"{path}: {e}") from None
 
 
 def _validate(c: TrainConfig) -> None:
@@ -242,44 +253,58 @@ def batch_plan(examples: list[Example], batch_size: int, seed: int, epoch: int) 
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def _checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / CHECKPOINTS).glob("step-*.pt"))
+    return sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if p.is_dir())
 
 
 def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> None:
     """Adapter, optimizer and schedule: all a resumed run needs, since the data order and the dropout
     masks are functions of (seed, step, rank) (see step_seed). Written by the main process only: under data
-    parallelism every rank holds the same adapter and optimizer state."""
-    import torch
+    parallelism every rank holds the same adapter and optimizer state. Tensors go to safetensors and the
+    rest to JSON (edgeft.checkpoint): loading a checkpoint can never run code."""
     from peft import get_peft_model_state_dict
 
-    blob = {"step": step, "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), **state}
-    with atomic_file(run_dir / CHECKPOINTS / f"step-{step:06d}.pt") as tmp:
-        torch.save(blob, tmp)
+    save_state(run_dir / CHECKPOINTS / f"step-{step:06d}", {
+        "step": step, "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), **state})
     for old in _checkpoints(run_dir)[:-max(keep, 1)]:
-        old.unlink()
+        shutil.rmtree(old)
 
 
 def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     import torch
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    set_peft_model_state_dict(model, blob["adapter"])
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
+    blob = load_state(path)
+    fix = "it is not from this training; resume from another checkpoint or start without --resume"
+    kinds = {"step": int, "adapter": dict, "optimizer": dict, "scheduler": dict, "curve": list, "seen_tokens": int,
+             "train_seconds": (int, float)}
+    bad = [k for k, kind in kinds.items() if not isinstance(blob.get(k), kind)]
+    if bad:
+        raise EdgeftError(f"{path}: {', '.join(bad)} missing or of the wrong kind; {fix}")
+    adapter = blob["adapter"]
+    tensors = all(isinstance(v, torch.Tensor) for v in adapter.values())
+    if set(adapter) != set(get_peft_model_state_dict(model)) or not tensors:
+        raise EdgeftError(f"{path}: its adapter tensors do not match the model's LoRA modules; {fix}")
+    try:
+        set_peft_model_state_dict(model, adapter)
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise EdgeftError(f"{path}: cannot restore the training state ({first_line(e)}); {fix}") from None
     return blob
 
 
 def _check_resumable(run: Run, c: TrainConfig, world_size: int) -> Path:
     found = _checkpoints(run.path)
     if not found:
+        pickled = sorted((run.path / CHECKPOINTS).glob("step-*.pt"))
+        if pickled:
+            raise EdgeftError(f"--resume: {pickled[-1]} is an old pickle checkpoint, which runs code when loaded; "
+                              f"edgeft no longer reads them: start without --resume")
         raise EdgeftError(f"--resume: no checkpoint in {run.path / CHECKPOINTS}; start without --resume")
     saved = run.path / TRAIN_CONFIG
     if saved.is_file():
-        import json
-
-        before = json.loads(saved.read_text())
+        before = read_json(saved, "delete it to resume without the settings check, or use a new --run")
         now = {**to_dict(c), "world_size": world_size}
         changed = [k for k in (*_RESUME_KEYS, "world_size") if before.get(k, 1 if k == "world_size" else None)
                    != now.get(k)]
@@ -287,6 +312,34 @@ def _check_resumable(run: Run, c: TrainConfig, world_size: int) -> Path:
             raise EdgeftError(f"--resume: {', '.join(changed)} differ from the interrupted run "
                               f"({saved}); resume with the same settings or use a new --run")
     return found[-1]
+
+
+class StopAtStepBoundary:
+    """Ctrl-C during training: the first asks the loop to stop after the optimizer step it is in (the loop
+    saves a checkpoint there, so resuming gives exactly the adapter an uninterrupted run would); a second
+    raises KeyboardInterrupt at once, saving nothing. A KeyboardInterrupt anywhere else in a step would
+    leave a state that is half one step and half the next (parameters updated, schedule not yet), which a
+    checkpoint must never record. Installed only in the main thread (Python delivers signals there)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.print("[yellow]Ctrl-C: stopping at the end of this step, where a checkpoint is saved (Ctrl-C again: "
+                      "stop at once, saving nothing of this step)")
+
+    def __enter__(self) -> "StopAtStepBoundary":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -392,8 +445,9 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
         plans: dict[int, list[list[int]]] = {}
         model.train()
         step = start_step
+        saved_at = start_step
         try:
-            with bar("train", steps, enabled=main) as update:
+            with bar("train", steps, enabled=main) as update, StopAtStepBoundary() as ctrl_c:
                 update(step, steps)
                 while step < steps:
                     t0 = time.perf_counter()
@@ -432,19 +486,27 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
-                    if world > 1:
-                        step_loss = acc.reduce(step_loss, "sum")
+                    stop = ctrl_c.requested
+                    if world > 1:  # one collective per step carries the loss and whether any process stops
+                        both = acc.reduce(torch.stack([step_loss, torch.tensor(float(stop), device=device)]), "sum")
+                        step_loss, stop = both[0], bool(both[1] > 0)
                     curve.append(round(float(step_loss) / n_labels, 5))  # the step's one wait for the device
                     train_seconds += time.perf_counter() - t0
                     update(step, steps, f"loss {curve[-1]:.4f}  {seen_tokens / train_seconds:,.0f} tok/s")
                     if on_step:
                         on_step(step, curve[-1], seen_tokens)
-                    if c.save_every and step % c.save_every == 0 and step < steps:
+                    if (stop or c.save_every and step % c.save_every == 0) and step < steps:
                         checkpoint(step)
+                        saved_at = step
+                    if stop and step < steps:
+                        raise TrainingInterrupted(
+                            f"interrupted at step {step}/{steps}; checkpoint saved in {run.path / CHECKPOINTS}; "
+                            f"continue with --resume --run {run.path}")
         except KeyboardInterrupt:
-            checkpoint(step)
-            raise TrainingInterrupted(f"interrupted at step {step}/{steps}; checkpoint saved in "
-                                      f"{run.path / CHECKPOINTS}; continue with --resume --run {run.path}") from None
+            # A second Ctrl-C: it landed anywhere in a step, so this state is not saved.
+            raise TrainingInterrupted(
+                f"aborted during step {step + 1}/{steps} by a second Ctrl-C; nothing saved for it"
+                + (f"; continue from step {saved_at} with --resume --run {run.path}" if saved_at else "")) from None
         peak_gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None
         acc.wait_for_everyone()
         adapter_dir = run.path / ADAPTER_DIR

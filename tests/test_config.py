@@ -66,3 +66,70 @@ def test_export_settings_belong_to_their_format(tmp_path):
     with pytest.raises(EdgeftError, match="--imatrix is a setting of --format gguf, not onnx"):
         load_export_config(f)
     assert_one_line_error(CliRunner().invoke(cli, ["export", "--format", "tflite"]), "--format tflite")
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("max_steps: 1.5\n", "c.yaml: key 'max_steps': 1.5 is not a valid int"),
+    ("lr: .nan\n", "key 'lr': nan is not a valid float"),
+    ("lr: [1, 2]\n", "key 'lr': [1, 2] is not a valid float"),
+    ("data: {a: 1}\n", "key 'data': {'a': 1} is not a valid str"),
+    ("strict: 2\n", "key 'strict': 2 is not a valid bool"),
+    ("target_modules: 5\n", "key 'target_modules': 5 is not a valid"),
+    ("1: 2\n", "key 1 is not a name"),
+    ("- a\n- b\n", "must hold a mapping"),
+    ("a: [\n", "cannot parse it"),
+])
+def test_config_values_of_the_wrong_kind_are_refused_not_truncated(tmp_path, text, needle):
+    """A float for an integer setting was silently truncated (1.5 -> 1); now every value must be of its
+    setting's kind (a whole float such as 8.0 is a whole number)."""
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(EdgeftError, match=needle.replace("[", r"\[").replace("{", r"\{")):
+        load_config(TrainConfig, f)
+    f.write_text("max_steps: 8.0\nlr: 3\n")
+    assert (load_config(TrainConfig, f).max_steps, load_config(TrainConfig, f).lr) == (8, 3.0)
+
+
+def test_a_pipeline_step_with_a_float_for_an_integer_is_refused(tmp_path):
+    from edgeft.pipeline import load_pipeline, run_pipeline
+
+    f = tmp_path / "p.yaml"
+    f.write_text(f"run: {tmp_path / 'run'}\ntrain: {{data: demo, base: /nowhere, max_steps: 2.5}}\n")
+    with pytest.raises(EdgeftError, match="--max-steps: 2.5 is not a valid int"):
+        run_pipeline(load_pipeline(f))
+
+
+def test_fuzzed_config_files_load_or_fail_in_one_line(tmp_path):
+    """Seeded, bounded: 400 config files (YAML, TOML and JSON; valid keys with values of every kind, then
+    bytes flipped and files cut) through the loader of every step's config: no traceback, ever."""
+    import dataclasses
+    import random
+
+    rng = random.Random(5)
+    classes = [TrainConfig, MergeConfig, EvalConfig, GGUFExportConfig, OnnxExportConfig, SmokeConfig, DeployConfig]
+    values = ["1", "-3", "1.5", "1e400", ".inf", ".nan", "yes", "null", "''", "[1, 2]", "{a: 1}", "'x'", "2e3",
+              "[[[[[]]]]]", "&a [1]", "\"\\ud800\"", "0x10", "'1,2,3'", "~", "[a, *b]"]
+    outcomes = {"loaded": 0, "refused": 0}
+    for i in range(400):
+        cls = rng.choice(classes)
+        names = [f.name for f in dataclasses.fields(cls)]
+        lines = [f"{rng.choice(names + ['nope'])}: {rng.choice(values)}" for _ in range(rng.randint(1, 4))]
+        suffix = rng.choice([".yaml", ".toml", ".json"])
+        text = "\n".join(lines) + "\n"
+        if suffix == ".toml":
+            text = text.replace(": ", " = ")
+        data = bytearray(text.encode())
+        if rng.random() < 0.3:
+            for _ in range(rng.randint(1, 3)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        if rng.random() < 0.1:
+            data = data[:rng.randrange(len(data))]
+        f = tmp_path / f"c{i}{suffix}"
+        f.write_bytes(bytes(data))
+        try:
+            load_config(cls, f)
+            outcomes["loaded"] += 1
+        except EdgeftError as e:
+            assert "\n" not in str(e), str(e)
+            outcomes["refused"] += 1
+    assert outcomes["loaded"] > 30 and outcomes["refused"] > 200, outcomes

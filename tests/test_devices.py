@@ -35,3 +35,38 @@ def test_memory_need_counts_the_kv_cache_and_fit_leaves_room_for_the_os():
     ok, usable = fits(rpi4, need)
     assert ok and usable < min(rpi4.ram_gb) * 2**30
     assert not fits(rpi4, 100 * 2**30)[0]
+
+
+def test_a_profile_is_data_never_shell(edgeft_home, tmp_path):
+    """Profile fields reached a local `shell=True` command line in smoke (`qemu-ARCH-static -cpu QEMU_CPU ...`)
+    and an unquoted one on the board in deploy: a user-added profile could run commands. Names are now
+    validated when a profile loads, and smoke runs argument lists without a shell."""
+    import pytest
+
+    import edgeft.devices
+
+    from .conftest import assert_one_line_error
+
+    marker = tmp_path / "pwned"
+    rpi5 = (Path(edgeft.devices.__file__).parent / "rpi5.yaml").read_text()
+    user = edgeft_home / "devices"
+    user.mkdir(exist_ok=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text('{"steps": []}')
+    try:
+        for field, evil in [("qemu_cpu", f"'max; touch {marker}'"), ("arch", f"'aarch64$(touch {marker})'"),
+                            ("name", "'../../x'"), ("threads", "1.5"), ("cmake", "'-DX=1'")]:
+            text = rpi5.replace("name: rpi5", "name: evil")
+            text = "\n".join(f"{field}: {evil}" if line.startswith(f"{field}:") else line for line in text.splitlines())
+            (user / "evil.yaml").write_text(text)
+            assert_one_line_error(CliRunner().invoke(cli, ["devices"]), "evil.yaml", f"'{field}'")
+            assert_one_line_error(CliRunner().invoke(cli, ["smoke", str(run), "--emulate", "--device", "evil"]),
+                                  "evil.yaml")
+        (user / "evil.yaml").write_bytes(b"\xff\xfe")
+        assert_one_line_error(CliRunner().invoke(cli, ["devices"]), "evil.yaml", "not UTF-8")
+    finally:
+        (user / "evil.yaml").unlink()
+    assert not marker.exists()
+    with pytest.raises(Exception):
+        edgeft.devices.get("evil")

@@ -59,3 +59,11 @@ def test_gate_specs():
         parse_gates("q6_k=0.1", GGUF_GATES, made)
     with pytest.raises(EdgeftError, match="'x' is not a number"):
         parse_gates("q8_0=x", GGUF_GATES, made)
+
+
+def test_a_measurement_without_a_limit_must_still_be_a_number():
+    entry = {}
+    check(entry, Gate("perplexity", 14.9, None, "broken"))
+    assert entry["gate"] == {"metric": "perplexity", "max": None, "value": 14.9, "passed": True}
+    with pytest.raises(GateFailed, match="broken.*not a number"):
+        check({}, Gate("perplexity", math.nan, None, "broken"))

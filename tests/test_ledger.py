@@ -57,3 +57,122 @@ def test_show_on_a_folder_without_manifest(tmp_path):
     result = CliRunner().invoke(cli, ["show", str(tmp_path)])
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and "manifest.json" in result.output
+
+
+def _entry(i: int, **more) -> dict:
+    return {"step": "export-gguf", "status": "ok", "inputs": {"i": i}, "outputs": [], "metrics": {}, **more}
+
+
+def test_concurrent_steps_lose_no_entry(tmp_path):
+    """Steps of one run side by side (export gguf and onnx at once): 4 processes x 100 appends keep all 400."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom edgeft.ledger import Run\nrun = Run(sys.argv[1])\nfor i in range(100):\n"
+            "    run.append({'step': 'p' + sys.argv[2], 'status': 'ok', 'inputs': {'i': i}, 'outputs': [], "
+            "'metrics': {}})\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(p)]) for p in range(4)]
+    assert [p.wait() for p in procs] == [0] * 4
+    steps = Run(tmp_path).steps()
+    assert len(steps) == 400
+    for p in range(4):  # and each process's own entries in its order
+        assert [e["inputs"]["i"] for e in steps if e["step"] == f"p{p}"] == list(range(100))
+
+
+def test_a_nan_perplexity_is_written_as_null_with_the_reason(tmp_path):
+    import math
+
+    run = Run(tmp_path)
+    with pytest.raises(GateFailed, match="not a number"):
+        with run.step("export-gguf", {}, {}) as entry:
+            entry["perplexity"] = {"ppl": math.nan, "tokens": 10, "model": "broken"}
+            entry["metrics"]["kl_mean"] = math.inf
+            from edgeft.gates import Gate, check
+
+            check(entry, Gate("perplexity rise", math.nan, 0.02, "Q4_K_M: perplexity rose too much"))
+    text = (tmp_path / "manifest.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    (e,) = json.loads(text)["steps"]
+    assert e["status"] == "failed" and "not a number" in e["reason"]
+    assert e["perplexity"]["ppl"] is None and e["gate"] == {"metric": "perplexity rise", "max": 0.02, "value": None,
+                                                           "passed": False, "not_finite": "nan"}
+    assert e["non_finite"] == {"perplexity.ppl": "nan", "metrics.kl_mean": "inf"}
+    assert entry["perplexity"]["ppl"] is None  # what the step returns matches what was written
+    result = CliRunner().invoke(cli, ["show", str(tmp_path)])
+    assert result.exit_code == 0 and "broken" in result.output
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"\x00\x01\x02garbage\xff", "not UTF-8"),
+    (b"[1, 2, 3]", "holds a JSON array, not an object"),
+    (b"{\"steps\": {}}", "no 'steps' list"),
+    (b"{\"steps\": [{\"step\": \"train\"}]}", "steps[0].status"),
+    (b"{\"steps\": [{\"step\": \"eval\", \"status\": \"ok\", \"inputs\": {}, \"outputs\": [], \"metrics\": {}, "
+     b"\"perplexity\": {\"ppl\": \"high\"}}]}", "steps[0].perplexity.ppl"),
+    (b"{\"steps\": [" + b"[" * 50000 + b"]" * 50000 + b"]}", "nested too deeply"),
+    (b"{\"steps\": [], \"x\": \"\\udc00\"}", "not valid Unicode"),
+])
+def test_show_refuses_what_is_not_a_ledger_in_one_line(tmp_path, content, needle):
+    from .conftest import assert_one_line_error
+
+    (tmp_path / "manifest.json").write_bytes(content)
+    assert_one_line_error(CliRunner().invoke(cli, ["show", str(tmp_path)]), "manifest.json", needle)
+    assert_one_line_error(CliRunner().invoke(cli, ["show", str(tmp_path), "--json"]), needle)
+
+
+def test_an_old_manifest_with_a_bare_nan_reads_as_null(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"steps": [{"step": "eval", "status": "ok", "inputs": {}, "outputs": [],'
+                                            ' "metrics": {}, "perplexity": {"ppl": NaN, "tokens": 3}}]}')
+    assert Run(tmp_path).steps()[0]["perplexity"]["ppl"] is None
+    result = CliRunner().invoke(cli, ["show", str(tmp_path), "--json"])
+    assert result.exit_code == 0 and "NaN" not in result.output
+
+
+def test_fuzzed_manifests_give_a_table_or_one_line_never_a_traceback(tmp_path):
+    """Seeded, bounded: 300 damaged copies of a real ledger (byte flips, truncations, values swapped for
+    other JSON types) through `edgeft show` and the reader every step uses."""
+    import random
+
+    from edgeft.errors import EdgeftError
+
+    run = Run(tmp_path / "good")
+    for i in range(3):
+        with run.step("eval", {"i": i}, {"model": "m"}) as entry:
+            entry["perplexity"] = {"ppl": 10.0 + i, "tokens": 100, "model": "m"}
+            entry["outputs"].append({"path": "x.bin", "bytes": 10, "sha256": "0" * 64})
+    good = run.manifest_path.read_bytes()
+    rng = random.Random(13)
+    weird = [None, True, -1, 1e308, "", "x" * 300, [], {}, [[[]]], {"ppl": "a"}, "\u202e", 2**70]
+
+    def mutate() -> bytes:
+        kind = rng.randrange(3)
+        if kind == 0:
+            b = bytearray(good)
+            for _ in range(rng.randint(1, 6)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            return bytes(b)
+        if kind == 1:
+            return good[:rng.randrange(len(good))]
+        doc = node = json.loads(good)
+        while keys := list(node) if isinstance(node, dict) else list(range(len(node))):
+            key = rng.choice(keys)  # walk down to a random place, replace its value
+            if rng.random() < 0.4 or not isinstance(node[key], (dict, list)):
+                node[key] = rng.choice(weird)
+                break
+            node = node[key]
+        return json.dumps(doc).encode()
+
+    outcomes = {"shown": 0, "refused": 0}
+    folder = tmp_path / "fuzz"
+    folder.mkdir()
+    for _ in range(300):
+        (folder / "manifest.json").write_bytes(mutate())
+        result = CliRunner().invoke(cli, ["show", str(folder)])
+        assert result.exit_code in (0, 2) and "Traceback" not in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        if result.exit_code == 2:
+            assert result.output.strip().count("\n") == 0 and result.output.startswith("error: ")
+            with pytest.raises(EdgeftError):
+                Run(folder).manifest()
+        outcomes["shown" if result.exit_code == 0 else "refused"] += 1
+    assert outcomes["shown"] > 20 and outcomes["refused"] > 100, outcomes

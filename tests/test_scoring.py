@@ -60,3 +60,50 @@ def test_tiny_random_llama_perplexity_is_deterministic(tiny_llama):
     # overlapping windows give more context per scored token than disjoint ones, but on noise it's the same
     c = score(ids, torch_logits_fn(_tiny_model(tiny_llama)), window=256, stride=256)
     assert c.ppl == pytest.approx(a.ppl, rel=0.05) and c.ppl != a.ppl
+
+
+def _result(token_nll, top1=None):
+    from edgeft.scoring import PerplexityResult
+
+    nll = float(np.sum(token_nll))
+    return PerplexityResult(ppl=math.exp(nll / len(token_nll)), nll_sum=nll, tokens=len(token_nll), windows=1,
+                            window=len(token_nll) + 1, stride=len(token_nll) + 1, seconds=0.0, backend="test",
+                            token_nll=list(map(float, token_nll)), token_top1=top1)
+
+
+def test_score_keeps_per_token_nlls_that_sum_to_its_total():
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 50, 300)]
+    logits_fn = lambda w: np.random.default_rng(len(w)).normal(size=(len(w), 50))  # noqa: E731
+    r = score(ids, logits_fn, window=128, stride=128, per_token=True)
+    assert len(r.token_nll) == len(r.token_top1) == r.tokens
+    assert math.isclose(sum(r.token_nll), r.nll_sum, rel_tol=1e-12)
+    assert "token_nll" not in r.to_json()
+
+
+def test_the_board_gate_is_robust_to_rounding_noise_and_still_catches_a_broken_build():
+    """Healthy boards: per-token NLL differences of mean 0 and the spread measured on the emulated Pi 5
+    (sd 0.14 nats over the smoke's 128 tokens). The raw perplexity ratio of 128 tokens crosses 2% for many
+    of them, which is how the old gate failed healthy boards; the change beyond 3 standard errors never
+    does. Broken boards (a true change of +8%, or garbage) fail it."""
+    from edgeft.gates import BOARD_MATCH, BOARD_Z
+    from edgeft.scoring import token_difference
+
+    rng = np.random.default_rng(2024)
+    host = rng.gamma(2.0, 1.4, size=128)  # per-token NLLs of the host, a perplexity near 16
+    raw_fails = robust_fails = caught = 0
+    trials = 2000
+    for _ in range(trials):
+        healthy = token_difference(_result(host + rng.normal(0, 0.14, 128)), _result(host), BOARD_Z)
+        raw_fails += abs(healthy.change) > BOARD_MATCH
+        robust_fails += healthy.excess > BOARD_MATCH
+        broken = token_difference(_result(host + math.log(1.08) + rng.normal(0, 0.14, 128)), _result(host), BOARD_Z)
+        caught += broken.excess > BOARD_MATCH
+    assert raw_fails > 0.05 * trials  # the old gate: a healthy board failed about one run in nine
+    assert robust_fails == 0
+    assert caught > 0.6 * trials  # +8% is caught in most 128-token runs (and always with more tokens)
+    garbage = token_difference(_result(host + rng.normal(2.0, 1.0, 128)), _result(host), BOARD_Z)
+    assert garbage.excess > 1.0
+    nan = token_difference(_result(np.append(host[:-1], np.nan)), _result(host), BOARD_Z)
+    assert math.isnan(nan.excess)
+    same = token_difference(_result(host, [1] * 128), _result(host, [1] * 64 + [2] * 64), BOARD_Z)
+    assert same.excess == 0.0 and same.change == 0.0 and same.top1_agreement == 0.5

@@ -59,6 +59,9 @@ def test_default_q4km_deployed_and_smoked_on_the_emulated_pi5(default_model, boa
     assert entry["inputs"]["mode"] == "emulated" and entry["metrics"]["qemu_cpu"] == "cortex-a76"
     assert entry["gate"]["passed"] and entry["gate"]["value"] < 0.02
     assert entry["perplexity"]["tokens"] == 128
+    per_token = entry["metrics"]["board_vs_host"]  # the gate's statistic: the change beyond 3 standard errors
+    assert per_token["tokens"] == 128 and per_token["change_low"] < per_token["change"] < per_token["change_high"]
+    assert per_token["top1_agreement"] > 0.85 and per_token["excess"] == entry["gate"]["value"]
     gen = entry["metrics"]["generation"]
     # Non-empty valid text. Not compared token for token with the host: on this prompt the default model's
     # Q4_K_M has a near-tie for the first token (logits 23.59 vs 23.52), which kernel rounding can flip.
@@ -83,3 +86,17 @@ def test_emulating_a_pi5_build_on_a_pi4_cpu_dies_with_sigill(tiny_export_run, ed
         assert "SIGILL" in result.output.strip().splitlines()[-1]
     finally:
         (user / "wrong.yaml").unlink()
+
+
+def test_tiny_smoke_over_ssh_runs_the_board_commands_quoted(tiny_export_run, board, tmp_path):
+    """The board side of smoke on the loopback sshd: every command an argument list quoted for the remote
+    shell, in a folder whose name needs quoting; the per-token comparison with the host on 39 tokens."""
+    dest = tmp_path / "a board dir; with 'quotes'"
+    assert _deploy(tiny_export_run, board, dest, "--quant", "q8_0").exit_code == 0
+    result = CliRunner().invoke(cli, ["smoke", str(tiny_export_run), "--device", "rpi5", "--host", "board",
+                                      "--ssh-config", board.config, "--dest", str(dest), "--emulate", "--quant", "q8_0",
+                                      "--max-tokens", "40", "--json"])
+    assert result.exit_code in (0, 3), result.output  # a random tiny model may fail the answer check only
+    entry = json.loads((tiny_export_run / "manifest.json").read_text())["steps"][-1]
+    assert entry["step"] == "smoke" and entry["inputs"]["mode"] == "emulated"
+    assert entry["metrics"]["board_vs_host"]["tokens"] == 39 and entry["gate"]["value"] < 0.02

@@ -55,3 +55,33 @@ def test_copy_is_verified_resumed_and_resent(board, tmp_path):
     again = remote.send(local, str(dest), digest)
     assert again["attempts"] == 2 and dest.read_bytes() == data
     assert not (dest.parent / "model.bin.part").exists()
+
+
+def test_a_host_that_is_an_ssh_option_is_refused_and_runs_nothing(board, tmp_path):
+    """`--host=-oProxyCommand=CMD` reached ssh as an option and ran CMD here; now it is refused, and every
+    ssh call puts `--` before the destination."""
+    marker = tmp_path / "pwned"
+    for host in (f"-oProxyCommand=touch {marker}", "-F/dev/null", "", "board\nHostName evil"):
+        with pytest.raises(EdgeftError, match="not a host name"):
+            SSHOptions(host=host, ssh_config=board.config).remote().run("true")
+    assert not marker.exists()
+    cmd = _remote(board).command("true")
+    assert cmd[-3:] == ["--", "board", "true"]
+    assert _remote(board).run("echo ok").strip() == "ok"  # `--` is what OpenSSH expects
+
+
+def test_remote_paths_starting_with_a_dash_are_paths(board, tmp_path):
+    """A relative --dest such as '-rf' is a folder name in the login's home, never an option of mkdir, mv,
+    rm or sha256sum on the board."""
+    import uuid
+
+    remote = _remote(board)
+    local = tmp_path / "f.bin"
+    local.write_bytes(b"abc" * 1000)
+    digest = hashlib.sha256(local.read_bytes()).hexdigest()
+    folder = f"-edgeft-test-{uuid.uuid4().hex[:8]}"
+    try:
+        assert remote.send(local, f"{folder}/-n.bin", digest)["sent"] == 3000
+        assert remote.sha256([f"{folder}/-n.bin"]) == {f"{folder}/-n.bin": digest}
+    finally:
+        remote.run(f"rm -rf -- {folder}")

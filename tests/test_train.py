@@ -1,12 +1,17 @@
 """edgeft train: data validation, target modules, LoRA gradients (4-bit too), exact resume, the gate, and a
 real fine-tune of the default model on the demo task."""
 
+import contextlib
 import json
+import os
+import shutil
+import signal
 
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from edgeft.cli import cli
 from edgeft.train import TrainConfig, TrainingInterrupted, build_model, hardware, train
@@ -111,35 +116,94 @@ def _adapter(run_dir):
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny_llama, tmp_path):
-    whole = train(_tiny_config(tiny_llama, tmp_path, "whole"))
-    assert len(whole.entry["metrics"]["loss_curve"]) == 6
+@contextlib.contextmanager
+def _ctrl_c_after_optimizer_step(at: int, times: int = 1):
+    """Real Ctrl-Cs (SIGINT to this process) delivered inside a training step: right after the optimizer
+    updated the weights and before the schedule moved on, the worst place for a checkpoint to be taken."""
+    count = 0
 
-    def stop_at(step_no, exc):
-        def hook(step, loss, tokens):
-            if step == step_no:
-                raise exc
-        return hook
+    def hook(optimizer, args, kwargs):
+        nonlocal count
+        count += 1
+        if count == at:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
 
-    cfg = _tiny_config(tiny_llama, tmp_path, "broken")
-    with pytest.raises(TrainingInterrupted, match="interrupted at step 3/6"):  # Ctrl-C: checkpoint at step 3
-        train(cfg, on_step=stop_at(3, KeyboardInterrupt()))
-    cfg.resume = True
-    with pytest.raises(RuntimeError, match="crash"):  # a crash: nothing saved, the step-4 checkpoint remains
-        train(cfg, on_step=stop_at(5, RuntimeError("crash")))
-    resumed = train(cfg)
-    assert resumed.entry["inputs"]["resumed_from"] == "step-000004.pt"
-    a, b = _adapter(whole.run), _adapter(resumed.run)
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _assert_same_adapter(a_run, b_run):
+    a, b = _adapter(a_run), _adapter(b_run)
     assert a.keys() == b.keys() and len(a) == 28
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_ctrl_c_mid_step_then_resume_gives_the_uninterrupted_adapter_bit_for_bit(tiny_llama, tmp_path):
+    whole = train(_tiny_config(tiny_llama, tmp_path, "whole"))
+    assert len(whole.entry["metrics"]["loss_curve"]) == 6
+
+    cfg = _tiny_config(tiny_llama, tmp_path, "broken")
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 3/6"), _ctrl_c_after_optimizer_step(3):
+        train(cfg)  # Ctrl-C inside step 3: the step finishes and is saved
+    assert sorted(p.name for p in (tmp_path / "broken" / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    cfg.resume = True
+    # Ctrl-C twice inside step 5 (the 2nd optimizer step of this process): stops at once, saves nothing of it;
+    # the step-4 checkpoint (save_every 2) remains.
+    with pytest.raises(TrainingInterrupted, match="aborted during step 5/6 by a second Ctrl-C.*from step 4"), \
+            _ctrl_c_after_optimizer_step(2, times=2):
+        train(cfg)
+    assert sorted(p.name for p in (tmp_path / "broken" / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+    resumed = train(cfg)
+    assert resumed.entry["inputs"]["resumed_from"] == "step-000004"
+    _assert_same_adapter(whole.run, resumed.run)
     assert resumed.entry["metrics"]["loss_curve"] == whole.entry["metrics"]["loss_curve"]
     statuses = [s["status"] for s in json.loads((resumed.run / "manifest.json").read_text())["steps"]]
     assert statuses == ["failed", "failed", "ok"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
 
     cfg.lr = 5e-4  # a changed setting cannot continue the same training
     with pytest.raises(Exception, match="--resume: lr differ"):
         train(cfg)
+
+
+def test_checkpoints_hold_no_pickle_and_a_planted_one_is_refused(tiny_llama, tmp_path):
+    """A checkpoint is safetensors + JSON; an old-style pickle in the run folder is never unpickled, and a
+    damaged checkpoint is a one-line error."""
+    cfg = _tiny_config(tiny_llama, tmp_path, "run", max_steps=3)
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["state.json", "tensors.safetensors"]
+    assert json.loads((ckpt / "state.json").read_text())["state"]["step"] == 2
+    saved = shutil.copytree(ckpt, tmp_path / "saved")
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    shutil.rmtree(ckpt.parent)
+    ckpt.parent.mkdir()
+    torch.save({"step": 2, "x": Payload()}, ckpt.parent / "step-000002.pt")
+    args = ["train", "--base", cfg.base, "--data", cfg.data, "--run", cfg.run, "--batch-size", "4", "--max-steps",
+            "3", "--save-every", "2", "--eval-budget", "300", "--window", "128", "--stride", "128",
+            "--eval-generate", "0", "--max-ppl-rise", "100", "--lr", "1e-3", "--resume"]
+    assert_one_line_error(CliRunner().invoke(cli, args), "step-000002.pt", "old pickle checkpoint")
+    assert not marker.exists()
+
+    (ckpt.parent / "step-000002.pt").unlink()
+    shutil.copytree(saved, ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    state["state"]["adapter"] = {"$tensor": "t999999"}
+    (ckpt / "state.json").write_text(json.dumps(state))
+    assert_one_line_error(CliRunner().invoke(cli, args), "step-000002/state.json", "checkpoint is damaged")
+    (ckpt / "tensors.safetensors").write_bytes((ckpt / "tensors.safetensors").read_bytes()[:1000])
+    assert_one_line_error(CliRunner().invoke(cli, args), "tensors.safetensors", "truncated")
 
 
 def test_adapter_loads_in_plain_peft_and_gate_failure_exits_3(tiny_llama, tmp_path):
@@ -226,8 +290,7 @@ def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(
     assert (e1["world_size"], e2["world_size"]) == (1, 2) and e1["rows_per_step"] == e2["rows_per_step"] == 8
     assert e1["train_tokens"] == e2["train_tokens"]
     assert e2["tokens_per_s_per_device"] == pytest.approx(e2["tokens_per_s"] / 2, rel=1e-3)
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-000002.pt",
-                                                                                  "step-000004.pt"]
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     # resume in two processes from the step-4 checkpoint: the same adapter again
     import shutil
 

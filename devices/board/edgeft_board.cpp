@@ -4,12 +4,13 @@
 // perplexity uses exactly the windows and ids of every other backend (see edgeft/scoring.py, whose
 // window plan this file repeats). Prompts for generation also arrive as ids.
 //
-//   edgeft-board perplexity MODEL IDS_FILE WINDOW STRIDE THREADS
+//   edgeft-board perplexity MODEL IDS_FILE WINDOW STRIDE THREADS [MAX_IDS]
+//                           (the first MAX_IDS ids only; also prints each scored token's NLL and top-1 id)
 //   edgeft-board generate   MODEL IDS_FILE MAX_NEW THREADS
 //   edgeft-board bench      MODEL N_PROMPT N_GEN THREADS
-//   edgeft-board score      MODEL PIECES_FILE THREADS     (task perplexity: one piece per line,
+//   edgeft-board score      MODEL PIECES_FILE THREADS [MAX]  (task perplexity: one piece per line,
 //                                                          "ids ... | scored positions ...")
-//   edgeft-board answers    MODEL PROMPTS_FILE THREADS    (greedy answers: one prompt per line,
+//   edgeft-board answers    MODEL PROMPTS_FILE THREADS [MAX] (greedy answers: one prompt per line,
 //                                                          "max_new | ids ...")
 //
 // Each prints one JSON object on stdout. IDS_FILE holds whitespace-separated token ids.
@@ -30,6 +31,11 @@ static double now() {
 
 static void quiet(enum ggml_log_level level, const char * text, void *) {
     if (level >= GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
+}
+
+// A number as JSON: NaN and inf are not JSON, so a broken model's scores print as null.
+static void print_number(const char * format, double x) {
+    if (std::isfinite(x)) printf(format, x); else printf("null");
 }
 
 static std::vector<llama_token> read_ids(const char * path) {
@@ -116,13 +122,16 @@ struct Session {
 };
 
 static int perplexity(int argc, char ** argv) {
-    if (argc != 7) { fprintf(stderr, "usage: perplexity MODEL IDS WINDOW STRIDE THREADS\n"); return 2; }
+    if (argc != 7 && argc != 8) { fprintf(stderr, "usage: perplexity MODEL IDS WINDOW STRIDE THREADS [MAX_IDS]\n"); return 2; }
     std::vector<llama_token> ids = read_ids(argv[3]);
     int window = atoi(argv[4]), stride = atoi(argv[5]), threads = atoi(argv[6]);
+    if (argc == 8 && (size_t) atol(argv[7]) < ids.size()) ids.resize((size_t) atol(argv[7]));
     Session s(argv[2], window, threads);
     int n_vocab = llama_vocab_n_tokens(s.vocab);
     double start = now(), nll = 0.0;
     long count = 0, n_windows = 0;
+    std::vector<double> token_nll;  // per scored token, for the host's per-token comparison
+    std::vector<int> top1;
     size_t n = ids.size(), scored_until = 1, begin = 0;
     while (scored_until < n) {  // the same plan as edgeft.perplexity.windows
         size_t end = begin + window < n ? begin + window : n;
@@ -131,7 +140,11 @@ static int perplexity(int argc, char ** argv) {
             llama_memory_clear(llama_get_memory(s.ctx), true);
             s.decode(ids, begin, end, true);
             for (size_t t = score_from; t < end; t++) {
-                nll += nll_of(llama_get_logits_ith(s.ctx, (int) (t - 1 - begin)), n_vocab, ids[t]);
+                const float * logits = llama_get_logits_ith(s.ctx, (int) (t - 1 - begin));
+                double token = nll_of(logits, n_vocab, ids[t]);
+                nll += token;
+                token_nll.push_back(token);
+                top1.push_back(argmax(logits, n_vocab));
                 count++;
             }
             scored_until = end;
@@ -139,8 +152,19 @@ static int perplexity(int argc, char ** argv) {
         }
         begin += stride;
     }
-    printf("{\"ppl\": %.8f, \"nll_sum\": %.6f, \"tokens\": %ld, \"windows\": %ld, \"window\": %d, \"stride\": %d, "
-           "\"seconds\": %.3f}\n", std::exp(nll / count), nll, count, n_windows, window, stride, now() - start);
+    printf("{\"ppl\": ");
+    print_number("%.8f", std::exp(nll / count));
+    printf(", \"nll_sum\": ");
+    print_number("%.6f", nll);
+    printf(", \"tokens\": %ld, \"windows\": %ld, \"window\": %d, \"stride\": %d, \"seconds\": %.3f, \"token_nll\": [",
+           count, n_windows, window, stride, now() - start);
+    for (size_t i = 0; i < token_nll.size(); i++) {
+        if (i) printf(", ");
+        print_number("%.6f", token_nll[i]);
+    }
+    printf("], \"top1\": [");
+    for (size_t i = 0; i < top1.size(); i++) printf(i ? ", %d" : "%d", top1[i]);
+    printf("]}\n");
     return 0;
 }
 
@@ -196,8 +220,9 @@ static int bench(int argc, char ** argv) {
 
 static int score(int argc, char ** argv) {
     // The task's perplexity: each piece decoded from an empty cache, only its listed positions scored.
-    if (argc != 5) { fprintf(stderr, "usage: score MODEL PIECES THREADS\n"); return 2; }
+    if (argc != 5 && argc != 6) { fprintf(stderr, "usage: score MODEL PIECES THREADS [MAX]\n"); return 2; }
     auto pieces = read_pairs(argv[3]);
+    if (argc == 6 && (size_t) atol(argv[5]) < pieces.size()) pieces.resize((size_t) atol(argv[5]));
     size_t longest = 2;
     for (auto & p : pieces) longest = p.first.size() > longest ? p.first.size() : longest;
     Session s(argv[2], (int) longest, atoi(argv[4]));
@@ -220,8 +245,9 @@ static int score(int argc, char ** argv) {
 
 static int answers(int argc, char ** argv) {
     // Greedy answers to several prompts in one model load, each from an empty cache.
-    if (argc != 5) { fprintf(stderr, "usage: answers MODEL PROMPTS THREADS\n"); return 2; }
+    if (argc != 5 && argc != 6) { fprintf(stderr, "usage: answers MODEL PROMPTS THREADS [MAX]\n"); return 2; }
     auto prompts = read_pairs(argv[3]);
+    if (argc == 6 && (size_t) atol(argv[5]) < prompts.size()) prompts.resize((size_t) atol(argv[5]));
     size_t longest = 8;
     for (auto & p : prompts) {
         size_t need = p.second.size() + (p.first.empty() ? 0 : p.first[0]) + 8;

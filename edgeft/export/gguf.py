@@ -93,6 +93,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
     if existing and not c.overwrite:
         raise EdgeftError(f"{existing[0]}: already exists; pass --overwrite to replace it, or another --out")
     tokenizer = load_tokenizer(source.path)
+    prompt_ids(tokenizer)  # a chat template that fails is refused before anything is written
     tokens = c.heldout_tokens(tokenizer, run.path)
     task = read_task_set(run.path, tokenizer)
     n_ctx = max(c.window, task.longest if task else 0)  # the longest task example must fit one context
@@ -114,7 +115,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
         entry["outputs"].append(artifact(ref_path, run.path))
         entry["metrics"]["convert"] = {"arch": result.arch, "tensors": result.tensors,
                                        "fused_loras": result.fused_loras}
-        ref = LlamaCpp(ref_path, n_ctx=n_ctx, threads=c.threads)
+        ref = LlamaCpp(ref_path, n_ctx=n_ctx, threads=c.threads, trusted=True)
         parity = tokenizer_parity(ref, tokens)
         entry["metrics"]["tokenizer_parity"] = parity
         if not parity["equal"]:
@@ -148,7 +149,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
                 with atomic_file(paths[q]) as tmp, console.status(f"quantize {ref_path.name} → {q}"):
                     quantize(ref_path, tmp, q, c.threads, imatrix=table)
                 entry["outputs"].append(artifact(paths[q], run.path))
-                model = LlamaCpp(paths[q], n_ctx=n_ctx, threads=c.threads)
+                model = LlamaCpp(paths[q], n_ctx=n_ctx, threads=c.threads, trusted=True)
                 with bar(f"llama.cpp {paths[q].name} vs {ref_path.name}") as update:
                     cmp = compare(ref, model, tokens.ids, c.window, c.stride, progress=update,
                                   backends=("llama.cpp", "llama.cpp"))
@@ -267,7 +268,7 @@ def adapter_only(c: GGUFExportConfig, source: Source, paths: dict, fused: LlamaC
             convert(source.path, tmp, paths["base"].name.rsplit("-", 1)[-1].split(".")[0].lower(), progress=update,
                     name=source.path.name)
         entry["outputs"] += [artifact(paths["lora"], run.path), artifact(paths["base"], run.path)]
-        applied = LlamaCpp(paths["base"], n_ctx=fused.n_ctx, threads=c.threads, lora=paths["lora"])
+        applied = LlamaCpp(paths["base"], n_ctx=fused.n_ctx, threads=c.threads, lora=paths["lora"], trusted=True)
         with bar("llama.cpp base + LoRA GGUF vs fused") as update:
             cmp = compare(fused, applied, tokens.ids, c.window, c.stride, progress=update,
                           backends=("llama.cpp", "llama.cpp"))

@@ -169,6 +169,7 @@ def export_onnx(config: OnnxExportConfig) -> ExportResult:
     if existing and not c.overwrite:
         raise EdgeftError(f"{existing[0]}: already exists; pass --overwrite to replace it, or another --out")
     tokenizer = load_tokenizer(source.path)
+    prompt_ids(tokenizer)  # a chat template that fails is refused before anything is written
     tokens = c.heldout_tokens(tokenizer, run.path)
     task = read_task_set(run.path, tokenizer)
     inputs = source.inputs(TOKENS_FILE, format="onnx")

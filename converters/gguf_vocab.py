@@ -43,30 +43,37 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
+def _fields(buf: bytes):
+    """(field number, value) of each field of one protobuf message: bytes for length-delimited fields, an int
+    for varints, the raw 4 bytes for fixed32 (SentencePiece's score); fixed64 is skipped."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 2:
+            n, i = _varint(buf, i)
+            if i + n > len(buf):
+                raise IndexError(i + n)
+            yield field, buf[i:i + n]
+            i += n
+        elif wire == 0:
+            v, i = _varint(buf, i)
+            yield field, v
+        elif wire == 5:
+            yield field, buf[i:i + 4]
+            i += 4
+        elif wire == 1:
+            i += 8
+        else:
+            raise ValueError(wire)
+
+
 def read_spm_pieces(path: Path) -> list[tuple[str, float, int]]:
     """(piece, score, type) for every piece of a SentencePiece ModelProto (field 1, repeated SentencePiece:
     1 piece string, 2 score float, 3 type enum defaulting to NORMAL). Other fields are skipped by wire type."""
-    buf = path.read_bytes()
-    pieces = []
-    i = 0
     try:
-        while i < len(buf):
-            key, i = _varint(buf, i)
-            field, wire = key >> 3, key & 7
-            if wire == 2:
-                n, i = _varint(buf, i)
-                if field == 1:
-                    pieces.append(_piece(buf[i:i + n]))
-                i += n
-            elif wire == 0:
-                _, i = _varint(buf, i)
-            elif wire == 5:
-                i += 4
-            elif wire == 1:
-                i += 8
-            else:
-                raise ValueError(wire)
-    except (IndexError, ValueError, UnicodeDecodeError):
+        pieces = [_piece(value) for field, value in _fields(path.read_bytes()) if field == 1]
+    except (IndexError, ValueError, UnicodeDecodeError, struct.error):
         raise VocabError(f"{path}: not a SentencePiece model (damaged protobuf); copy tokenizer.model from the base "
                          f"model again") from None
     if not pieces:
@@ -75,28 +82,16 @@ def read_spm_pieces(path: Path) -> list[tuple[str, float, int]]:
 
 
 def _piece(buf: bytes) -> tuple[str, float, int]:
+    if not isinstance(buf, bytes):
+        raise ValueError("piece is not a message")
     piece, score, kind = "", 0.0, SPM_NORMAL
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 2:
-            n, i = _varint(buf, i)
-            if field == 1:
-                piece = buf[i:i + n].decode("utf-8")
-            i += n
-        elif wire == 5:
-            if field == 2:
-                (score,) = struct.unpack("<f", buf[i:i + 4])
-            i += 4
-        elif wire == 0:
-            v, i = _varint(buf, i)
-            if field == 3:
-                kind = v
-        elif wire == 1:
-            i += 8
-        else:
-            raise ValueError(wire)
+    for field, value in _fields(buf):
+        if field == 1 and isinstance(value, bytes):
+            piece = value.decode("utf-8")
+        elif field == 2 and isinstance(value, bytes):
+            (score,) = struct.unpack("<f", value)
+        elif field == 3 and isinstance(value, int):
+            kind = value
     return piece, score, kind
 
 

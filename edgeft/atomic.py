@@ -95,51 +95,50 @@ def _disk_full(path: Path, e: OSError) -> EdgeftError:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block completes."""
-    path = Path(path)
+def _atomic(path: Path, make, commit, discard) -> Iterator[Path]:
+    """The protocol both atomic writers share: clear stale temporaries, make a fresh one, `commit` it onto
+    `path` only if the block completes, turn a full disk into one line, and `discard` it otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path)
     tmp = _tmp_sibling(path)
+    make(tmp)
     try:
         yield tmp
-        os.replace(tmp, path)
+        commit(tmp, path)
     except OSError as e:
         if _is_disk_full(path, e):
             raise _disk_full(path, e) from None
         raise
     finally:
         if tmp.exists():
-            tmp.unlink()
+            discard(tmp)
 
 
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `path`; it replaces `path` only if the block completes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(path)
-    tmp = _tmp_sibling(path)
+def _replace_dir(tmp: Path, path: Path) -> None:
+    if path.exists():
+        # os.replace cannot replace a non-empty folder: move the old one aside first.
+        old = _tmp_sibling(path, "old")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+
+
+def _fresh_dir(tmp: Path) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists():
-            # os.replace cannot replace a non-empty folder: move the old one aside first.
-            old = _tmp_sibling(path, "old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except OSError as e:
-        if _is_disk_full(path, e):
-            raise _disk_full(path, e) from None
-        raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+
+
+def atomic_file(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block completes."""
+    return _atomic(Path(path), lambda tmp: None, os.replace, Path.unlink)
+
+
+def atomic_dir(path: str | os.PathLike):
+    """Yield a fresh temporary folder beside `path`; it replaces `path` only if the block completes."""
+    return _atomic(Path(path), _fresh_dir, _replace_dir, shutil.rmtree)
 
 
 def finite(obj, where: str = "") -> tuple[object, dict[str, str]]:

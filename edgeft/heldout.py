@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .atomic import write_json
 from .errors import EdgeftError
-from .inputs import read_json
+from .inputs import read_json, token_ids
 from .models import edgeft_home
 from .scoring import DEFAULT_STRIDE, DEFAULT_WINDOW
 
@@ -76,8 +76,7 @@ class EvalTokens:
         """A run's (or the cache's) stored ids, checked: every backend will index its vocabulary with them."""
         fix = "restore it, or use a new --run (the cache: delete the file)"
         d = read_json(path, fix)
-        ids = d.get("ids")
-        if not (isinstance(ids, list) and len(ids) >= 2 and all(type(i) is int and 0 <= i < 2**31 for i in ids)):
+        if not token_ids(d.get("ids"), at_least=2):
             raise EdgeftError(f"{path}: 'ids' must be a list of at least 2 token ids; {fix}")
         if not all(isinstance(d.get(k), str) for k in ("source", "text_sha256", "tokenizer_sha256")) or \
                 type(d.get("budget")) is not int:

@@ -91,6 +91,12 @@ def read_json(path: str | os.PathLike, fix: str, expect: type = dict):
     return value
 
 
+def token_ids(value, at_least: int = 0) -> bool:
+    """A list of at least `at_least` token ids (ints a vocabulary can be indexed with), as stored in a run."""
+    return isinstance(value, list) and len(value) >= at_least and \
+        all(type(i) is int and 0 <= i < 2**31 for i in value)
+
+
 def _kind(value) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
         type(value), "number")

@@ -67,17 +67,14 @@ class TaskSet:
     @classmethod
     def read(cls, path: Path) -> "TaskSet":
         """A run's stored task set, checked: every backend will index its vocabulary with these ids."""
-        from .inputs import read_json
+        from .inputs import read_json, token_ids
 
         fix = "restore it, or use a new --run"
         d = read_json(path, fix)
         items = d.get("items")
-
-        def ints(xs) -> bool:
-            return isinstance(xs, list) and all(type(i) is int and 0 <= i < 2**31 for i in xs)
-
-        if not (isinstance(items, list) and all(isinstance(i, dict) and ints(i.get("ids")) and ints(i.get("targets"))
-                                                and ints(i.get("prompt")) and isinstance(i.get("expected"), str)
+        if not (isinstance(items, list) and all(isinstance(i, dict) and all(token_ids(i.get(k)) for k in
+                                                                            ("ids", "targets", "prompt"))
+                                                and isinstance(i.get("expected"), str)
                                                 and all(0 < t < len(i["ids"]) for t in i["targets"]) for i in items)
                 and all(isinstance(d.get(k), str) for k in ("source", "tokenizer_sha256", "kind"))):
             raise EdgeftError(f"{path}: not an edgeft task file (items of ids, targets, prompt, expected); {fix}")

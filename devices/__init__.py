@@ -118,9 +118,17 @@ USABLE_RAM = 0.8  # the OS, the SSH session and page cache need the rest
 
 def kv_cache_bytes(config: dict, context: int) -> int:
     """F16 K and V for every layer at `context` tokens (llama.cpp's default cache type)."""
-    n_head = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
-    return config["num_hidden_layers"] * context * 2 * config.get("num_key_value_heads", n_head) * head_dim * 2
+    # Older architectures (GPT-2 and kin, converted by llama.cpp's converter) name the same sizes differently.
+    def get(*names):
+        return next((config[n] for n in names if config.get(n)), None)
+
+    n_head = get("num_attention_heads", "n_head")
+    hidden, layers = get("hidden_size", "n_embd"), get("num_hidden_layers", "n_layer")
+    if not (n_head and hidden and layers):
+        raise EdgeftError("config.json: no attention heads / hidden size / layer count to size the KV cache by; "
+                          "pass a model folder with a complete config.json")
+    head_dim = config.get("head_dim") or hidden // n_head
+    return layers * context * 2 * (get("num_key_value_heads") or n_head) * head_dim * 2
 
 
 def memory_need(model_bytes: int, config: dict, context: int) -> int:

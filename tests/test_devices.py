@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from edgeft.cli import cli
@@ -70,3 +71,17 @@ def test_a_profile_is_data_never_shell(edgeft_home, tmp_path):
     assert not marker.exists()
     with pytest.raises(Exception):
         edgeft.devices.get("evil")
+
+
+def test_kv_cache_is_sized_from_either_config_vocabulary():
+    """GPT-2-style configs (n_head/n_embd/n_layer: converted by llama.cpp's converter) size the KV cache like
+    Llama-style ones, instead of a KeyError under --quant auto."""
+    from edgeft.devices import kv_cache_bytes
+    from edgeft.errors import EdgeftError
+
+    llama = {"num_attention_heads": 4, "hidden_size": 64, "num_hidden_layers": 2}
+    gpt2 = {"n_head": 4, "n_embd": 64, "n_layer": 2}
+    assert kv_cache_bytes(gpt2, 128) == kv_cache_bytes(llama, 128) == 2 * 128 * 2 * 4 * 16 * 2
+    assert kv_cache_bytes({**llama, "num_key_value_heads": 2}, 128) == kv_cache_bytes(llama, 128) // 2
+    with pytest.raises(EdgeftError, match="config.json: no attention heads"):
+        kv_cache_bytes({"vocab_size": 10}, 128)

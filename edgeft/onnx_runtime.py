@@ -13,6 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+# Graph metadata key (written by export/onnx.py): the position at which HF's generate throws the KV cache away and
+# recomputes the whole sequence. A longrope model (Phi-3.5, Phi-4-mini) rotates with its short factors until the
+# sequence outgrows the original context and with its long ones after; keys cached under the short factors would no
+# longer match, so Phi-3's generate rebuilds the cache at that token, and greedy decoding here must do the same to
+# answer as HF does.
+REBUILD_CACHE_AT = "edgeft.rebuild_cache_at"
+
 
 class OnnxLM:
     def __init__(self, path: Path, threads: int = 0):
@@ -26,6 +33,8 @@ class OnnxLM:
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         shape = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")).shape
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        rebuild = self.session.get_modelmeta().custom_metadata_map.get(REBUILD_CACHE_AT)
+        self.rebuild_cache_at = int(rebuild) if rebuild else None
 
     def empty_past(self) -> dict:
         return {n: np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32) for n in self.past_names}
@@ -57,7 +66,11 @@ class OnnxLM:
                 stopped = True
                 break
             out.append(nxt)
-            logits, past = self.step([nxt], past, len(prompt_ids) + len(out) - 1)
+            position = len(prompt_ids) + len(out) - 1
+            if position == self.rebuild_cache_at:
+                logits, past = self.step(list(prompt_ids) + out, self.empty_past(), 0)
+            else:
+                logits, past = self.step([nxt], past, position)
         t2 = time.perf_counter()
         return {"ids": out, "stopped_at_eos": stopped, "prefill_tokens_per_s": len(prompt_ids) / (t1 - t0),
                 "decode_tokens_per_s": len(out) / (t2 - t1) if out else None}

@@ -32,9 +32,12 @@ CHATML_WITH_SYSTEM = (
 LLAMA2_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
                    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ ' ' + message['content'] + eos_token }}"
                    "{% endif %}{% endfor %}")
-GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\\n' + "
-                  "message['content'] + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
-                  "{{ '<start_of_turn>model\\n' }}{% endif %}")
+# Gemma's turns are "user" and "model": the assistant role is renamed, as the hub's template does, so a rendered
+# answer continues exactly the generation prompt.
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                  "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+                  "{{ '<start_of_turn>' + role + '\\n' + message['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
 PHI3_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + "
                  "'<|end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
@@ -255,6 +258,21 @@ TINY: dict[str, dict] = {
 ARCH_TO_TINY: dict[str, str] = {}
 for _key, _spec in TINY.items():
     ARCH_TO_TINY.setdefault(_spec["arch"], _key)
+
+
+def registry_cases() -> list[tuple[str, str | None]]:
+    """(HF architecture, TINY key) for every architecture the converter registers, one per tiny model of it (Phi-3
+    has two: plain, and Phi-4-mini's longrope). An architecture with none gives (arch, None): tests parametrized
+    from this fail on it rather than leave the family out."""
+    from edgeft.converters.families import supported
+
+    cases: list[tuple[str, str | None]] = []
+    for arch in supported():
+        if arch not in ARCH_TO_TINY:
+            cases.append((arch, None))
+            continue
+        cases += [(arch, key) for key, spec in TINY.items() if spec["arch"] == arch]
+    return cases
 
 
 def tokenizer_for(name: str, root: str | Path) -> Path:

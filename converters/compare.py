@@ -1,22 +1,31 @@
 """Our GGUF against llama.cpp's: run llama.cpp's own convert_hf_to_gguf.py on a folder and compare two GGUFs tensor
-by tensor (names, shapes, types, values) and key by key. Used by the tests and bench/convert.py.
+by tensor (names, shapes, types, values) and key by key. Used by the tests, bench/convert.py and `edgeft export`.
 
 llama.cpp's script is the one vendored in the llama-cpp-python sdist of the installed version
 (edgeft.llamacpp.vendored_source) and runs unmodified in its own process, with one exception: it recognises a
 byte-level BPE pre-tokenizer only by a hash of how hub tokenizers split a test string, which no freshly trained
 vocabulary can match. `pre_tokenizer=` names the pre-tokenizer for that case only (the hash lookup is wrapped, not
 replaced: a hub tokenizer it knows is still named by llama.cpp); tokenizer parity in llama.cpp then proves the name.
+
+`llamacpp_convert` is the same run as `edgeft export --format gguf --converter llamacpp` uses it (and `auto`, for an
+architecture our registry lacks): the name for an unknown hash is the one our vocabulary reader derives from the
+tokenizer's own pre-tokenizer, and a failure is one line naming the architecture.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .families import ConversionError, read_config
 
 _WRAPPER = r"""
 import os, runpy, sys
@@ -31,7 +40,8 @@ if pre:
     def named(self, tokenizer):
         try:
             return lookup(self, tokenizer)
-        except NotImplementedError:  # hash unknown: a tokenizer trained for the tests
+        except NotImplementedError:  # hash unknown: a tokenizer trained for the tests, or one not in its table
+            print("edgeft-named-pre-tokenizer:", pre, file=sys.stderr)  # the caller records that we named it
             return pre
     base.TextModel.get_vocab_base_pre = named
 sys.argv = sys.argv[1:]
@@ -50,8 +60,11 @@ def _pythonpath_with_sentencepiece() -> str | None:
 
     target = edgeft_home() / "src" / "bench-pydeps"
     if not (target / "sentencepiece").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                        "sentencepiece"], check=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                               "sentencepiece"], capture_output=True, text=True)
+        if proc.returncode:
+            raise ConversionError(f"llama.cpp's converter needs the sentencepiece package and pip could not install "
+                                  f"it into {target}; pip install sentencepiece (edgeft's test extra has it)")
     return str(target)
 
 
@@ -86,8 +99,10 @@ def measured(cmd: list[str], env: dict | None = None, cwd: str | None = None) ->
     return {"seconds": seconds, "peak_rss_mb": int(parts[1]) / 1024, "stderr": err}
 
 
-def reference_convert(model_dir: Path, out: Path, outtype: str = "f16", pre_tokenizer: str | None = None) -> dict:
-    """llama.cpp's convert_hf_to_gguf.py on `model_dir` in a subprocess; returns `measured`'s figures."""
+def reference_command(model_dir: Path, out: Path, outtype: str = "f16", pre_tokenizer: str | None = None
+                      ) -> tuple[list[str], dict, str]:
+    """(command, environment, working folder) that run llama.cpp's convert_hf_to_gguf.py on `model_dir` with the
+    current Python, writing `out`."""
     from edgeft.llamacpp import vendored_source
 
     src = vendored_source()
@@ -97,8 +112,82 @@ def reference_convert(model_dir: Path, out: Path, outtype: str = "f16", pre_toke
         env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, env.get("PYTHONPATH")) if p)
     if pre_tokenizer:
         env["EDGEFT_REFERENCE_PRE"] = pre_tokenizer
-    return measured([sys.executable, "-c", _WRAPPER, str(src / "convert_hf_to_gguf.py"), str(model_dir),
-                     "--outtype", outtype, "--outfile", str(out)], env=env, cwd=str(src))
+    return ([sys.executable, "-c", _WRAPPER, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", outtype,
+             "--outfile", str(out)], env, str(src))
+
+
+def reference_convert(model_dir: Path, out: Path, outtype: str = "f16", pre_tokenizer: str | None = None) -> dict:
+    """llama.cpp's convert_hf_to_gguf.py on `model_dir` in a subprocess; returns `measured`'s figures."""
+    cmd, env, cwd = reference_command(model_dir, out, outtype, pre_tokenizer)
+    return measured(cmd, env=env, cwd=cwd)
+
+
+# Trees before the conversion/ package registered each class in the one script, as @Model.register("Arch", ...)
+# and later @ModelBase.register(...); the strings inside are the architecture names.
+_REGISTER = re.compile(r"@(?:Model|ModelBase)\.register\(([^)]*)\)")
+_QUOTED = re.compile(r"""["']([^"'\s]+)["']""")
+
+
+def llamacpp_architectures(src: Path) -> set[str]:
+    """The HF architectures llama.cpp's converter at `src` converts as text models, read from its source (importing it
+    would cost torch and run its module code). Where there is a conversion/ package, its TEXT_MODEL_MAP is the table
+    the script looks text architectures up in (the decorators there also register vision projectors, which a text
+    export cannot use); otherwise the register decorators of the script and its modules."""
+    package = src / "conversion" / "__init__.py"
+    if package.is_file():
+        for node in ast.parse(package.read_text(encoding="utf-8")).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            if any(getattr(t, "id", "") == "TEXT_MODEL_MAP" for t in targets):
+                return set(ast.literal_eval(node.value))
+    files = [src / "convert_hf_to_gguf.py", *sorted((src / "conversion").glob("*.py"))]
+    return {name for f in files if f.is_file() for args in _REGISTER.findall(f.read_text(encoding="utf-8"))
+            for name in _QUOTED.findall(args)}
+
+
+def llamacpp_architecture(config: dict) -> str:
+    """The architecture llama.cpp's converter picks for a text export: a text_config's own, else the model's."""
+    listed = (config.get("text_config") or {}).get("architectures") or config.get("architectures") or ["?"]
+    return listed[0]
+
+
+def tokenizer_pre_name(model_dir: Path, config: dict) -> str | None:
+    """The BPE pre-tokenizer name our vocabulary reader derives for `model_dir` (None for a SentencePiece model or a
+    pre-tokenizer it does not recognise); llama.cpp's run is told it only when its hash table has none."""
+    from .gguf_vocab import effective_pre_tokenizer, gpt2_pre_name
+
+    tokenizer_json = model_dir / "tokenizer.json"
+    if (model_dir / "tokenizer.model").is_file() or not tokenizer_json.is_file():
+        return None
+    try:
+        return gpt2_pre_name(effective_pre_tokenizer(model_dir, config, json.loads(tokenizer_json.read_text())))
+    except ValueError:  # VocabError or a damaged tokenizer.json: then llama.cpp's own refusal is what the user sees
+        return None
+
+
+def llamacpp_convert(model_dir: Path, out: Path, outtype: str = "f16") -> dict:
+    """llama.cpp's convert_hf_to_gguf.py as edgeft export's converter, writing `out` (the caller makes it atomic).
+    Returns what the ledger records; a failure of the script is a one-line ConversionError naming the architecture."""
+    from gguf import GGUFReader
+
+    from edgeft.llamacpp import binding_version
+
+    config = read_config(model_dir)
+    arch = llamacpp_architecture(config)
+    pre = tokenizer_pre_name(model_dir, config)
+    cmd, env, cwd = reference_command(model_dir, out, outtype, pre)
+    proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          errors="replace")
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    name = f"llama.cpp convert_hf_to_gguf.py (llama-cpp-python {binding_version()})"
+    if proc.returncode:
+        said = lines[-1][:300] if lines else f"exit status {proc.returncode}"
+        raise ConversionError(f"{model_dir}: {name} failed on {arch} ({said}); fix what it names in the model folder "
+                              f"(or install the package it names) and export again")
+    reader = GGUFReader(out)
+    named = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("edgeft-named-pre-tokenizer:")),
+                 None)
+    return {"converter": name, "arch": reader.fields["general.architecture"].contents(),
+            "tensors": len(reader.tensors), "pre_tokenizer_named_by_edgeft": named}
 
 
 def ours_convert(model_dir: Path, out: Path, outtype: str = "f16") -> dict:

@@ -143,20 +143,27 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatr
         raise EdgeftError(f"llama.cpp could not quantize {src} to {quant} (code {rc})")
 
 
+def binding_version() -> str:
+    """The installed llama-cpp-python's version: it names the llama.cpp source (and converter) edgeft uses."""
+    from importlib import metadata
+
+    return metadata.version("llama_cpp_python")
+
+
 def vendored_source() -> Path:
     """The llama.cpp source tree that the installed llama-cpp-python was built from (its PyPI sdist vendors
-    it): fetched once with pip into $EDGEFT_HOME/src, so tools built from it read the same GGUF version as
-    the Python binding. Needs PyPI (or a pip cache/index that has the sdist)."""
+    it): fetched once with pip into $EDGEFT_HOME/src, so tools built from it (and its convert_hf_to_gguf.py)
+    read and write the same GGUF version as the Python binding. Needs PyPI (or a pip cache/index that has the
+    sdist)."""
     import subprocess
     import sys
     import tarfile
     import tempfile
-    from importlib import metadata
 
     from .atomic import atomic_dir
     from .models import edgeft_home
 
-    version = metadata.version("llama_cpp_python")
+    version = binding_version()
     target = edgeft_home() / "src" / f"llama-cpp-python-{version}"
     if (target / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
         return target / "vendor" / "llama.cpp"
@@ -167,7 +174,7 @@ def vendored_source() -> Path:
         if proc.returncode or not sdists:
             raise EdgeftError(f"could not fetch the llama-cpp-python {version} source with pip "
                               f"({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no sdist'}); "
-                              f"it is needed once to build llama.cpp's tools")
+                              f"it is needed once, for llama.cpp's tools and its converter")
         with atomic_dir(target) as out, tarfile.open(sdists[0]) as tar:
             tar.extractall(tmp, filter="data")
             (extracted,) = [p for p in Path(tmp).iterdir() if p.is_dir()]

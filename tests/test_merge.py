@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -22,6 +23,17 @@ def _other_llama(tiny_llama, path, seed=1, **changes):
     LlamaForCausalLM(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(path)
     return path
+
+
+def lora_adapter(base, out, seed=0):
+    """A PEFT LoRA (r 4, attention + MLP) with random nonzero A and B, saved as PEFT saves it."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(out)
+    return out
 
 
 def _logits(model, ids):
@@ -118,3 +130,35 @@ def test_auto_merges_a_qlora_adapter_both_ways_and_records_the_choice(tiny_llama
     assert not (run / "merged-original").exists() and not (run / "merged-dequantized").exists()
     # the NF4-rounded base is what the adapter was trained on: merged into it, it matches base+adapter
     assert abs(steps[2]["metrics"]["drift_vs_unmerged"]) < 1e-3
+
+
+def test_a_bf16_base_is_scored_at_16_bits_exactly_as_in_float32(tiny_tokenizer, tmp_path):
+    """merge keeps the 16-bit checkpoints at 16 bits while scoring them; the gate still sees float32 scores."""
+    from peft import PeftModel
+
+    from edgeft.models import add_adapter, load_for_scoring, load_model
+    from edgeft.scoring import score, torch_logits_fn
+
+    from .tiny_models import tiny_model
+
+    base = tiny_model("llama", tmp_path / "base", tiny_tokenizer, dtype="bfloat16")
+    adapter = lora_adapter(base, tmp_path / "adapter")
+    lean = add_adapter(load_for_scoring(base), adapter)
+    assert {p.dtype for n, p in lean.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    full = PeftModel.from_pretrained(load_model(base, "float32"), adapter).eval()
+    ids = list(range(1000, 1100))
+    assert torch.equal(_logits(lean, ids), _logits(full, ids))
+    assert not torch.allclose(_logits(lean, ids), _logits(load_model(base, "float32"), ids), atol=1e-3)
+
+    run = tmp_path / "run"
+    result = merge(MergeConfig(adapter=str(adapter), model=str(base), run=str(run), dtype="bfloat16", window=128,
+                               stride=128, eval_budget=300))
+    (entry,) = result.entries
+    ids = json.loads((run / "eval_tokens.json").read_text())["ids"]
+
+    def float32_ppl(model):
+        return score(ids, torch_logits_fn(model), window=128, stride=128).ppl
+
+    assert entry["reference"]["ppl"] == pytest.approx(float32_ppl(full), rel=1e-6)
+    merged = load_model(result.merged, "float32").eval()
+    assert entry["perplexity"]["ppl"] == pytest.approx(float32_ppl(merged), rel=1e-6)

@@ -6,6 +6,8 @@ import torch
 
 from edgeft.scoring import score, token_logprobs, torch_logits_fn, windows
 
+from .tiny_models import TINY, tiny_model
+
 
 @pytest.mark.parametrize("n,window,stride", [(2, 2, 2), (10, 4, 4), (10, 4, 1), (1000, 512, 512),
                                              (1000, 512, 128), (513, 512, 512), (7, 16, 16)])
@@ -60,6 +62,31 @@ def test_tiny_random_llama_perplexity_is_deterministic(tiny_llama):
     # overlapping windows give more context per scored token than disjoint ones, but on noise it's the same
     c = score(ids, torch_logits_fn(_tiny_model(tiny_llama)), window=256, stride=256)
     assert c.ppl == pytest.approx(a.ppl, rel=0.05) and c.ppl != a.ppl
+
+
+@pytest.mark.parametrize("family,dtype,overrides", [
+    *[(family, "bfloat16", {}) for family in TINY],  # a weight read outside its module's forward would show
+    ("qwen2", "float16", {}),
+    # sqrt(72) is no bfloat16 value: Gemma's embed_scale, computed at construction, must be float32's
+    ("gemma3", "bfloat16", {"hidden_size": 72}),
+    ("llama", "float32", {}),
+])
+def test_a_16_bit_checkpoint_scored_at_16_bits_gives_the_float32_logits(family, dtype, overrides, tiny_tokenizer,
+                                                                         tmp_path):
+    from edgeft.models import load_for_scoring, load_model, stored_dtype
+
+    folder = tiny_model(family, tmp_path / family, tiny_tokenizer, dtype=dtype, **overrides)
+    lean = load_for_scoring(folder)
+    held = {p.dtype for p in lean.parameters()}
+    assert stored_dtype(folder) == dtype and held == {getattr(torch, dtype)}
+    full = load_model(folder, "float32").eval()
+    ids = [(i * 7919) % full.config.vocab_size for i in range(300)]
+    assert np.array_equal(torch_logits_fn(lean)(ids), torch_logits_fn(full)(ids))
+    assert {p.dtype for p in lean.parameters()} == held  # upcast for the forward only
+    with torch.inference_mode():  # greedy answers (the task gate) too: the KV cache path
+        prompt = torch.tensor([ids[:20]])
+        assert torch.equal(lean.generate(prompt, max_new_tokens=6, do_sample=False),
+                           full.generate(prompt, max_new_tokens=6, do_sample=False))
 
 
 def _result(token_nll, top1=None):

@@ -8,6 +8,7 @@ kernel package that is not needed). `edgeft --verbose` shows them all again.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 # (category, start of the message) for warnings.warn
@@ -23,6 +24,17 @@ LOG_MESSAGES = {
 }
 
 
+# starts of llama.cpp log lines (through llama-cpp-python's log callback, which prints them to stderr)
+LLAMA_CPP_LINES = (
+    # The quantizer names every tensor whose rows do not fit a k-quant's 256-value blocks (180 lines for the
+    # default model's Q4_K_M); the export entry counts them instead (metrics.tensor_types and its note).
+    re.compile(r"warning: \S+\s+- ncols\s+\d+ not divisible by"),
+    re.compile(r"\w+: WARNING: \d+ of \d+ tensor\(s\) required fallback quantization"),
+)
+_quiet = False  # silence() was called: quiet_llama_cpp_log() may install its filter
+_llama_cpp_filter = None  # the installed callback (ctypes must keep it alive)
+
+
 class _Drop(logging.Filter):
     def __init__(self, starts: tuple[str, ...]):
         super().__init__()
@@ -33,7 +45,36 @@ class _Drop(logging.Filter):
 
 
 def silence() -> None:
+    global _quiet
+    _quiet = True
     for category, message in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name, starts in LOG_MESSAGES.items():
         logging.getLogger(name).addFilter(_Drop(starts))
+
+
+def quiet_llama_cpp_log() -> None:
+    """After silence(): drop LLAMA_CPP_LINES from llama.cpp's log and pass everything else on to the callback
+    llama-cpp-python installed. A line may arrive in pieces; the pieces after a dropped start are dropped up to
+    its newline. Called before llama.cpp work rather than by silence(), which must not import llama_cpp."""
+    global _llama_cpp_filter
+    if not _quiet or _llama_cpp_filter is not None:
+        return
+    import ctypes
+
+    import llama_cpp
+
+    previous, user_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(user_data))
+    dropping = False
+
+    def forward(level: int, text: bytes, data) -> None:
+        nonlocal dropping
+        line = text.decode("utf-8", "replace")
+        if dropping or any(p.match(line) for p in LLAMA_CPP_LINES):
+            dropping = not line.endswith("\n")
+        elif previous:
+            previous(level, text, data)
+
+    _llama_cpp_filter = llama_cpp.llama_log_callback(forward)
+    llama_cpp.llama_log_set(_llama_cpp_filter, user_data)

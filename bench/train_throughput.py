@@ -117,7 +117,7 @@ def run_edgeft(a, base: Path, out: Path, overrides: dict) -> dict:
         if step == a.steps:  # the end of training, before the after-training evaluation
             result.update(meter.result())
 
-    cfg = TrainConfig(base=str(base), data="demo", run=str(out), max_steps=a.steps, batch_size=a.batch_size,
+    cfg = TrainConfig(model=str(base), data="demo", run=str(out), max_steps=a.steps, batch_size=a.batch_size,
                       lr=2e-4, save_every=0, eval_budget=512, eval_generate=0, max_ppl_rise=1e9,
                       max_seq_len=a.max_seq_len, target_modules=a.targets.split(","))
     for key, value in overrides.items():

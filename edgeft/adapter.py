@@ -119,7 +119,7 @@ def base_weights(base_path: Path) -> dict[str, tuple[Path, list[int]]]:
 
     files = sorted(base_path.glob("*.safetensors"))
     if not files:
-        raise EdgeftError(f"--base {base_path}: no .safetensors weights; re-save the model with "
+        raise EdgeftError(f"--model {base_path}: no .safetensors weights; re-save the model with "
                           f"save_pretrained(safe_serialization=True)")
     check_safetensors(base_path, "the model folder is damaged; copy or save it again")
     out = {}
@@ -144,7 +144,7 @@ def check_adapter_fits(adapter: Adapter, base_path: Path, weights: dict, force: 
             if not force:
                 raise EdgeftError(
                     f"adapter {adapter.path} was trained on {adapter.base} ({recorded.get('architecture')}, weights "
-                    f"{str(recorded.get('weights_sha256'))[:12]}) but --base {base_path} is {actual['architecture']}, "
+                    f"{str(recorded.get('weights_sha256'))[:12]}) but --model {base_path} is {actual['architecture']}, "
                     f"weights {actual['weights_sha256'][:12]}; pass the base it was trained on, or --force")
             record["forced"] = True
             console.print("[yellow]warning: base fingerprint differs from the adapter's; merging anyway (--force)")
@@ -161,3 +161,20 @@ def check_adapter_fits(adapter: Adapter, base_path: Path, weights: dict, force: 
             raise EdgeftError(f"adapter {adapter.path}: {name} is {weights[name][1]} in the base but the adapter "
                               f"expects {want}; it was trained on a model of another size")
     return record
+
+
+def name_base_on_hub(folder: Path, hub_id: str) -> None:
+    """Name the base by its hub id where peft wrote the local folder's absolute path (adapter_config.json's
+    base_model_name_or_path, the model card's base_model), so the adapter means the same base on any machine
+    (AutoPeftModelForCausalLM, the hub). edgeft finds the base through ADAPTER_META, which keeps the local path
+    and the fingerprint. Written after peft saved: a hub id in its config while saving makes peft look the base
+    up on the hub."""
+    import re
+
+    from .atomic import write_json
+
+    config = read_json(folder / "adapter_config.json", "the adapter was just written; train again")
+    write_json(folder / "adapter_config.json", {**config, "base_model_name_or_path": hub_id})
+    card = folder / "README.md"
+    if card.is_file():
+        card.write_text(re.sub(r"(?m)^base_model: .*$", f"base_model: {hub_id}", card.read_text(), count=1))

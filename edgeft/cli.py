@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .atomic import json_text
+from .chat import ChatConfig
 from .config import config_options, load_config, step_options
 from .deploy import DeployConfig
 from .errors import EdgeftError
@@ -87,9 +88,10 @@ def eval_cmd(config_file, as_json, **flags):
 @cli.command("train")
 @step_options(TrainConfig)
 def train_cmd(config_file, as_json, **flags):
-    """Fine-tune a LoRA adapter (QLoRA on CUDA) on a JSONL dataset.
+    """Fine-tune a LoRA adapter (QLoRA on CUDA) on a JSONL, JSON, CSV or Parquet dataset.
 
-    Rows: {"messages": [...]}, {"prompt", "completion"} or {"text"}; loss on answers only. Writes RUN/adapter
+    Rows: {"messages": [...]} (tool calls too), ShareGPT {"conversations"}, Alpaca {"instruction", "output"},
+    {"prompt", "completion"} or {"text"}; --columns maps other names; loss on answers only. Writes RUN/adapter
     (PEFT format + base fingerprint) and a ledger entry with held-out perplexity before and after; exits 3 if
     it rose more than --max-ppl-rise (the adapter is kept). Ctrl-C saves a checkpoint; --resume continues.
     Data-parallel under `accelerate launch --num_processes N -m edgeft train ...`.
@@ -148,9 +150,10 @@ _SHARED_EXPORT = tuple(f for f in ExportConfig.__dataclass_fields__)
 def export_cmd(config_file, as_json, **flags):
     """Export a merged model (or base + adapter, fused while converting) to GGUF or ONNX, and quantize it.
 
-    GGUF: our own streaming converter writes the unquantized GGUF; llama.cpp quantizes it. Every artifact is
-    validated into the ledger: tokenizer parity with HF, perplexity on the run's token ids (the unquantized
-    artifact within 0.1% of HF), KL divergence and top-1 agreement vs it, a greedy sample answer, and a
+    GGUF: our own streaming converter writes the unquantized GGUF (--converter llamacpp: llama.cpp's own
+    convert_hf_to_gguf.py; auto, the default, uses it for an architecture ours lacks); llama.cpp quantizes it.
+    Every artifact is validated into the ledger: tokenizer parity with HF, perplexity on the run's token ids (the
+    unquantized artifact within 0.1% of HF), KL divergence and top-1 agreement vs it, a greedy sample answer, and a
     perplexity-rise gate per quant (exit 3 when one fails). An Ollama Modelfile sits next to each GGUF.
     ONNX: a KV-cache graph, MatMulNBits int8/int4, the same checks on onnxruntime.
     """
@@ -169,6 +172,40 @@ def export_cmd(config_file, as_json, **flags):
             extra = f"KL {m['kl_mean']:.4f}, top-1 {100 * m['top1_agreement']:.1f}%; "
         if "sample" in m:
             out.print(f"{e['inputs']['quant']}: {extra}sample: {m['sample']['answer'][:100]!r}")
+
+
+# --------------------------------------------------------------------------------------------------- chat
+@cli.command("chat")
+@click.argument("target", metavar="RUN|MODEL|GGUF")
+@step_options(ChatConfig, skip=("model",), what="each turn (with its token ids)")
+def chat_cmd(target, config_file, as_json, **flags):
+    """Talk to a model: a run (its merged model; --quant q4_k_m for one of its GGUFs), a model folder/name, or a GGUF.
+
+    Without --prompt, reads one message per line from stdin until EOF or /exit; each answer sees the conversation
+    so far. Turns are rendered with the model's HF chat template and sent as token ids (llama.cpp for a GGUF,
+    transformers for a folder; greedy), the way every check in the ledger asks its sample prompt.
+    """
+    from .chat import EXIT, chat
+
+    config = load_config(ChatConfig, config_file, {**flags, "model": target})
+    stdin = sys.stdin
+    interactive = not config.prompt and stdin.isatty()
+
+    def lines():
+        while True:
+            if interactive:
+                click.echo("> ", nl=False, err=True)
+            line = stdin.readline()
+            if not line:
+                return
+            yield line
+
+    def show(turn):
+        click.echo(json_text(turn.to_json(), indent=None) if as_json else turn.answer)
+
+    if interactive:
+        click.echo(f"chatting with {target}; {EXIT} or Ctrl-D ends", err=True)
+    chat(config, lines(), show)
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -196,10 +233,10 @@ def devices(as_json):
 def _fmt_bytes(n):
     if not n:
         return ""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):  # binary units, as the report and the ledger's RSS figures use
+        if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
+        n /= 1024
 
 
 def ledger_table(manifest: dict, title: str) -> Table:
@@ -215,7 +252,8 @@ def ledger_table(manifest: dict, title: str) -> Table:
         table.add_column(col, justify=justify)
     for r in rows:
         status = {"ok": "[green]ok[/]", "ref": "[dim]ref[/]"}.get(r["status"], f"[red]{r['status']}[/]")
-        cells = [r["step"], r["model"], status, "" if r["ppl"] is None else f"{r['ppl']:.4f}",
+        step = r["step"] + (" (quick)" if r["checks"] == "quick" else "")  # not comparable with full checks
+        cells = [step, r["model"], status, "" if r["ppl"] is None else f"{r['ppl']:.4f}",
                  "" if r["delta_pct"] is None else f"{r['delta_pct']:+.2f}%",
                  "" if r["tokens"] is None else str(r["tokens"])]
         if with_task:
@@ -223,16 +261,33 @@ def ledger_table(manifest: dict, title: str) -> Table:
                       "" if r["task_delta_pct"] is None else f"{r['task_delta_pct']:+.2f}%",
                       "" if r["exact_match"] is None else f"{100 * r['exact_match']:.0f}%"]
         cells += [_fmt_bytes(r["bytes"]), "" if r["wall_s"] is None else f"{r['wall_s']:.1f} s",
-                  "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f} MB", r["reason"][:80]]
+                  "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f} MiB", r["reason"][:80]]
         table.add_row(*cells)
     return table
 
 
+def _run_folder(positional: str | None, flag: str | None, required: bool = True) -> str | None:
+    """The run folder of show, report, deploy and smoke: `--run RUN` as in every command, or RUN as their one
+    argument (how they took it before the flags were made one vocabulary; both stay)."""
+    if positional and flag and positional != flag:
+        raise EdgeftError(f"two run folders: {positional} and --run {flag}; give one")
+    if required and not (positional or flag):
+        raise EdgeftError("which run? pass --run RUN, the run folder")
+    return positional or flag
+
+
+_RUN_ARGUMENT = click.argument("run_arg", metavar="[RUN]", required=False)
+_RUN_OPTION = click.option("--run", "run_flag", help="run folder (or give it as the argument RUN)")
+
+
 @cli.command()
-@click.argument("run", type=click.Path())
+@_RUN_ARGUMENT
+@_RUN_OPTION
 @click.option("--json", "as_json", is_flag=True, help="print the whole manifest as JSON")
-def show(run, as_json):
-    """Print a run's perplexity ledger: one row per step, Δ against the step's reference."""
+def show(run_arg, run_flag, as_json):
+    """Print a run's perplexity ledger: one row per step, Δ against the step's reference; a step run with
+    --checks quick is marked "(quick)"."""
+    run = _run_folder(run_arg, run_flag)
     r = Run(run)
     if not r.manifest_path.is_file():
         raise EdgeftError(f"{run}: no {r.manifest_path.name} here; pass a run folder written by an edgeft step")
@@ -264,9 +319,9 @@ def build_cmd(device, as_json):
 
 
 @cli.command("deploy")
-@click.argument("run_dir", metavar="RUN")
-@step_options(DeployConfig, skip=("run",))
-def deploy_cmd(run_dir, config_file, as_json, **flags):
+@_RUN_ARGUMENT
+@step_options(DeployConfig)
+def deploy_cmd(run_arg, config_file, as_json, **flags):
     """Copy a run's GGUF, the board's edgeft-board build and the eval ids to a board over your own SSH.
 
     Preflight (arch, disk, RAM for the model + KV cache) refuses what will not fit; every file is verified
@@ -274,7 +329,8 @@ def deploy_cmd(run_dir, config_file, as_json, **flags):
     """
     from .deploy import deploy
 
-    config = load_config(DeployConfig, config_file, {**flags, "run": run_dir})
+    config = load_config(DeployConfig, config_file, {**flags, "run": _run_folder(run_arg, flags["run"], False)})
+    _run_folder(config.run, None)
     result = deploy(config)
     if as_json:
         click.echo(json_text(result.entry, indent=None))
@@ -285,16 +341,17 @@ def deploy_cmd(run_dir, config_file, as_json, **flags):
 
 
 @cli.command("smoke")
-@click.argument("run_dir", metavar="RUN")
-@step_options(SmokeConfig, skip=("run",))
-def smoke_cmd(run_dir, config_file, as_json, **flags):
+@_RUN_ARGUMENT
+@step_options(SmokeConfig)
+def smoke_cmd(run_arg, config_file, as_json, **flags):
     """Run the GGUF on the board (--host), here (--local) or under qemu (--emulate): answer, tokens/s, perplexity.
 
     The board's perplexity on the run's ids must be within 2% of the host's for the same GGUF (exit 3 if not).
     """
     from .smoke import smoke
 
-    config = load_config(SmokeConfig, config_file, {**flags, "run": run_dir})
+    config = load_config(SmokeConfig, config_file, {**flags, "run": _run_folder(run_arg, flags["run"], False)})
+    _run_folder(config.run, None)
     result = smoke(config)
     if as_json:
         click.echo(json_text(result.entry, indent=None))
@@ -329,11 +386,13 @@ def run_cmd(pipeline, run_dir, from_step):
 
 
 @cli.command("report")
-@click.argument("run_dir", metavar="RUN")
-def report_cmd(run_dir):
+@_RUN_ARGUMENT
+@_RUN_OPTION
+def report_cmd(run_arg, run_flag):
     """Write RUN/report.html (self-contained) and RUN/report.png from the run's ledger."""
     from .report import report
 
+    run_dir = _run_folder(run_arg, run_flag)
     page, png = report(run_dir)
     out.print(ledger_table(Run(run_dir).manifest(), f"ledger of {run_dir}"))
     out.print(f"report: {page} and {png}")

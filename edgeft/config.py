@@ -6,6 +6,7 @@ Precedence: dataclass defaults < config file < flags. The resolved config is sav
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import reprlib
@@ -121,17 +122,47 @@ def _type_name(tp) -> str:
 
 def aliases(cls) -> dict[str, str]:
     """Old setting names still accepted (for one release) -> their current names: a config class lists
-    them in a class attribute ALIASES."""
+    them in a class attribute ALIASES. Flags, config files and Python keyword arguments (with
+    `accepts_old_names`) all take them, each with a one-line deprecation note on stderr."""
     return dict(getattr(cls, "ALIASES", {}))
+
+
+def _deprecated(old: str, new: str) -> None:
+    print(f"note: {old} is deprecated; use {new}", file=sys.stderr)
 
 
 def _renamed(cls, name: str, where: str) -> str:
     new = aliases(cls).get(name)
     if new is None:
         return name
-    print(f"note: {where.format(name.replace('_', '-'))} is deprecated; use "
-          f"{where.format(new.replace('_', '-'))}", file=sys.stderr)
+    _deprecated(where.format(name.replace("_", "-")), where.format(new.replace("_", "-")))
     return new
+
+
+def current_names(cls, record: dict) -> dict:
+    """A stored record of settings (RUN/train_config.json) with old names renamed, silently: it was written
+    by an earlier version, not typed by the user."""
+    renames = aliases(cls)
+    return {renames.get(k, k): v for k, v in record.items() if not (k in renames and renames[k] in record)}
+
+
+def accepts_old_names(cls):
+    """Class decorator (above @dataclass): the constructor takes the ALIASES too, so Python callers of the
+    step functions (`TrainConfig(base=...)`) keep working for a release, as the flags do."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        for old, new in aliases(cls).items():
+            if old in kwargs:
+                if new in kwargs:
+                    raise TypeError(f"{cls.__name__}: give {new}= only ({old}= is its old name)")
+                _deprecated(f"{cls.__name__}({old}=...)", f"{cls.__name__}({new}=...)")
+                kwargs[new] = kwargs.pop(old)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
 
 
 def load_config(cls, path: str | Path | None = None, overrides: dict | None = None):
@@ -141,14 +172,24 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
     data: dict = {}
     if path:
         raw = read_config_file(path)
+        seen: dict[str, str] = {}
         for key, value in raw.items():
             name = _renamed(cls, key.replace("-", "_"), f"key '{{}}' in {path}")
             if name not in hints:
                 raise EdgeftError(f"--config {path}: unknown key '{key}'; valid keys: {', '.join(names)}")
+            if name in seen:
+                raise EdgeftError(f"--config {path}: keys '{seen[name]}' and '{key}' are the same setting; keep "
+                                  f"'{name}'")
+            seen[name] = key
             data[name] = _coerce(value, hints[name], f"--config {path}: key '{key}'")
+    given = {k for k, v in (overrides or {}).items() if v is not None}
     for key, value in (overrides or {}).items():
         if value is not None:
-            key = _renamed(cls, key, "--{}")
+            new = _renamed(cls, key, "--{}")
+            if new != key and new in given:
+                raise EdgeftError(f"--{key.replace('_', '-')} and --{new.replace('_', '-')} are the same setting "
+                                  f"(--{key.replace('_', '-')} is its old name); give --{new.replace('_', '-')} only")
+            key = new
         elif key in aliases(cls):
             continue
         if key not in hints:

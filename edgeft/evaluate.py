@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from .config import to_dict
+from .config import accepts_old_names, to_dict
 from .errors import EdgeftError
 from .gates import Gate, check
 from .heldout import TOKENS_FILE, HeldOutOptions
@@ -20,9 +20,10 @@ from .models import DEFAULT_BASE, load_model, load_tokenizer, resolve_model
 from .scoring import PerplexityResult, measure, score
 
 
+@accepts_old_names
 @dataclass
 class EvalConfig(HeldOutOptions):
-    ALIASES: ClassVar[dict[str, str]] = {"budget": "eval_budget"}
+    ALIASES: ClassVar[dict[str, str]] = {"budget": "eval_budget"}  # one vocabulary across commands (README "Flags")
 
     model: str = field(default=DEFAULT_BASE, metadata={"help": "model name, HF folder, hub id, or a .gguf file"})
     data: str = field(default="", metadata={
@@ -58,6 +59,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
     c = config
     c.check_heldout()
+    c = c.checked("task_answers")
     if c.dtype not in ("float32", "bfloat16", "float16"):
         raise EdgeftError(f"--dtype {c.dtype}: use float32, bfloat16 or float16")
     run = Run(c.run or default_run_dir("eval"))

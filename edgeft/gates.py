@@ -9,7 +9,6 @@ so a comparison alone would let a broken model through.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 from .errors import EdgeftError, GateFailed
@@ -90,21 +89,29 @@ def passed(entry: dict) -> bool:
     return all(g["passed"] for g in entry.get("gates") or ([entry["gate"]] if entry.get("gate") else []))
 
 
-def parse_gates(spec: str, defaults: dict[str, float], made: list[str], other: float | None = None) -> dict[str, float]:
-    """The gate of each artifact in `made`: `defaults`, overridden by --max-ppl-rise, which is one number for
-    all ('0.1') or per artifact ('q8_0=0.02,q4_k_m=0.15')."""
+def parse_gates(spec: str | float | None, defaults: dict[str, float], made: list[str], other: float | None = None,
+                flag: str = "--max-ppl-rise") -> dict[str, float]:
+    """The gate of each artifact in `made`: `defaults`, overridden by `flag` (--max-ppl-rise, --max-drift,
+    --max-task-ppl-rise, --max-exact-drop), which is one number for all ('0.1') or per artifact
+    ('q8_0=0.02,q4_k_m=0.15'): the one syntax of every gate flag of every command."""
     gates = {q: defaults.get(q, other) for q in made}
-    if not spec:
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
         return gates
-    if re.fullmatch(r"[0-9.]+", spec.strip()):
-        return {q: float(spec) for q in gates}
-    for part in spec.split(","):
+    try:
+        number = float(spec)  # a Python or YAML number, or its text
+    except ValueError:
+        number = None
+    if number is not None:
+        if not math.isfinite(number):
+            raise EdgeftError(f"{flag} {spec}: a gate's limit must be a finite number")
+        return {q: number for q in gates}
+    for part in str(spec).split(","):
         q, _, v = part.partition("=")
         if q.strip() not in gates:
-            raise EdgeftError(f"--max-ppl-rise {spec}: '{q.strip()}' is not among the artifacts being made "
+            raise EdgeftError(f"{flag} {spec}: '{q.strip()}' is not among the artifacts being made "
                               f"({', '.join(gates) or 'none'})")
         try:
             gates[q.strip()] = float(v)
         except ValueError:
-            raise EdgeftError(f"--max-ppl-rise {spec}: '{v}' is not a number") from None
+            raise EdgeftError(f"{flag} {spec}: '{v}' is not a number") from None
     return gates

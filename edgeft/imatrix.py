@@ -29,7 +29,8 @@ def calibration_ids(spec: str, run_dir: Path, tokenizer, budget: int) -> list[li
         if trained is None:
             raise EdgeftError(f"--imatrix train: {run_dir} has no train_config.json (nothing was trained in this "
                               f"run); pass --imatrix FILE (a text)")
-        chunks = [e.input_ids for e in load_examples(data_path(trained), tokenizer, trained.max_seq_len, False)[0]]
+        chunks = [e.input_ids for e in load_examples(data_path(trained), tokenizer, trained.max_seq_len, False,
+                                                     trained.columns)[0]]
     else:
         path = Path(spec)
         if not path.is_file():

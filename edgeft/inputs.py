@@ -2,8 +2,8 @@
 JSONL rows), safetensors and GGUF. Damage becomes one EdgeftError line naming the file, the place and the
 fix (exit 2), never a traceback and never a dead process.
 
-The owners of each kind call these: dataset.py (JSONL rows), adapter.py (adapter folders), models.py
-(model folders), ledger.py (manifests), config.py (config files), llamacpp.py (GGUF files, whose load
+The owners of each kind call these: dataset.py (training rows: JSONL, JSON), adapter.py (adapter folders),
+models.py (model folders), ledger.py (manifests), config.py (config files), llamacpp.py (GGUF files, whose load
 runs in a child process first when the file came from outside: llama.cpp aborts on some damaged files).
 
 GGUF is checked before llama.cpp sees it, by our own bounded reader of the header (the `gguf` package's
@@ -16,9 +16,11 @@ hyperparameters; strings that are not UTF-8).
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +34,25 @@ def _constant(name: str) -> None:
     return None
 
 
+NEWLINE = b"\n"
+
+
+def decode_utf8(data: bytes | str, where: str, fix: str, by_line: bool = False) -> str:
+    """Text from UTF-8 bytes (a BOM allowed); invalid bytes named by offset, and by line when `by_line` (a
+    file of rows: the line is where the user looks)."""
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        at = f"{where}:{data.count(NEWLINE, 0, e.start) + 1}" if by_line else where
+        raise EdgeftError(f"{at}: not UTF-8 text (byte {e.start}); {fix}") from None
+
+
 def parse_json(data: bytes | str, where: str, fix: str):
     """Parse one JSON document (bytes: UTF-8, a BOM allowed). Refuses invalid UTF-8, invalid JSON, nesting
     too deep for the parser, and strings that are not valid Unicode (lone surrogates from \\ud800 escapes)."""
-    if isinstance(data, bytes):
-        try:
-            data = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise EdgeftError(f"{where}: not UTF-8 text (byte {e.start}); {fix}") from None
+    data = decode_utf8(data, where, fix)
     try:
         value = json.loads(data, parse_constant=_constant)
     except json.JSONDecodeError as e:
@@ -49,6 +62,72 @@ def parse_json(data: bytes | str, where: str, fix: str):
         raise EdgeftError(f"{where}: JSON nested too deeply to read; {fix}") from None
     check_unicode(value, where, fix)
     return value
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+
+
+def parse_json_rows(data: bytes | str, where: str, fix: str, key: str = "rows"
+                    ) -> tuple[list[tuple[int, object]], dict] | None:
+    """A JSON document of rows: an array, or an object holding the array under `key` (its other members are
+    returned too: settings for the whole file). Each row comes with the line it starts on, and damage in a
+    row is named by its line, as in a JSON Lines file. None when the document is neither (the caller reads
+    it another way, e.g. as JSON Lines with a .json name)."""
+    text = decode_utf8(data, where, fix, by_line=True)
+    decoder = json.JSONDecoder(parse_constant=_constant)
+    newlines = [m.start() for m in re.finditer("\n", text)]
+
+    def line(pos: int) -> int:
+        return bisect.bisect_left(newlines, pos) + 1
+
+    def skip(pos: int) -> int:
+        return _SPACE.match(text, pos).end()
+
+    def array(pos: int) -> tuple[list, int]:  # text[pos] is "["; each element decoded on its own
+        items: list[tuple[int, object]] = []
+        pos = skip(pos + 1)
+        while not text.startswith("]", pos):
+            if items:
+                if not text.startswith(",", pos):
+                    raise EdgeftError(f"{where}:{line(pos)}: not valid JSON (',' or ']' expected after a row); {fix}")
+                pos = skip(pos + 1)
+            try:
+                item, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise EdgeftError(f"{where}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); {fix}") from None
+            except RecursionError:
+                raise EdgeftError(f"{where}:{line(pos)}: JSON nested too deeply to read; {fix}") from None
+            check_unicode(item, f"{where}:{line(pos)}", fix)
+            items.append((line(pos), item))
+            pos = skip(end)
+        return items, pos + 1
+
+    start = skip(0)
+    if text.startswith("[", start):
+        items, end = array(start)
+        rest: dict = {}
+    elif text.startswith("{", start):
+        try:
+            whole, end = decoder.raw_decode(text, start)
+        except (json.JSONDecodeError, RecursionError):
+            return None
+        if not isinstance(whole, dict) or not isinstance(whole.get(key), list):
+            return None
+        pos = skip(start + 1)  # find where the array starts, to number its rows by line
+        while True:
+            name, pos = decoder.raw_decode(text, pos)
+            pos = skip(skip(pos) + 1)  # past the ':'
+            if name == key and text.startswith("[", pos):
+                break
+            pos = skip(skip(decoder.raw_decode(text, pos)[1]) + 1)  # past the value and its ','
+        items = array(pos)[0]
+        rest = {k: v for k, v in whole.items() if k != key}
+        check_unicode(rest, where, fix)
+    else:
+        return None
+    if skip(end) != len(text):
+        raise EdgeftError(f"{where}:{line(skip(end))}: not valid JSON (more data after the rows); {fix}")
+    return items, rest
 
 
 def check_unicode(value, where: str, fix: str) -> None:

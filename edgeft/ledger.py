@@ -263,6 +263,7 @@ def _row(entry: dict, measured: dict, task: dict, status: str, delta_to: float |
     own = status != "ref"  # sizes, times and notes belong to the step's own row
     return {
         "step": entry["step"],
+        "checks": (entry.get("config") or {}).get("checks") or "full",  # quick: part of the ids, no answers
         "model": measured.get("model", ""),
         "status": status,
         "ppl": ppl,

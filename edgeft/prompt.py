@@ -17,14 +17,17 @@ class TemplateRefused(EdgeftError):
     caller names the row."""
 
 
-def apply_template(tokenizer, messages: list[dict], generation_prompt: bool, tokenize: bool):
-    """The tokenizer's chat template applied, its failures as one-line errors: a template that does not
-    parse or crashes is the model folder's fault, a raise_exception() in it refuses the conversation."""
+def apply_template(tokenizer, messages: list[dict], generation_prompt: bool, tokenize: bool,
+                   tools: list[dict] | None = None):
+    """The tokenizer's chat template applied (with the function schemas `tools` for a function-calling
+    conversation), its failures as one-line errors: a template that does not parse or crashes is the model
+    folder's fault, a raise_exception() in it refuses the conversation."""
     from jinja2 import TemplateError, TemplateSyntaxError
 
     try:
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=tokenize,
-                                            **({"return_dict": True} if tokenize else {}))
+                                            **({"return_dict": True} if tokenize else {}),
+                                            **({"tools": tools} if tools else {}))
     except TemplateSyntaxError as e:
         raise EdgeftError(f"{tokenizer.name_or_path}: its chat template does not parse ({first_line(e)}, template "
                           f"line {e.lineno}); fix chat_template in the model folder") from None

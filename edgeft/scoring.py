@@ -124,12 +124,21 @@ class Comparison:
             entry["metrics"].update({"kl_mean": self.kl_mean, "top1_agreement": self.top1_agreement})
 
 
+# Rows of logits turned into float64 at a time. Whole windows would cost 5 float64 copies of 512 x vocab
+# (2.6 GB with a 128K vocabulary, more than a 1B model's own scoring needs); each row's result is the same.
+ROWS = 16
+
+
 def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """log p(target) for each row, computed in float64 so backends agree to the last printed digit."""
-    logits = logits.astype(np.float64, copy=False)
-    peak = logits.max(axis=-1, keepdims=True)
-    logz = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
-    return logits[np.arange(len(targets)), targets] - logz
+    out = np.empty(len(targets))
+    for i in range(0, len(targets), ROWS):
+        x = logits[i:i + ROWS].astype(np.float64)
+        peak = x.max(axis=-1, keepdims=True)
+        picked = x[np.arange(len(x)), targets[i:i + ROWS]]
+        np.exp(np.subtract(x, peak, out=x), out=x)
+        out[i:i + ROWS] = picked - (np.log(x.sum(axis=-1)) + peak[:, 0])
+    return out
 
 
 def _rows_and_targets(piece: Piece, logits) -> tuple[np.ndarray, np.ndarray]:
@@ -261,11 +270,15 @@ def compare_pieces(reference, other, pieces: list[Piece], progress: Callable[[in
     for i, piece in enumerate(pieces):
         ref, targets = _rows_and_targets(piece, reference.logits(piece.ids))
         got, _ = _rows_and_targets(piece, other.logits(piece.ids))
-        ref_lp, got_lp = _log_softmax(ref.astype(np.float64)), _log_softmax(got.astype(np.float64))
-        at = np.arange(len(targets))
-        nll_ref -= float(ref_lp[at, targets].sum())
-        nll -= float(got_lp[at, targets].sum())
-        kl += float((np.exp(ref_lp) * (ref_lp - got_lp)).sum())
+        picked, kl_rows = np.empty((2, len(targets))), np.empty(len(targets))
+        for r in range(0, len(targets), ROWS):  # a block of rows in float64 at a time (see ROWS)
+            ref_lp, got_lp = (_log_softmax(x[r:r + ROWS].astype(np.float64)) for x in (ref, got))
+            at, want = np.arange(len(ref_lp)), targets[r:r + ROWS]
+            picked[:, r:r + ROWS] = ref_lp[at, want], got_lp[at, want]
+            kl_rows[r:r + ROWS] = (np.exp(ref_lp) * (ref_lp - got_lp)).sum(axis=-1)
+        nll_ref -= float(picked[0].sum())
+        nll -= float(picked[1].sum())
+        kl += float(kl_rows.sum())
         top1 += int((got.argmax(-1) == ref.argmax(-1)).sum())
         count += len(targets)
         if progress:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .atomic import write_json
-from .dataset import IGNORE, Example, as_messages
+from .dataset import IGNORE, Example, as_messages, tools_of
 from .errors import EdgeftError
 from .scoring import PerplexityResult, Piece, score_pieces
 
@@ -91,11 +91,11 @@ def _as_json_object(text: str):
 
 def _prompt_ids(tokenizer, example: Example) -> tuple[list[int], str]:
     messages = as_messages(example.row)
-    if not messages or messages[-1]["role"] != "assistant":
-        return [], ""
+    if not messages or messages[-1]["role"] != "assistant" or messages[-1].get("tool_calls"):
+        return [], ""  # no text answer to compare (a last turn that calls a tool is scored by perplexity only)
     if tokenizer.chat_template:
         ids = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)["input_ids"]
+                                            return_dict=True, tools=tools_of(example.row))["input_ids"]
     else:  # no template: training joined prompt and answer plainly; the prompt is everything before the answer
         first = next(i for i, lab in enumerate(example.labels) if lab != IGNORE)
         ids = example.input_ids[:first]
@@ -191,6 +191,14 @@ class TaskScore:
         if self.ppl is not None:
             out.update(ppl=self.ppl.ppl, nll_sum=self.ppl.nll_sum, tokens=self.ppl.tokens, backend=self.ppl.backend)
         return out
+
+    @classmethod
+    def from_entry(cls, entry: dict) -> "TaskScore":
+        """Back from the ledger form (a reused measurement, see reuse.py)."""
+        return cls(ppl=PerplexityResult.from_entry(entry) if entry.get("ppl") is not None else None,
+                   exact_match=entry.get("exact_match"), field_accuracy=entry.get("field_accuracy"),
+                   answered=entry.get("answered", 0), samples=list(entry.get("samples") or []),
+                   items=entry.get("items", 0), of=entry.get("of", 0))
 
     @property
     def loss(self) -> float | None:

@@ -25,21 +25,23 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
-from .adapter import ADAPTER_META
+from .adapter import ADAPTER_META, name_base_on_hub
 from .atomic import atomic_dir, write_json
 from .checkpoint import load_state, save_state
-from .config import to_dict
-from .dataset import Example, load_examples, split
+from .config import accepts_old_names, current_names, to_dict
+from .dataset import Example, column_map, load_examples, split
 from .errors import EdgeftError, first_line
-from .gates import Gate, check
+from .gates import Gate, check, parse_gates
 from .heldout import TOKENS_FILE, HeldOutOptions
 from .inputs import read_json
 from .ledger import Run, artifact, default_run_dir
-from .models import DEFAULT_BASE, fingerprint, load_model, load_tokenizer, resolve_model
+from .models import DEFAULT_BASE, fingerprint, hub_id, load_model, load_tokenizer, resolve_model
 from .progress import bar, console
+from .reuse import KEY, measurement_key, torch_weights
 from .scoring import Comparison, measure
+from .trainlog import TrainLog, check_report_to
 
 ADAPTER_DIR = "adapter"
 CHECKPOINTS = "checkpoints"
@@ -48,19 +50,29 @@ DEMO_DATA = "demo"  # --data demo: the shipped demo dataset (edgeft/data/demo.js
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 
 # The config keys that must be equal for a resumed run to continue the same training.
-_RESUME_KEYS = ("base", "data", "eval_data", "eval_split", "quant", "lora_r", "lora_alpha", "lora_dropout",
+_RESUME_KEYS = ("model", "data", "eval_data", "eval_split", "base_quant", "lora_r", "lora_alpha", "lora_dropout",
                 "target_modules", "max_seq_len", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay",
-                "epochs", "max_steps", "seed", "gradient_checkpointing", "packing", "attn")
+                "epochs", "max_steps", "seed", "gradient_checkpointing", "packing", "attn", "columns")
 
 
+@accepts_old_names
 @dataclass
 class TrainConfig(HeldOutOptions):
-    data: str = field(default="", metadata={"help": "training JSONL ('demo' = the shipped demo set)"})
-    base: str = field(default=DEFAULT_BASE, metadata={"help": "base model name, HF folder or hub id"})
+    # One vocabulary across commands (README "Flags"): the old spellings work for one release, with a note.
+    ALIASES: ClassVar[dict[str, str]] = {"base": "model", "quant": "base_quant"}
+
+    data: str = field(default="", metadata={
+        "help": "training data: JSONL, .json, .csv or .parquet ('demo' = the shipped demo set)"})
+    model: str = field(default=DEFAULT_BASE, metadata={"help": "base model: name, HF folder or hub id"})
     run: str = field(default="", metadata={"help": "run folder (default: runs/train-TIMESTAMP)"})
-    eval_data: str = field(default="", metadata={"help": "held-out task JSONL (else split from --data)"})
+    eval_data: str = field(default="", metadata={"help": "held-out task file, as --data (else split from --data)"})
+    columns: dict[str, str] = field(default_factory=dict, metadata={
+        "metavar": "FIELD=COLUMN,...",
+        "help": "the data's own column names for edgeft's fields, e.g. prompt=question,completion=answer (config file: "
+                "columns: {prompt: question, completion: answer})"})
     eval_split: float = field(default=0.1, metadata={"help": "fraction of --data held out for task eval"})
-    quant: str = field(default="auto", metadata={"help": "auto|4bit|8bit|none (auto: 4bit NF4 on CUDA, none on CPU)"})
+    base_quant: str = field(default="auto", metadata={
+        "help": "the base while training: auto|4bit|8bit|none (auto: 4bit NF4 on CUDA, none on CPU)"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -87,8 +99,16 @@ class TrainConfig(HeldOutOptions):
         "help": "attention implementation: auto|sdpa|eager|flash_attention_2|flex_attention"})
     compile: bool = field(default=False, metadata={"help": "torch.compile each decoder layer (slow first steps)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
-    max_ppl_rise: float = field(default=0.10, metadata={"help": "forgetting gate: max held-out perplexity rise"})
+    max_ppl_rise: str = field(default="0.1", metadata={
+        "help": "forgetting gate: max held-out perplexity rise of the adapter vs the base, as in export: one "
+                "number ('0.1') or per artifact ('adapter=0.1')"})
     eval_generate: int = field(default=20, metadata={"help": "held-out prompts answered greedily for exact match"})
+    report_to: list[str] = field(default_factory=list, metadata={
+        "help": "also log the training metrics to: tensorboard (RUN/tensorboard/) or none; RUN/train_log.csv is "
+                "always written"})
+    log_every: int = field(default=0, metadata={
+        "help": "when stderr is not a terminal, a progress line every N steps (0: about ten per run, and at least "
+                "every 30 s)"})
 
 
 @dataclass
@@ -112,9 +132,9 @@ def data_path(c: TrainConfig) -> Path:
 
 def split_examples(c: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], int]:
     """(training examples, held-out task examples, rows truncated): --eval-data, else a seeded split."""
-    examples, truncated = load_examples(data_path(c), tokenizer, c.max_seq_len, c.strict)
+    examples, truncated = load_examples(data_path(c), tokenizer, c.max_seq_len, c.strict, c.columns)
     if c.eval_data:
-        return examples, load_examples(c.eval_data, tokenizer, c.max_seq_len, c.strict)[0], truncated
+        return examples, load_examples(c.eval_data, tokenizer, c.max_seq_len, c.strict, c.columns)[0], truncated
     return (*split(examples, c.eval_split, c.seed), truncated)
 
 
@@ -128,7 +148,7 @@ def read_train_config(run_dir: Path) -> TrainConfig | None:
     if not path.is_file():
         return None
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = read_json(path, "it records how the run was trained; restore it or train again")
+    saved = current_names(TrainConfig, read_json(path, "it records how the run was trained; restore it or train again"))
     try:
         return load_config(TrainConfig, None, {k: v for k, v in saved.items() if k in known})
     except EdgeftError as e:
@@ -137,10 +157,15 @@ def read_train_config(run_dir: Path) -> TrainConfig | None:
 
 def _validate(c: TrainConfig) -> None:
     if not c.data:
-        raise EdgeftError("--data is required: a JSONL file of 'messages', 'prompt'+'completion' or 'text' rows "
-                          "(or 'demo' for the shipped demo set)")
-    if c.quant not in ("auto", "4bit", "8bit", "none"):
-        raise EdgeftError(f"--quant {c.quant}: use auto, 4bit, 8bit or none")
+        raise EdgeftError("--data is required: a JSONL, JSON, CSV or Parquet file of chat (messages, ShareGPT), "
+                          "Alpaca, prompt/completion or text rows (or 'demo' for the shipped demo set)")
+    c.columns = column_map(c.columns)  # --columns arrives as text; the config and the ledger keep the mapping
+    if c.base_quant not in ("auto", "4bit", "8bit", "none"):
+        raise EdgeftError(f"--base-quant {c.base_quant}: use auto, 4bit, 8bit or none")
+    rise_limit(c)
+    check_report_to(c.report_to)
+    if c.log_every < 0:
+        raise EdgeftError(f"--log-every {c.log_every}: must be >= 0")
     for name in ("gradient_checkpointing", "packing"):
         if getattr(c, name) not in ("auto", "on", "off"):
             raise EdgeftError(f"--{name.replace('_', '-')} {getattr(c, name)}: use auto, on or off")
@@ -152,6 +177,11 @@ def _validate(c: TrainConfig) -> None:
     if c.max_steps < 0 or c.save_every < 0 or c.lr <= 0 or not 0 <= c.lora_dropout < 1:
         raise EdgeftError("--max-steps and --save-every must be >= 0, --lr > 0, --lora-dropout in [0, 1)")
     c.check_heldout()
+
+
+def rise_limit(c: TrainConfig) -> float:
+    """--max-ppl-rise in the syntax every gate flag shares (gates.parse_gates); train makes one artifact."""
+    return parse_gates(c.max_ppl_rise, {"adapter": 0.10}, ["adapter"])["adapter"]
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -179,7 +209,7 @@ def hardware(c: TrainConfig, acc=None) -> dict:
     import torch
 
     cuda = torch.cuda.is_available() if acc is None else acc.device.type == "cuda"
-    quant = c.quant if c.quant != "auto" else ("4bit" if cuda else "none")
+    quant = c.base_quant if c.base_quant != "auto" else ("4bit" if cuda else "none")
     bf16 = cuda and torch.cuda.is_bf16_supported()
     # On by default: measured on the demo set (bench/train_throughput.py), it costs ~10% of the speed and
     # saves ~40% of peak RSS on CPU, and GPU memory is what limits batch size there.
@@ -304,10 +334,12 @@ def _check_resumable(run: Run, c: TrainConfig, world_size: int) -> Path:
         raise EdgeftError(f"--resume: no checkpoint in {run.path / CHECKPOINTS}; start without --resume")
     saved = run.path / TRAIN_CONFIG
     if saved.is_file():
-        before = read_json(saved, "delete it to resume without the settings check, or use a new --run")
+        before = current_names(TrainConfig, read_json(saved, "delete it to resume without the settings check, or "
+                                                             "use a new --run"))
         now = {**to_dict(c), "world_size": world_size}
-        changed = [k for k in (*_RESUME_KEYS, "world_size") if before.get(k, 1 if k == "world_size" else None)
-                   != now.get(k)]
+        # What a run saved before a setting existed is that setting's default.
+        unsaved = {"world_size": 1, "columns": {}}
+        changed = [k for k in (*_RESUME_KEYS, "world_size") if before.get(k, unsaved.get(k)) != now.get(k)]
         if changed:
             raise EdgeftError(f"--resume: {', '.join(changed)} differ from the interrupted run "
                               f"({saved}); resume with the same settings or use a new --run")
@@ -366,14 +398,15 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
 
     c = config
     _validate(c)
+    c = c.checked("eval_generate")
     acc = Accelerator(cpu=not torch.cuda.is_available())
     if acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         # Evaluation and saving run on the main process with the whole model: a sharded model would hang there.
         raise EdgeftError(f"edgeft train does not shard the model ({acc.distributed_type.value}); launch plain data "
-                          f"parallelism (accelerate launch --multi_gpu), and use --quant 4bit if the base does not "
-                          f"fit one GPU in 16 bits")
+                          f"parallelism (accelerate launch --multi_gpu), and use --base-quant 4bit if the base does "
+                          f"not fit one GPU in 16 bits")
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
-    base_path = resolve_model(c.base, what="--base")
+    base_path = resolve_model(c.model, what="--model")
     tokenizer = load_tokenizer(base_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels mask padding, so sharing EOS costs nothing
@@ -397,7 +430,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
                       f"{'on' if hw['gradient_checkpointing'] else 'off'}, packing {'on' if hw['packing'] else 'off'}")
         write_json(run.path / TRAIN_CONFIG, {**to_dict(c), "world_size": world})
 
-    inputs = {"base": c.base, "base_path": str(base_path), "data": str(data_path(c)),
+    inputs = {"base": c.model, "base_path": str(base_path), "data": str(data_path(c)),
               "rows": len(train_set) + (0 if c.eval_data else len(eval_set)),
               "train_rows": len(train_set), "eval_rows": len(eval_set), "truncated_rows": truncated,
               "eval_tokens": TOKENS_FILE, "resumed_from": resume_from.name if resume_from else None}
@@ -447,7 +480,9 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
         step = start_step
         saved_at = start_step
         try:
-            with bar("train", steps, enabled=main) as update, StopAtStepBoundary() as ctrl_c:
+            with bar("train", steps, enabled=main, every=c.log_every or None, unit="step", start=step) as update, \
+                    StopAtStepBoundary() as ctrl_c, \
+                    TrainLog(run.path, start_step, c.report_to) if main else contextlib.nullcontext() as log:
                 update(step, steps)
                 while step < steps:
                     t0 = time.perf_counter()
@@ -482,6 +517,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
                         step_loss += loss.detach()
                     seen_tokens += sum(len(e.input_ids) for b in micro for e in b)
                     torch.nn.utils.clip_grad_norm_(trainable_params, 1.0)
+                    lr = scheduler.get_last_lr()[0]  # this step's, before the schedule moves on
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -492,7 +528,9 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
                         step_loss, stop = both[0], bool(both[1] > 0)
                     curve.append(round(float(step_loss) / n_labels, 5))  # the step's one wait for the device
                     train_seconds += time.perf_counter() - t0
-                    update(step, steps, f"loss {curve[-1]:.4f}  {seen_tokens / train_seconds:,.0f} tok/s")
+                    update(step, steps, f"loss {curve[-1]:.4f}  lr {lr:.2e}  {seen_tokens / train_seconds:,.0f} tok/s")
+                    if log:
+                        log.log(step, curve[-1], lr, seen_tokens, train_seconds)
                     if on_step:
                         on_step(step, curve[-1], seen_tokens)
                     if (stop or c.save_every and step % c.save_every == 0) and step < steps:
@@ -513,11 +551,16 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
         if not main:
             return TrainResult(run=run.path, adapter=adapter_dir, entry=None)
 
+        base_fingerprint = fingerprint(base_path)
         with atomic_dir(adapter_dir) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            base_hub_id = hub_id(c.model) or hub_id(base_path)
+            if base_hub_id:
+                name_base_on_hub(tmp, base_hub_id)
             write_json(tmp / ADAPTER_META, {
-                "base": c.base, "base_path": str(base_path), "base_fingerprint": fingerprint(base_path),
+                "base": c.model, "base_path": str(base_path), "base_hub_id": base_hub_id,
+                "base_fingerprint": base_fingerprint,
                 "quant": hw["quant"], "compute_dtype": hw["compute_dtype"], "device": hw["device"],
                 "target_modules": targets, "lora_r": c.lora_r, "lora_alpha": c.lora_alpha, "steps": steps,
                 "seed": c.seed,
@@ -526,11 +569,16 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
 
         # After training only (see the module docstring): the adapter's effect, then the base without it.
         model.eval()
-        label = f"{c.base}+adapter"
+        label = f"{c.model}+adapter"
         after_ppl = measure(model, tokens.ids, c.window, c.stride, label)
         after = score_torch(model, task, tokenizer, label, c.eval_generate) if task else None
+        # What "after" measured, so that a later step measuring the same (merge: the unmerged base + adapter)
+        # takes these numbers from the ledger (reuse.py).
+        weights = torch_weights(base_fingerprint, entry["outputs"][-1]["sha256"], hw["quant"], hw["compute_dtype"],
+                                hw["device"], c.attn, c.compile)
+        entry[KEY] = measurement_key(weights, tokens.ids, c.window, c.stride, task, c.eval_generate)
         with model.disable_adapter():
-            base_label = c.base if hw["quant"] == "none" else f"{c.base} ({hw['quant']})"
+            base_label = c.model if hw["quant"] == "none" else f"{c.model} ({hw['quant']})"
             before_ppl = measure(model, tokens.ids, c.window, c.stride, base_label)
             before = score_torch(model, task, tokenizer, base_label, c.eval_generate) if task else None
 
@@ -556,7 +604,8 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
             "peak_gpu_mb_training": peak_gpu,  # main process, before the evaluation; peak_gpu_mb: whole step
         })
         rise = forgetting.change
-        check(entry, Gate("held-out perplexity rise", rise, c.max_ppl_rise,
+        limit = rise_limit(c)
+        check(entry, Gate("held-out perplexity rise", rise, limit,
                           f"held-out perplexity rose {100 * rise:.1f}% ({before_ppl.ppl:.4f} -> {after_ppl.ppl:.4f}), "
-                          f"more than --max-ppl-rise {100 * c.max_ppl_rise:.0f}%; the adapter is kept in {adapter_dir}"))
+                          f"more than --max-ppl-rise {100 * limit:.0f}%; the adapter is kept in {adapter_dir}"))
     return TrainResult(run=run.path, adapter=adapter_dir, entry=entry)

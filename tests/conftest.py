@@ -111,7 +111,7 @@ def train_tiny(base: Path, run: Path, **overrides):
 
     data = run.parent / f"{run.name}-data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(24)))
-    settings = dict(base=str(base), data=str(data), run=str(run), batch_size=4, max_steps=6, save_every=2,
+    settings = dict(model=str(base), data=str(data), run=str(run), batch_size=4, max_steps=6, save_every=2,
                     eval_budget=300, window=128, stride=128, eval_generate=0, max_ppl_rise=100.0, lr=1e-3)
     settings.update(overrides)
     return train(TrainConfig(**settings))
@@ -185,3 +185,15 @@ def board(tmp_path_factory):
     yield SimpleNamespace(config=str(d / "ssh_config"), root=d)
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_merged_task_run(tiny_adapter_run, tmp_path_factory) -> Path:
+    """A copy of the tiny adapter run with its adapter merged (float32): a run whose ledger has the task at
+    train and merge, ready for exports of either format."""
+    from edgeft.merge import MergeConfig, merge
+
+    run = tmp_path_factory.mktemp("merged-task") / "run"
+    shutil.copytree(tiny_adapter_run, run)
+    merge(MergeConfig(adapter=str(run), dtype="float32", window=128, stride=128))
+    return run

@@ -1,6 +1,7 @@
 """Config is data: defaults < file < flags, one-line errors, shared option groups, renamed settings."""
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -22,9 +23,9 @@ from .conftest import assert_one_line_error
 
 def test_precedence_defaults_file_flags(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("lr: 0.001\nmax_steps: 7\nquant: none\n")
-    c = load_config(TrainConfig, f, {"max_steps": 9, "quant": None})
-    assert (c.lr, c.max_steps, c.quant, c.lora_r) == (0.001, 9, "none", 16)
+    f.write_text("lr: 0.001\nmax_steps: 7\nbase_quant: none\n")
+    c = load_config(TrainConfig, f, {"max_steps": 9, "base_quant": None})
+    assert (c.lr, c.max_steps, c.base_quant, c.lora_r) == (0.001, 9, "none", 16)
 
 
 def test_bad_keys_and_values_are_one_line_errors(tmp_path):
@@ -133,3 +134,97 @@ def test_fuzzed_config_files_load_or_fail_in_one_line(tmp_path):
             assert "\n" not in str(e), str(e)
             outcomes["refused"] += 1
     assert outcomes["loaded"] > 30 and outcomes["refused"] > 200, outcomes
+
+
+# ------------------------------------------------------------------ one flag vocabulary (issue 15, item 4)
+def _last_line(result) -> str:
+    return result.output.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("command,old,new,value,needle", [
+    (["train", "--data", "demo"], "--base", "--model", "FILE", "--model {}: is a file, not a model folder"),
+    (["train", "--data", "demo"], "--quant", "--base-quant", "16bit",
+     "--base-quant 16bit: use auto, 4bit, 8bit or none"),
+    (["eval"], "--budget", "--eval-budget", "1", "--eval-budget 1: must be at least 2 tokens"),
+    (["merge", "--adapter", "ADAPTER"], "--base", "--model", "FILE", "--model {}: is a file, not a model folder"),
+])
+def test_each_old_flag_spelling_works_for_a_release_and_says_so(request, tmp_path, command, old, new, value, needle):
+    """The old spelling reaches the same setting (the same refusal of a bad value proves it) with one
+    deprecation line; the new spelling says nothing more."""
+    if value == "FILE":
+        value = str(tmp_path / "weights.bin")
+        (tmp_path / "weights.bin").write_bytes(b"x")
+    command = [str(request.getfixturevalue("tiny_adapter_run")) if a == "ADAPTER" else a for a in command]
+    command += ["--run", str(tmp_path / "run")]
+    note = f"note: {old} is deprecated; use {new}"
+    with_old = CliRunner().invoke(cli, [*command, old, value])
+    assert_one_line_error(with_old, needle.format(value))
+    assert note in with_old.output
+    with_new = CliRunner().invoke(cli, [*command, new, value])
+    assert_one_line_error(with_new, needle.format(value))
+    assert "deprecated" not in with_new.output
+    shown = CliRunner().invoke(cli, [command[0], "--help"]).output
+    assert re.search(rf"(?<![\w-]){new}(?![\w-])", shown) and not re.search(rf"(?<![\w-]){old}(?![\w-])", shown)
+    both = CliRunner().invoke(cli, [*command, old, value, new, value])
+    assert_one_line_error(both, f"{old} and {new} are the same setting")
+
+
+def test_old_names_work_in_config_files_python_and_stored_records(tmp_path, capsys):
+    from edgeft.train import TRAIN_CONFIG, read_train_config
+
+    f = tmp_path / "t.yaml"
+    f.write_text("base: some-model\nquant: none\n")
+    c = load_config(TrainConfig, f)
+    assert (c.model, c.base_quant) == ("some-model", "none")
+    err = capsys.readouterr().err
+    assert f"note: key 'base' in {f} is deprecated; use key 'model' in {f}" in err and "key 'quant'" in err
+    f.write_text("base: a\nmodel: b\n")
+    with pytest.raises(EdgeftError, match="keys 'base' and 'model' are the same setting"):
+        load_config(TrainConfig, f)
+
+    assert TrainConfig(base="x", quant="4bit").model == "x" and MergeConfig(base="y").model == "y"
+    assert "note: TrainConfig(base=...) is deprecated; use TrainConfig(model=...)" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="give model= only"):
+        TrainConfig(base="x", model="y")
+
+    # a run trained by the previous release: its record is read as it was meant, without notes
+    (tmp_path / TRAIN_CONFIG).write_text(json.dumps({"base": "old-base", "quant": "none", "max_ppl_rise": 0.2,
+                                                      "data": "demo"}))
+    old = read_train_config(tmp_path)
+    assert (old.model, old.base_quant, old.max_ppl_rise) == ("old-base", "none", "0.2")
+    assert "deprecated" not in capsys.readouterr().err
+
+
+def test_every_gate_flag_takes_one_syntax():
+    """--max-ppl-rise was a fraction in train and a per-quant spec in export; --max-drift likewise in merge.
+    Now each takes one number for all, or NAME=number per artifact, and refuses the same mistakes."""
+    from edgeft.gates import GGUF_GATES, parse_gates
+    from edgeft.train import rise_limit
+
+    for spec, want in (("0.25", 0.25), ("adapter=0.25", 0.25), (0.5, 0.5), ("-0.5", -0.5), ("1e-2", 0.01)):
+        assert rise_limit(load_config(TrainConfig, None, {"max_ppl_rise": spec})) == want
+    assert parse_gates("1e-2", GGUF_GATES, ["q8_0", "q4_k_m"]) == {"q8_0": 0.01, "q4_k_m": 0.01}
+    assert parse_gates("original=0.02", {}, ["original", "dequantized"], 0.01, "--max-drift") == \
+        {"original": 0.02, "dequantized": 0.01}
+    with pytest.raises(EdgeftError, match="--max-ppl-rise q8_0=0.1: 'q8_0' is not among the artifacts being made "
+                                          r"\(adapter\)"):
+        rise_limit(load_config(TrainConfig, None, {"max_ppl_rise": "q8_0=0.1"}))
+    with pytest.raises(EdgeftError, match="--max-drift nan: a gate's limit must be a finite number"):
+        parse_gates("nan", {}, ["original"], 0.01, "--max-drift")
+    result = CliRunner().invoke(cli, ["train", "--data", "demo", "--max-ppl-rise", "adapter=lots"])
+    assert_one_line_error(result, "--max-ppl-rise adapter=lots: 'lots' is not a number")
+
+
+def test_the_run_is_run_everywhere_and_the_positional_run_still_works(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"steps": []}))
+    for args in (["show", str(run)], ["show", "--run", str(run)]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0 and f"ledger of {run}" in result.output, result.output
+    assert_one_line_error(CliRunner().invoke(cli, ["show", str(run), "--run", str(tmp_path)]), "two run folders")
+    for command in ("show", "report", "deploy", "smoke"):
+        assert "--run" in CliRunner().invoke(cli, [command, "--help"]).output
+        assert_one_line_error(CliRunner().invoke(cli, [command]), "which run? pass --run RUN")
+    assert_one_line_error(CliRunner().invoke(cli, ["smoke", "--run", str(tmp_path / "nowhere"), "--local"]),
+                          "nowhere: not a run folder")

@@ -63,15 +63,31 @@ def test_fused_adapter_equals_merge_then_convert_and_gguf_adapter_matches(tiny_l
     assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names
 
 
-def test_refusals_leave_no_partial_gguf(tiny_llama, tmp_path):
+def tiny_gpt2(tokenizer_dir, out):
+    """A 2-layer GPT-2 (an architecture our converter's registry lacks; llama.cpp's converts it) with the tiny
+    tokenizer. n_ctx as the hub's gpt2 config.json carries it (llama.cpp reads it; transformers no longer writes it)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(gpt2)
-    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(gpt2)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=1024, n_ctx=1024, vocab_size=len(tok),
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_refusals_leave_no_partial_gguf(tiny_llama, tmp_path):
+    foo = tiny_gpt2(tiny_llama, tmp_path / "foo")  # an architecture neither converter knows
+    config = json.loads((foo / "config.json").read_text())
+    (foo / "config.json").write_text(json.dumps({**config, "architectures": ["FooForCausalLM"]}))
     out = tmp_path / "out"
-    assert_one_line_error(CliRunner().invoke(cli, ["export", "--model", str(gpt2), "--out", str(out), "--run", str(tmp_path / "r"),
-                                       *WINDOW]), "GPT2LMHeadModel is not supported", "LlamaForCausalLM")
+    assert_one_line_error(CliRunner().invoke(cli, ["export", "--model", str(foo), "--out", str(out), "--run",
+                                                   str(tmp_path / "r"), *WINDOW]),
+                          "architecture FooForCausalLM is supported neither by edgeft's converter nor by llama.cpp's")
+    for converter, needles in [("ours", ["FooForCausalLM is not supported by edgeft's converter", "--converter"]),
+                               ("theirs", ["--converter theirs: use auto, ours, llamacpp"])]:
+        assert_one_line_error(CliRunner().invoke(cli, ["export", "--model", str(foo), "--out", str(out), "--converter",
+                                                       converter, "--run", str(tmp_path / "r"), *WINDOW]), *needles)
 
     no_tok = tmp_path / "no-tok"
     shutil.copytree(tiny_llama, no_tok)
@@ -92,6 +108,52 @@ def test_refusals_leave_no_partial_gguf(tiny_llama, tmp_path):
     assert CliRunner().invoke(cli, args).exit_code == 0
     assert_one_line_error(CliRunner().invoke(cli, args), "already exists", "--overwrite")
     assert CliRunner().invoke(cli, args + ["--overwrite"]).exit_code == 0
+
+
+def test_architecture_ours_lacks_is_converted_by_llama_cpp_with_the_same_gates(tiny_llama, tmp_path):
+    """auto: GPT-2 is not in our registry, so llama.cpp's own convert_hf_to_gguf.py writes the F16 (with a notice);
+    tokenizer parity, F16 = HF within 0.1% and the quant gate then apply as for ours, and the ledger names it."""
+    gpt2 = tiny_gpt2(tiny_llama, tmp_path / "gpt2")
+    result = CliRunner().invoke(cli, ["export", "--model", str(gpt2), "--quant", "f16,q8_0", "--run",
+                                      str(tmp_path / "r"), "--json", *WINDOW])
+    assert result.exit_code == 0, result.output
+    assert "edgeft's converter has no GPT2LMHeadModel; converting with llama.cpp's convert_hf_to_gguf.py" \
+        in result.output
+    f16, q8 = json.loads(result.output.strip().splitlines()[-1])
+    convert_metrics = f16["metrics"]["convert"]
+    assert convert_metrics["converter"].startswith("llama.cpp convert_hf_to_gguf.py (llama-cpp-python ")
+    assert convert_metrics["arch"] == "gpt2" and convert_metrics["tensors"] > 0
+    assert f16["metrics"]["tokenizer_parity"]["equal"]
+    assert f16["status"] == "ok" and f16["gate"]["passed"] and f16["gate"]["value"] < 0.001
+    assert q8["status"] == "ok" and q8["gate"]["passed"]
+    (f16_path,) = (tmp_path / "r" / "gguf").glob("*-F16.gguf")
+    assert GGUFReader(f16_path).fields["general.architecture"].contents() == "gpt2"
+    assert not list((tmp_path / "r" / "gguf").glob(".*"))  # written under a temporary name, renamed when whole
+
+
+def test_llama_cpp_converter_writes_the_tensors_ours_does(tiny_llama, tiny_adapter_run, tmp_path):
+    from edgeft.converters.compare import compare, tensors_equal
+
+    written = {}
+    for converter in ("ours", "llamacpp"):
+        run = tmp_path / converter
+        result = CliRunner().invoke(cli, ["export", "--model", str(tiny_llama), "--quant", "f16", "--converter",
+                                          converter, "--run", str(run), "--json", *WINDOW])
+        assert result.exit_code == 0, result.output
+        (entry,) = json.loads(result.output.strip().splitlines()[-1])
+        assert entry["status"] == "ok" and entry["metrics"]["tokenizer_parity"]["equal"]
+        written[converter] = (entry["metrics"]["convert"]["converter"], next((run / "gguf").glob("*-F16.gguf")))
+    assert written["ours"][0] == "edgeft" and written["llamacpp"][0].startswith("llama.cpp convert_hf_to_gguf.py")
+    cmp = compare(written["ours"][1], written["llamacpp"][1])  # GGUFReader: names, shapes, types, bytes
+    assert tensors_equal(cmp) and cmp["tensors_ours"] == cmp["tensors_theirs"] > 0, cmp
+
+    # llama.cpp's script converts a plain folder: an adapter to fuse or write is refused, pointing at merge
+    args = ["export", "--adapter", str(tiny_adapter_run), "--converter", "llamacpp", "--out", str(tmp_path / "a"),
+            "--run", str(tmp_path / "adapter-run")]
+    assert_one_line_error(CliRunner().invoke(cli, [*args, *WINDOW]), "--adapter with --converter llamacpp",
+                          "edgeft merge")
+    assert_one_line_error(CliRunner().invoke(cli, [*args, "--adapter-only", *WINDOW]), "--adapter --adapter-only")
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.slow
@@ -176,3 +238,24 @@ def test_every_artifact_records_the_task_and_a_damaged_quant_fails_the_task_gate
     assert q2["task"]["kl_mean"] > 0 and "exact_match" in q2["task"]
     general, task_rise = q2["gates"][0], q2["gates"][1]
     assert general["passed"] and not task_rise["passed"] and q2["status"] == "failed"
+
+
+def test_quant_auto_skips_a_quant_that_fails_only_its_task_gate(tiny_adapter_run, tmp_path):
+    """--quant auto weighs the task gates as much as the general one: the smallest quant, held to a task gate it
+    cannot meet, is passed over for the next smallest that passes every gate, although its general perplexity
+    passes."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_adapter_run, run)
+    merge(MergeConfig(adapter=str(run), dtype="float32", window=128, stride=128))
+    args = ["export", "--run", str(run), "--quant", "auto", "--device", "rpi4", "--max-ppl-rise", "100",
+            "--max-exact-drop", "1", "--json", *WINDOW]
+    result = CliRunner().invoke(cli, args + ["--max-task-ppl-rise", "q4_0=0.000001"])
+    assert result.exit_code == 0, result.output
+    choice = json.loads(result.output.strip().splitlines()[-1])[-1]
+    rows = {r["quant"]: r for r in choice["metrics"]["candidates"]}
+    assert min(rows, key=lambda q: rows[q]["bytes"]) == "q4_0"  # the one auto would take if it passed
+    assert rows["q4_0"]["general_gate_passed"] and not rows["q4_0"]["task_gates_passed"]
+    assert not rows["q4_0"]["gate_passed"] and rows["q4_0"]["task_ppl"] is not None
+    chosen = choice["metrics"]["chosen"]
+    assert chosen != "q4_0" and rows[chosen]["task_gates_passed"] and rows[chosen]["gate_passed"]
+    assert chosen == min((q for q in rows if rows[q]["gate_passed"]), key=lambda q: rows[q]["bytes"])

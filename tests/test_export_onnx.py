@@ -73,3 +73,24 @@ def test_default_model_fp32_int8_int4(default_model, tmp_path):
     assert "Paris" in fp32["metrics"]["sample"]["answer"]
     assert int8["gate"]["passed"] and int8["metrics"]["kl_mean"] < int4["metrics"]["kl_mean"]
     assert int4["status"] == "ok" and int4["outputs"][0]["bytes"] < int8["outputs"][0]["bytes"]
+
+
+def test_every_onnx_artifact_records_the_task_against_the_merged_model(tiny_merged_task_run, tmp_path):
+    """The task through onnxruntime, as through llama.cpp: fp32 equals HF on the task's answers, and each
+    quant records task perplexity, exact answers and both task gates against fp32."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_merged_task_run, run)
+    result = CliRunner().invoke(cli, ["export", "--format", "onnx", "--run", str(run), "--quant", "fp32,int8",
+                                      "--max-ppl-rise", "100", "--max-task-ppl-rise", "100", "--max-exact-drop", "1",
+                                      "--json", *WINDOW])
+    assert result.exit_code == 0, result.output
+    steps = json.loads((run / "manifest.json").read_text())["steps"]
+    merged = next(s for s in steps if s["step"] == "merge")
+    fp32, int8 = [s for s in steps if s["step"] == "export-onnx"]
+    assert fp32["task"]["items"] == int8["task"]["items"] == merged["task"]["items"] > 0
+    assert abs(fp32["task"]["vs_merged"]["ppl_change"]) < 1e-3  # onnxruntime fp32 = HF on the task too
+    assert int8["task"]["reference"]["label"] == "fp32" and "exact_match" in int8["task"]
+    metrics = [g["metric"] for g in int8["gates"]]
+    assert metrics[1:] == ["task perplexity rise vs fp32", "exact-answer drop vs fp32"]

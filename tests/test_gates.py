@@ -61,6 +61,19 @@ def test_gate_specs():
         parse_gates("q8_0=x", GGUF_GATES, made)
 
 
+def test_a_task_gate_spec_error_names_its_own_flag():
+    """The task gates share the syntax of --max-ppl-rise; a mistake in one must name the flag the user typed."""
+    from types import SimpleNamespace
+
+    from edgeft.export.checks import task_gate_limits
+
+    made = ["q8_0", "q4_k_m"]
+    with pytest.raises(EdgeftError, match=r"^--max-task-ppl-rise q5_0=0.1: 'q5_0' is not among"):
+        task_gate_limits(SimpleNamespace(max_task_ppl_rise="q5_0=0.1", max_exact_drop=""), made)
+    with pytest.raises(EdgeftError, match=r"^--max-exact-drop q8_0=lots: 'lots' is not a number"):
+        task_gate_limits(SimpleNamespace(max_task_ppl_rise="", max_exact_drop="q8_0=lots"), made)
+
+
 def test_a_measurement_without_a_limit_must_still_be_a_number():
     entry = {}
     check(entry, Gate("perplexity", 14.9, None, "broken"))

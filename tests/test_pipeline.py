@@ -11,7 +11,7 @@ from edgeft.cli import cli
 def _pipeline(tmp_path, tiny_llama, data):
     spec = {
         "run": str(tmp_path / "run"),
-        "train": {"base": str(tiny_llama), "data": str(data), "max_steps": 3, "batch_size": 4, "lr": 0.01,
+        "train": {"model": str(tiny_llama), "data": str(data), "max_steps": 3, "batch_size": 4, "lr": 0.01,
                   "eval_budget": 300, "window": 128, "stride": 128, "eval_generate": 0, "max_ppl_rise": 100.0},
         "merge": {"dtype": "float32", "window": 128, "stride": 128, "eval_generate": 0},
         "export": [{"format": "gguf", "quant": ["f16", "q8_0"], "window": 128, "stride": 128,

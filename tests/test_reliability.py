@@ -152,7 +152,7 @@ def resume_planted_pickle(tmp, fx):
            f"torch.save({{'step': 2, 'p': P()}}, {str(run / 'checkpoints' / 'step-000002.pt')!r})\n"
     subprocess.run([sys.executable, "-c", code], check=True)
     config = json.loads((run / "train_config.json").read_text())
-    return Case(["train", "--base", config["base"], "--data", config["data"], "--run", str(run), "--resume",
+    return Case(["train", "--model", config["model"], "--data", config["data"], "--run", str(run), "--resume",
                  "--batch-size", "4", "--max-steps", "4", "--lr", "0.01", "--eval-budget", "300", "--window", "128",
                  "--stride", "128", "--eval-generate", "0", "--max-ppl-rise", "100"], 2,
                 ("step-000002.pt", "old pickle checkpoint", "start without --resume"), run, absent=[marker])

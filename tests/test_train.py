@@ -86,7 +86,7 @@ def test_lora_b_gets_nonzero_gradients(tiny_llama, quant):
     from edgeft.dataset import Example
     from edgeft.batches import collate, loss_sum
 
-    config = TrainConfig(data="demo", quant=quant)
+    config = TrainConfig(data="demo", base_quant=quant)
     model, targets = build_model(tiny_llama, config, hardware(config))
     if quant == "4bit":
         import bitsandbytes as bnb
@@ -106,7 +106,7 @@ def _tiny_config(tiny_llama, tmp_path, run, **kw):  # the same settings as conft
     from edgeft.data.demo_task import make_rows
 
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(24)))
-    base = dict(base=str(tiny_llama), data=data, run=str(tmp_path / run), batch_size=4, max_steps=6, save_every=2,
+    base = dict(model=str(tiny_llama), data=data, run=str(tmp_path / run), batch_size=4, max_steps=6, save_every=2,
                 eval_budget=300, window=128, stride=128, eval_generate=0, max_ppl_rise=100.0, lr=1e-3)
     base.update(kw)
     return TrainConfig(**base)
@@ -190,7 +190,7 @@ def test_checkpoints_hold_no_pickle_and_a_planted_one_is_refused(tiny_llama, tmp
     shutil.rmtree(ckpt.parent)
     ckpt.parent.mkdir()
     torch.save({"step": 2, "x": Payload()}, ckpt.parent / "step-000002.pt")
-    args = ["train", "--base", cfg.base, "--data", cfg.data, "--run", cfg.run, "--batch-size", "4", "--max-steps",
+    args = ["train", "--model", cfg.model, "--data", cfg.data, "--run", cfg.run, "--batch-size", "4", "--max-steps",
             "3", "--save-every", "2", "--eval-budget", "300", "--window", "128", "--stride", "128",
             "--eval-generate", "0", "--max-ppl-rise", "100", "--lr", "1e-3", "--resume"]
     assert_one_line_error(CliRunner().invoke(cli, args), "step-000002.pt", "old pickle checkpoint")
@@ -211,7 +211,7 @@ def test_adapter_loads_in_plain_peft_and_gate_failure_exits_3(tiny_llama, tmp_pa
     from transformers import AutoModelForCausalLM
 
     cfg = _tiny_config(tiny_llama, tmp_path, "gate", max_steps=2, max_ppl_rise=-0.99)
-    args = ["train", "--base", cfg.base, "--data", cfg.data, "--run", cfg.run, "--batch-size", "4", "--max-steps",
+    args = ["train", "--model", cfg.model, "--data", cfg.data, "--run", cfg.run, "--batch-size", "4", "--max-steps",
             "2", "--eval-budget", "300", "--window", "128", "--stride", "128", "--eval-generate", "0",
             "--max-ppl-rise", "-0.99"]
     result = CliRunner().invoke(cli, args)

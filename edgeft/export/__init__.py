@@ -2,7 +2,7 @@
 
 One base config (what every format shares) and one per format; `export(config)` runs the format's exporter.
   source.py     what is exported (merged model, model folder, or base + adapter) and its HF reference score
-  gguf.py       our converter, llama.cpp quantization, parity/perplexity/KL gates, --quant auto for a board
+  gguf.py       our converter or llama.cpp's, llama.cpp quantization, parity/perplexity/KL gates, --quant auto
   onnx.py       KV-cache ONNX graph, MatMulNBits int8/int4, the same gates on onnxruntime
   modelfile.py  the Ollama Modelfile beside each GGUF
 """
@@ -52,6 +52,9 @@ class GGUFExportConfig(ExportConfig):
         "help": "gguf: guide quantization with an importance matrix from 'train' (the run's training data) or "
                 "a text FILE (never the held-out text)"})
     imatrix_tokens: int = field(default=8192, metadata={"help": "gguf: calibration tokens for --imatrix"})
+    converter: str = field(default="auto", metadata={
+        "help": "gguf: auto|ours|llamacpp: who writes the unquantized GGUF (auto: ours, else llama.cpp's "
+                "convert_hf_to_gguf.py for an architecture ours lacks); the same gates apply"})
 
 
 @dataclass
@@ -90,6 +93,7 @@ def load_export_config(config_file: str | Path | None = None, values: dict | Non
 
 
 def export(config: ExportConfig) -> ExportResult:
+    config = config.checked("task_answers")  # --checks quick: no held-out prompt answered, and the entries say so
     if isinstance(config, OnnxExportConfig):
         from .onnx import export_onnx
 

@@ -13,8 +13,8 @@ from ..task import TaskScore, answers, changes, score_task
 
 def task_gate_limits(c, made: list[str]) -> tuple[dict[str, float], dict[str, float]]:
     """(max task-perplexity rise, max exact-answer drop) per quant being made."""
-    return (parse_gates(c.max_task_ppl_rise, TASK_PPL_GATES, made, TASK_PPL_GATE_OTHER),
-            parse_gates(c.max_exact_drop, EXACT_DROP_GATES, made, EXACT_DROP_GATE_OTHER))
+    return (parse_gates(c.max_task_ppl_rise, TASK_PPL_GATES, made, TASK_PPL_GATE_OTHER, "--max-task-ppl-rise"),
+            parse_gates(c.max_exact_drop, EXACT_DROP_GATES, made, EXACT_DROP_GATE_OTHER, "--max-exact-drop"))
 
 
 def record_reference_task(entry: dict, task, model, generate, tokenizer, backend: str, c, label: str,

@@ -1,4 +1,5 @@
-"""`edgeft export --format gguf`: our converter, llama.cpp quantization, and a ledger entry per artifact.
+"""`edgeft export --format gguf`: our converter (or llama.cpp's: --converter), llama.cpp quantization, and a ledger
+entry per artifact.
 
 For every GGUF written, in the ledger:
   - tokenizer parity: llama.cpp's tokenization of the held-out text equals the HF token ids (else error:
@@ -8,7 +9,9 @@ For every GGUF written, in the ledger:
   - for each quant: perplexity change vs the unquantized GGUF, mean KL divergence and top-1 agreement vs it,
     computed window by window (all models loaded at once, the reference logits computed once per window);
   - a gate on the perplexity rise per quant; a failing artifact is marked failed and the command exits 3;
-  - a short greedy answer to the fixed chat prompt.
+  - a short greedy answer to the fixed chat prompt;
+  - for each quant, the tensor types llama.cpp stored (read back), and a note when a k-quant fell back to others.
+GGUFs are named after the base and the run (smollm2-135m-demo-Q4_K_M.gguf), general.name too.
 Next to each GGUF an Ollama Modelfile, so `ollama create NAME -f FILE.Modelfile` works.
 """
 
@@ -26,15 +29,15 @@ from ..gates import GGUF_GATE_OTHER, GGUF_GATES, HF_MATCH, LORA_MATCH, Gate, che
 from ..heldout import TOKENS_FILE, read_text
 from ..ledger import Run, artifact
 from ..llamacpp import QUANT_TYPES, LlamaCpp, quantize
-from ..models import load_model, load_tokenizer
+from ..models import EMBEDDED_MODELS, hub_id, load_model
+from ..noise import quiet_llama_cpp_log
 from ..progress import bar, console
 from ..prompt import answer_ok, prompt_ids, prompt_text
 from ..scoring import Comparison, compare, score
-from ..task import read_task_set
 from . import ExportResult, GGUFExportConfig
 from .checks import record_quant_task, record_reference_task, task_gate_limits
 from .modelfile import write_modelfile
-from .source import Source, hf_reference, resolve_source
+from .source import Source, hf_reference, load_inputs, resolve_source
 
 UNQUANTIZED = ("f16", "bf16", "f32")
 AUTO_CANDIDATES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
@@ -82,22 +85,18 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
     source = resolve_source(c)
     run, label = source.run, source.label
     out_dir = Path(c.out) if c.out else run.path / "gguf"
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", label.replace("+adapter (fused)", "-fused")).strip("-")
+    stem = artifact_stem(source)
     paths = {q: out_dir / f"{stem}-{q.upper()}.gguf" for q in [reference_type, *made]}
     if c.adapter_only:
         if source.adapter is None:
             raise EdgeftError("--adapter-only needs --adapter (the LoRA to write as a GGUF adapter)")
         paths["lora"] = out_dir / f"{stem}-LoRA-F16.gguf"
         paths["base"] = out_dir / f"{source.path.name}-base-{reference_type.upper()}.gguf"
-    existing = [p for p in paths.values() if p.exists()]
-    if existing and not c.overwrite:
-        raise EdgeftError(f"{existing[0]}: already exists; pass --overwrite to replace it, or another --out")
-    tokenizer = load_tokenizer(source.path)
-    prompt_ids(tokenizer)  # a chat template that fails is refused before anything is written
-    tokens = c.heldout_tokens(tokenizer, run.path)
-    task = read_task_set(run.path, tokenizer)
+    converter = pick_converter(c, source)  # before anything is loaded or written
+    tokenizer, tokens, task = load_inputs(c, source, paths.values())
     n_ctx = max(c.window, task.longest if task else 0)  # the longest task example must fit one context
 
+    from ..converters.compare import llamacpp_convert
     from ..converters.gguf_vocab import VocabError
     from ..converters.hf_to_gguf import ConversionError, convert
 
@@ -109,12 +108,19 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
     with run.step("export-gguf", to_dict(c), {**inputs, "quant": reference_type}) as entry:
         with atomic_file(ref_path) as tmp, bar(f"convert → {ref_path.name}") as update:
             try:
-                result = convert(source.path, tmp, reference_type, loras=source.loras, progress=update, name=label)
+                if converter == "llamacpp":
+                    convert_metrics = llamacpp_convert(source.path, tmp, reference_type)
+                else:
+                    result = convert(source.path, tmp, reference_type, loras=source.loras, progress=update, name=stem)
+                    convert_metrics = {"converter": "edgeft", "arch": result.arch, "tensors": result.tensors,
+                                       "fused_loras": result.fused_loras}
             except (ConversionError, VocabError) as e:
                 raise EdgeftError(str(e)) from None
         entry["outputs"].append(artifact(ref_path, run.path))
-        entry["metrics"]["convert"] = {"arch": result.arch, "tensors": result.tensors,
-                                       "fused_loras": result.fused_loras}
+        entry["metrics"]["convert"] = convert_metrics
+        # The HF reference first: its model is freed before llama.cpp maps the GGUF, so the two never
+        # share the memory (at 3B each is 6.4 GB).
+        hf = hf_reference(source, tokens, task, tokenizer, c.window, c.stride, c.task_answers)
         ref = LlamaCpp(ref_path, n_ctx=n_ctx, threads=c.threads, trusted=True)
         parity = tokenizer_parity(ref, tokens)
         entry["metrics"]["tokenizer_parity"] = parity
@@ -124,7 +130,6 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
         with bar(f"llama.cpp perplexity {ref_path.name}") as update:
             got = score(tokens.ids, ref.logits, window=c.window, stride=c.stride, backend="llama.cpp",
                         progress=update)
-        hf = hf_reference(source, tokens, task, tokenizer, c.window, c.stride, c.task_answers)
         vs_hf = Comparison(measured=got, reference=hf.ppl)
         ref_label = f"GGUF {reference_type.upper()} ({label})"
         vs_hf.record(entry, ref_label, f"HF {label}", "hf", tokens.source, source=hf.how)
@@ -147,8 +152,10 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
         try:
             with run.step("export-gguf", to_dict(c), {**inputs, "quant": q, "from": ref_path.name}) as entry:
                 with atomic_file(paths[q]) as tmp, console.status(f"quantize {ref_path.name} → {q}"):
+                    quiet_llama_cpp_log()  # the per-tensor fallback lines: the entry counts them instead
                     quantize(ref_path, tmp, q, c.threads, imatrix=table)
                 entry["outputs"].append(artifact(paths[q], run.path))
+                record_tensor_types(entry, paths[q], q)
                 model = LlamaCpp(paths[q], n_ctx=n_ctx, threads=c.threads, trusted=True)
                 with bar(f"llama.cpp {paths[q].name} vs {ref_path.name}") as update:
                     cmp = compare(ref, model, tokens.ids, c.window, c.stride, progress=update,
@@ -184,6 +191,108 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
     return ExportResult(run=run.path, artifacts=artifacts, entries=entries)
 
 
+def model_name(name: str) -> str:
+    """A model given as a name, hub id or folder, named shortly: the embedded name, the hub repository's name,
+    else the folder's."""
+    if name in EMBEDDED_MODELS:
+        return name
+    hub = hub_id(name)
+    return hub.rsplit("/", 1)[-1] if hub else Path(name).expanduser().resolve().name
+
+
+def artifact_stem(source: Source) -> str:
+    """The GGUF files' name (and their general.name): a model the run made, after its base and the run
+    (`smollm2-135m-demo-Q4_K_M.gguf`, `...-demo-fused-...` for base + adapter fused while converting); a model
+    exported as it is (--model), after itself."""
+    run = source.run.path.name
+    if source.adapter is not None:
+        name = f"{model_name(source.adapter.base or source.path.name)}-{run}-fused"
+    elif source.path == source.run.path / "merged":
+        merge = source.run.last("merge")
+        base = (merge or {}).get("inputs", {}).get("base")
+        name = f"{model_name(base) if isinstance(base, str) and base else 'merged'}-{run}"
+    else:
+        name = model_name(source.label)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "model"
+
+
+# A k-quant packs rows in blocks of 256 values; llama.cpp stores a tensor whose rows are not a multiple of that
+# in another type (q4_K -> q5_0, q6_K -> q8_0, ...), so a "Q4_K_M" of a hidden-576 model is mostly not Q4_K.
+K_BLOCK = 256
+
+
+def record_tensor_types(entry: dict, path: Path, quant: str) -> None:
+    """Count the GGUF's tensor types (read back with gguf-py) into metrics.tensor_types, and say in the entry's
+    note how many tensors llama.cpp stored in a fallback type instead of the k-quant asked for."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    types = Counter(t.tensor_type.name.lower() for t in reader.tensors)
+    entry["metrics"]["tensor_types"] = dict(sorted(types.items(), key=lambda kv: -kv[1]))
+    if "_k" not in quant:
+        return
+    fallback = [t for t in reader.tensors if len(t.shape) >= 2 and int(t.shape[0]) % K_BLOCK
+                and not t.tensor_type.name.lower().endswith(("_k", "f32", "f16", "bf16"))]
+    if not fallback:
+        return
+    widths = sorted({int(t.shape[0]) for t in fallback})
+    hidden = next((int(f.contents()) for k, f in reader.fields.items() if k.endswith(".embedding_length")), None)
+    what = f"hidden {hidden}" if widths == [hidden] else f"rows of {', '.join(map(str, widths))}"
+    stored = "/".join(sorted({t.tensor_type.name.lower() for t in fallback}))
+    entry["note"] = (f"{quant.upper()}: {len(fallback)} of {len(reader.tensors)} tensors are {stored} "
+                     f"({what} not a multiple of {K_BLOCK})")
+
+
+CONVERTERS = ("auto", "ours", "llamacpp")
+
+
+def pick_converter(c: GGUFExportConfig, source: Source) -> str:
+    """--converter resolved to 'ours' or 'llamacpp' for this model, or refused in one line before anything is
+    written. auto: ours when our registry has the architecture, else (with a notice) llama.cpp's
+    convert_hf_to_gguf.py, when the vendored source of the installed binding registers it."""
+    from ..converters.compare import llamacpp_architecture, llamacpp_architectures
+    from ..converters.families import ConversionError, read_config, supported
+    from ..llamacpp import binding_version, vendored_source
+
+    if c.converter not in CONVERTERS:
+        raise EdgeftError(f"--converter {c.converter}: use {', '.join(CONVERTERS)}")
+    try:
+        config = read_config(source.path)
+    except ConversionError as e:
+        raise EdgeftError(str(e)) from None
+    config_file, hf_arch = source.path / "config.json", (config.get("architectures") or ["?"])[0]
+    arch = llamacpp_architecture(config)  # what llama.cpp's script looks up (a text_config's own, if any)
+    ours = hf_arch in supported()
+    if c.converter == "ours" and not ours:
+        raise EdgeftError(f"{config_file}: architecture {hf_arch} is not supported by edgeft's converter (it has "
+                          f"{', '.join(sorted(supported()))}); --converter auto or llamacpp uses llama.cpp's")
+    if c.converter == "ours" or (c.converter == "auto" and ours):
+        return "ours"
+    theirs = f"llama.cpp's convert_hf_to_gguf.py (llama-cpp-python {binding_version()})"
+    if arch not in llamacpp_architectures(vendored_source()):
+        if ours:
+            raise EdgeftError(f"{config_file}: architecture {arch} is not supported by {theirs}; use --converter "
+                              f"ours or auto")
+        raise EdgeftError(f"{config_file}: architecture {arch} is supported neither by edgeft's converter nor by "
+                          f"{theirs}; export a model of an architecture one of them converts")
+    # llama.cpp's script converts a plain HF folder: nothing to fuse an adapter with; the importance matrix names
+    # tensors through our families, so it needs an architecture ours has.
+    why = "--converter llamacpp" if c.converter == "llamacpp" else f"{hf_arch} (not in edgeft's converter)"
+    if source.adapter is not None:
+        raise EdgeftError(f"--adapter{' --adapter-only' if c.adapter_only else ''} with {why}: llama.cpp's converter "
+                          f"cannot fuse or write an adapter; run `edgeft merge --adapter {c.adapter}` first and "
+                          f"export the merged model")
+    if c.imatrix and not ours:
+        raise EdgeftError(f"--imatrix with {why}: the importance matrix is named through edgeft's converter; "
+                          f"export without --imatrix")
+    if c.converter == "auto":
+        console.print(f"[yellow]note: edgeft's converter has no {hf_arch}; converting with {theirs}[/yellow]",
+                      soft_wrap=True)
+    return "llamacpp"
+
+
 def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entries: list[dict]
                       ) -> tuple[dict, str | None]:
     """--quant auto: the smallest quantized GGUF that passed its gate and fits the board's RAM (model + KV
@@ -202,7 +311,11 @@ def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entr
         size = e["outputs"][0]["bytes"]
         need = memory_need(size, config, c.context)
         rows.append({"quant": q, "bytes": size, "need_bytes": need, "fits": fits(profile, need, ram)[0],
-                     "gate_passed": e["status"] == "ok" and passed(e), "ppl": e["perplexity"]["ppl"],
+                     "gate_passed": e["status"] == "ok" and passed(e),
+                     # which kind held it back: the first gate is the general one, the rest the task's
+                     "general_gate_passed": bool(e.get("gates")) and e["gates"][0]["passed"],
+                     "task_gates_passed": all(g["passed"] for g in (e.get("gates") or [])[1:]),
+                     "ppl": e["perplexity"]["ppl"],
                      "task_ppl": (e.get("task") or {}).get("ppl"),
                      "exact_match": (e.get("task") or {}).get("exact_match")})
     good = sorted((r for r in rows if r["fits"] and r["gate_passed"]), key=lambda r: r["bytes"])
@@ -217,7 +330,7 @@ def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entr
             best = good[0]
             entry["metrics"]["chosen"] = best["quant"]
             entry["outputs"] = [e["outputs"][0] for e in entries if e["inputs"]["quant"] == best["quant"]]
-            entry["note"] = (f"{best['quant'].upper()} for {profile.name}: smallest that passed its gate and fits "
+            entry["note"] = (f"{best['quant'].upper()} for {profile.name}: smallest that passed its gates and fits "
                              f"({best['need_bytes'] / 2**20:.0f} of {usable / 2**20:.0f} MiB usable)")
     except GateFailed as e:
         return entry, str(e)

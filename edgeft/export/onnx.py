@@ -13,6 +13,7 @@ the chat prompt exactly as HF does), Δ, KL and top-1 vs fp32, size, prefill/dec
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from ..atomic import atomic_dir
@@ -21,15 +22,14 @@ from ..errors import EdgeftError, GateFailed
 from ..gates import HF_MATCH, ONNX_GATES, Gate, check, parse_gates
 from ..heldout import TOKENS_FILE
 from ..ledger import artifact
-from ..models import copy_tokenizer, load_model, load_tokenizer
-from ..onnx_runtime import OnnxLM
+from ..models import copy_tokenizer, load_model
+from ..onnx_runtime import REBUILD_CACHE_AT, OnnxLM
 from ..progress import bar, console
 from ..prompt import answer_ok, prompt_ids, prompt_text
 from ..scoring import Comparison, compare, score
-from ..task import read_task_set
 from . import ExportResult, OnnxExportConfig
 from .checks import record_quant_task, record_reference_task, task_gate_limits
-from .source import hf_reference, resolve_source
+from .source import hf_reference, load_inputs, resolve_source
 
 ONNX_QUANTS = {"fp32": None, "int8": 8, "int4": 4}
 # Beside the tokenizer: what a plain transformers/onnxruntime user needs to run the folder.
@@ -62,6 +62,37 @@ def _wrapper(model):
     return KVWrapper()
 
 
+@contextlib.contextmanager
+def _tensor_attributes_kept(model):
+    """Put every module's plain tensor attributes back as they were. torch.export traces with fake tensors, and a
+    module that caches a tensor in a plain attribute during forward is left holding a fake one (transformers'
+    longrope keeps `long_inv_freq` so): the model, used again after the export for HF's greedy answer, then
+    computes garbage past the original context."""
+    import torch
+
+    saved = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, before in saved:
+            for name, value in list(vars(module).items()):
+                if isinstance(value, torch.Tensor) and before.get(name) is not value:
+                    if name in before:
+                        setattr(module, name, before[name])
+                    else:
+                        delattr(module, name)
+
+
+def rebuild_cache_at(config) -> int | None:
+    """Where HF's generate recomputes the whole sequence rather than extend the cache (see
+    onnx_runtime.REBUILD_CACHE_AT): the original context of a longrope model, past which it switches factors."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") != "longrope":
+        return None
+    # The attribute Phi-3's generate checks; the rope parameters' copy where a config has only that one.
+    return getattr(config, "original_max_position_embeddings", None) or rope.get("original_max_position_embeddings")
+
+
 def export_graph(model, folder: Path) -> Path:
     """Write model.onnx (external data beside it when over 2 GB) into `folder`, validated by onnx.checker."""
     import onnx
@@ -83,9 +114,12 @@ def export_graph(model, folder: Path) -> Path:
     dyn = torch.export.Dim.DYNAMIC
     shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, tuple({0: dyn, 2: dyn} for _ in range(2 * n_layers)))
     path = folder / "model.onnx"
-    with torch.no_grad():
+    with torch.no_grad(), _tensor_attributes_kept(model):
         program = torch.onnx.export(_wrapper(model.eval()).eval(), example, input_names=names_in, output_names=names_out,
                                     dynamic_shapes=shapes, dynamo=True, opset_version=20, verbose=False)
+    rebuild = rebuild_cache_at(cfg)
+    if rebuild is not None:
+        program.model.metadata_props[REBUILD_CACHE_AT] = str(rebuild)
     big = sum(p.numel() * 4 for p in model.parameters()) > 1.8 * 2**30
     program.save(str(path), external_data=big)
     onnx.checker.check_model(str(path))
@@ -165,13 +199,7 @@ def export_onnx(config: OnnxExportConfig) -> ExportResult:
     run, label = source.run, source.label
     out_dir = Path(c.out) if c.out else run.path / "onnx"
     folders = {q: out_dir / f"{q}" for q in quants}
-    existing = [f for f in folders.values() if f.exists()]
-    if existing and not c.overwrite:
-        raise EdgeftError(f"{existing[0]}: already exists; pass --overwrite to replace it, or another --out")
-    tokenizer = load_tokenizer(source.path)
-    prompt_ids(tokenizer)  # a chat template that fails is refused before anything is written
-    tokens = c.heldout_tokens(tokenizer, run.path)
-    task = read_task_set(run.path, tokenizer)
+    tokenizer, tokens, task = load_inputs(c, source, folders.values())
     inputs = source.inputs(TOKENS_FILE, format="onnx")
     entries: list[dict] = []
 

@@ -3,15 +3,17 @@ the HF perplexity the unquantized artifact must match."""
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..adapter import Adapter, base_weights, check_adapter_fits, find_adapter
 from ..errors import EdgeftError
 from ..ledger import Run
-from ..models import load_model, resolve_model
+from ..models import add_adapter, load_for_scoring, resolve_model
 from ..progress import console
-from ..scoring import PerplexityResult, measure
+from ..scoring import PerplexityResult, measure, windows
 
 
 @dataclass
@@ -27,6 +29,29 @@ class Source:
         return {"source": str(self.path), "label": self.label,
                 "fused_adapter": str(self.adapter.path) if self.adapter else None, "eval_tokens": tokens_file,
                 **more}
+
+
+class Inputs(NamedTuple):
+    """What both exporters score every artifact with, loaded once the outputs are known to be free."""
+
+    tokenizer: object
+    tokens: object  # heldout.EvalTokens
+    task: object  # task.TaskSet | None
+
+
+def load_inputs(c, source: Source, outputs) -> Inputs:
+    """Refuse outputs that exist (unless --overwrite), then the tokenizer, the run's held-out ids and task
+    set; a chat template that fails is refused here, before anything is written."""
+    from ..models import load_tokenizer
+    from ..prompt import prompt_ids
+    from ..task import read_task_set
+
+    existing = [p for p in outputs if Path(p).exists()]
+    if existing and not c.overwrite:
+        raise EdgeftError(f"{existing[0]}: already exists; pass --overwrite to replace it, or another --out")
+    tokenizer = load_tokenizer(source.path)
+    prompt_ids(tokenizer)
+    return Inputs(tokenizer, c.heldout_tokens(tokenizer, source.run.path), read_task_set(source.run.path, tokenizer))
 
 
 def resolve_source(c) -> Source:
@@ -68,23 +93,27 @@ def hf_reference(source: Source, tokens, task, tokenizer, window: int, stride: i
 
     label = "base+adapter (HF)" if source.loras else source.path.name
     reused = None
+    # The same scored tokens too: a step run with --checks quick scored only part of the run's ids.
+    scored = sum(w.end - w.score_from for w in windows(len(tokens.ids), window, stride))
     if not source.loras:
         for entry in reversed(source.run.steps()):
-            if entry["status"] == "ok" and (entry.get("perplexity") or {}).get("window") == window and any(
+            measured = entry.get("perplexity") or {}
+            if entry["status"] == "ok" and (measured.get("window"), measured.get("tokens")) == (window, scored) and any(
                     (source.run.path / out["path"]).resolve() == source.path.resolve() for out in entry["outputs"]):
                 reused = entry
                 break
     if reused is not None and (task is None or reused.get("task")):
         return Reference(PerplexityResult.from_entry(reused["perplexity"]), f"ledger ({reused['step']})",
                          reused.get("task"))
-    model = load_model(source.path, "float32")
+    # float32 scores from weights held at their stored 16 bits (models.load_for_scoring): the exporters load
+    # their artifacts next, and this model is freed before they do.
+    model = load_for_scoring(source.path)
     if source.loras:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, source.adapter.path)
-    model.eval()
+        model = add_adapter(model, source.adapter.path)
     how = "measured now (torch, PEFT)" if source.loras else "measured now (torch)"
     ppl = measure(model, tokens.ids, window, stride, label)
     scored = score_torch(model, task, tokenizer, label, answers).entry(f"HF {source.label}", task.source) if task \
         else None
+    del model
+    gc.collect()
     return Reference(ppl, how, scored)

@@ -16,11 +16,15 @@ WARNINGS = [
     # transformers 5 renamed checkpointing to "activation checkpointing"; peft still asks the old name.
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
     (FutureWarning, r"`gradient_checkpointing_enable` is deprecated"),
+    # torch.onnx.export (dynamo) walks pytrees with an API torch itself deprecated; nothing for the user to do.
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
 ]
 # logger name -> starts of messages it logs
 LOG_MESSAGES = {
     # bitsandbytes looks for an optional hub kernel package on AVX512-BF16 CPUs and falls back without it.
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    # torch.onnx's exporter registers torchvision's ops when it can; a language model uses none of them.
+    "torch.onnx._internal.exporter._registration": ("torchvision is not installed",),
 }
 
 

@@ -133,6 +133,7 @@ def test_fuzzed_config_files_load_or_fail_in_one_line(tmp_path):
         except EdgeftError as e:
             assert "\n" not in str(e), str(e)
             outcomes["refused"] += 1
+    print(f"fuzz config: {outcomes}, 0 tracebacks")  # the counts the README states
     assert outcomes["loaded"] > 30 and outcomes["refused"] > 200, outcomes
 
 

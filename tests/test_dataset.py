@@ -134,6 +134,7 @@ def test_fuzzed_files_train_or_fail_in_one_line(tmp_path, tokenizer, suffix, fil
         except EdgeftError as e:
             assert "\n" not in str(e) and str(e).split(":")[0].endswith(path.name), str(e)
             outcomes["refused"] += 1
+    print(f"fuzz {suffix}: {files} files, {outcomes}, 0 tracebacks")  # the counts the README states
     assert outcomes["loaded"] > files / 10 and outcomes["refused"] > files / 2, outcomes
 
 

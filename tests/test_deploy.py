@@ -14,14 +14,14 @@ from .conftest import needs_cross
 pytestmark = [pytest.mark.slow, needs_cross]
 
 
-def _deploy(run, board, dest, *extra):
+def deploy_cli(run, board, dest, *extra):
     return CliRunner().invoke(cli, ["deploy", str(run), "--device", "rpi5", "--host", "board", "--ssh-config",
                                     board.config, "--dest", str(dest), "--emulate", "--json", *extra])
 
 
 def test_deploy_verifies_skips_resumes_and_resends(tiny_export_run, board, tmp_path):
     dest = tmp_path / "board dir; with 'quotes'"  # quoting: spaces, ;, quotes
-    first = _deploy(tiny_export_run, board, dest, "--quant", "q8_0")
+    first = deploy_cli(tiny_export_run, board, dest, "--quant", "q8_0")
     assert first.exit_code == 0, first.output
     entry = json.loads(first.output.strip().splitlines()[-1])
     gguf = next(p for p in dest.iterdir() if p.suffix == ".gguf")
@@ -29,14 +29,14 @@ def test_deploy_verifies_skips_resumes_and_resends(tiny_export_run, board, tmp_p
     assert entry["metrics"]["files_skipped"] == 0 and entry["metrics"]["bytes_sent"] > 0
     assert not list(dest.glob("*.part"))
 
-    again = json.loads(_deploy(tiny_export_run, board, dest, "--quant", "q8_0").output.strip().splitlines()[-1])
+    again = json.loads(deploy_cli(tiny_export_run, board, dest, "--quant", "q8_0").output.strip().splitlines()[-1])
     assert again["metrics"]["files_skipped"] == 4 and again["metrics"]["bytes_sent"] == 0
 
     # killed mid-file: half the GGUF is left as .part; the next deploy sends only the rest
     data = gguf.read_bytes()
     gguf.unlink()
     (dest / (gguf.name + ".part")).write_bytes(data[: len(data) // 2])
-    resumed = json.loads(_deploy(tiny_export_run, board, dest, "--quant", "q8_0").output.strip().splitlines()[-1])
+    resumed = json.loads(deploy_cli(tiny_export_run, board, dest, "--quant", "q8_0").output.strip().splitlines()[-1])
     assert resumed["metrics"]["files_resumed"] == 1
     assert resumed["metrics"]["bytes_sent"] == len(data) - len(data) // 2
     assert gguf.read_bytes() == data
@@ -45,7 +45,7 @@ def test_deploy_verifies_skips_resumes_and_resends(tiny_export_run, board, tmp_p
     corrupt = bytearray(data)
     corrupt[len(data) // 3] ^= 0xFF
     gguf.write_bytes(bytes(corrupt))
-    fixed = json.loads(_deploy(tiny_export_run, board, dest, "--quant", "q8_0").output.strip().splitlines()[-1])
+    fixed = json.loads(deploy_cli(tiny_export_run, board, dest, "--quant", "q8_0").output.strip().splitlines()[-1])
     assert fixed["metrics"]["bytes_sent"] == len(data) and gguf.read_bytes() == data
 
 

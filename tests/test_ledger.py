@@ -175,4 +175,5 @@ def test_fuzzed_manifests_give_a_table_or_one_line_never_a_traceback(tmp_path):
             with pytest.raises(EdgeftError):
                 Run(folder).manifest()
         outcomes["shown" if result.exit_code == 0 else "refused"] += 1
+    print(f"fuzz manifest: {outcomes}, 0 tracebacks")  # the counts the README states
     assert outcomes["shown"] > 20 and outcomes["refused"] > 100, outcomes

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from edgeft.cli import cli
 
 from .conftest import needs_cross
-from .test_deploy import _deploy
+from .test_deploy import deploy_cli
 
 pytestmark = [pytest.mark.slow, needs_cross]
 
@@ -50,7 +50,7 @@ def test_default_q4km_deployed_and_smoked_on_the_emulated_pi5(default_model, boa
                                       "--eval-budget", "1024"])
     assert result.exit_code == 0, result.output
     dest = tmp_path / "pi5"
-    deployed = _deploy(run, board, dest, "--quant", "q4_k_m")
+    deployed = deploy_cli(run, board, dest, "--quant", "q4_k_m")
     assert deployed.exit_code == 0, deployed.output
     result = CliRunner().invoke(cli, ["smoke", str(run), "--device", "rpi5", "--host", "board", "--ssh-config",
                                       board.config, "--dest", str(dest), "--emulate", "--quant", "q4_k_m", "--json"])
@@ -92,7 +92,7 @@ def test_tiny_smoke_over_ssh_runs_the_board_commands_quoted(tiny_export_run, boa
     """The board side of smoke on the loopback sshd: every command an argument list quoted for the remote
     shell, in a folder whose name needs quoting; the per-token comparison with the host on 39 tokens."""
     dest = tmp_path / "a board dir; with 'quotes'"
-    assert _deploy(tiny_export_run, board, dest, "--quant", "q8_0").exit_code == 0
+    assert deploy_cli(tiny_export_run, board, dest, "--quant", "q8_0").exit_code == 0
     result = CliRunner().invoke(cli, ["smoke", str(tiny_export_run), "--device", "rpi5", "--host", "board",
                                       "--ssh-config", board.config, "--dest", str(dest), "--emulate", "--quant", "q8_0",
                                       "--max-tokens", "40", "--json"])

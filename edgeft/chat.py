@@ -207,13 +207,14 @@ def chat(config: ChatConfig, lines: Iterable[str] = (), on_turn: Callable[[Turn]
     try:
         for text in [c.prompt] if c.prompt else user_turns(lines):
             ask = [{"role": "user", "content": text}]
-            ids = list(apply_template(tokenizer, [*system, *history, *ask], generation_prompt=True, tokenize=True))
-            while len(ids) + c.max_tokens > c.context and history:
+            while True:
+                ids = list(apply_template(tokenizer, [*system, *history, *ask], generation_prompt=True,
+                                          tokenize=True))
+                if len(ids) + c.max_tokens <= c.context or not history:
+                    break
                 history = history[2:]  # the oldest exchange goes first; the system message stays
                 console.print(f"note: the oldest turn was dropped to fit --context {c.context}", style="yellow",
                               markup=False, highlight=False)
-                ids = list(apply_template(tokenizer, [*system, *history, *ask], generation_prompt=True,
-                                          tokenize=True))
             room = min(c.max_tokens, c.context - len(ids))
             if room < 1:
                 raise EdgeftError(f"the message is {len(ids)} tokens with the chat template; --context {c.context} "

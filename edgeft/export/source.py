@@ -112,8 +112,8 @@ def hf_reference(source: Source, tokens, task, tokenizer, window: int, stride: i
         model = add_adapter(model, source.adapter.path)
     how = "measured now (torch, PEFT)" if source.loras else "measured now (torch)"
     ppl = measure(model, tokens.ids, window, stride, label)
-    scored = score_torch(model, task, tokenizer, label, answers).entry(f"HF {source.label}", task.source) if task \
-        else None
+    task_entry = score_torch(model, task, tokenizer, label, answers).entry(f"HF {source.label}", task.source) \
+        if task else None
     del model
     gc.collect()
-    return Reference(ppl, how, scored)
+    return Reference(ppl, how, task_entry)

@@ -1,10 +1,12 @@
-"""`edgeft build --device P`: llama.cpp and edgeft-board compiled for a board profile.
+"""`edgeft build --device P`: edgeft-board, llama-server and llama-cli compiled for a board profile.
 
 The source is the llama.cpp tree vendored in the llama-cpp-python sdist of the installed version, so the
 board reads exactly the GGUF version the host's Python binding writes and scores. aarch64 profiles are
 cross-compiled with Debian's gcc-aarch64-linux-gnu and linked statically (GGML_STATIC, no OpenMP: a static
 link cannot take libgomp.so), so the board needs nothing installed. Builds are cached in
 $EDGEFT_HOME/builds by (llama.cpp version, profile, flags, our board source); a second call is instant.
+edgeft-board is compiled first and timed apart from the server and CLI, so build.json says what serving
+adds to a cold build.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ from pathlib import Path
 from .atomic import atomic_dir, write_json
 from .devices import Profile, get
 from .errors import EdgeftError
+from .inputs import read_json
 from .models import edgeft_home
 from .progress import bar
 
-BINARIES = ("edgeft-board",)
+BOARD = ("edgeft-board",)  # what smoke needs
+RUNTIME = ("llama-server", "llama-cli")  # what deploy --serve installs (and a user runs by hand)
+BINARIES = BOARD + RUNTIME
 _CROSS = {"aarch64": ("aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++", "gcc-aarch64-linux-gnu g++-aarch64-linux-gnu")}
 
 
@@ -36,6 +41,7 @@ class Build:
     folder: Path  # holds bin/ and build.json
     seconds: float
     cached: bool
+    seconds_by_part: dict  # the cold build's: board (edgeft-board and libllama), runtime (server, CLI)
 
     @property
     def bin(self) -> Path:
@@ -90,7 +96,8 @@ def build(device: str, threads: int = 0) -> Build:
     # Keyed by what the binaries depend on, not the profile name: profiles with the same flags share a build.
     target = edgeft_home() / "builds" / f"{profile.arch}-{_cache_key(profile, flags)}"
     if all((target / "bin" / b).is_file() for b in BINARIES):
-        return Build(profile, target, 0.0, cached=True)
+        first = read_json(target / "build.json", "delete the build folder and build again")
+        return Build(profile, target, 0.0, cached=True, seconds_by_part=first.get("seconds_by_part", {}))
     source = vendored_source()
     start = time.perf_counter()
     with atomic_dir(target) as tmp:
@@ -99,17 +106,23 @@ def build(device: str, threads: int = 0) -> Build:
         with open(log, "w") as logf:
             _run(["cmake", "-S", str(_board_source()), "-B", str(work), f"-DLLAMA_CPP_SOURCE={source}", *flags],
                  logf, f"configure for {profile.name}")
-            _run(["cmake", "--build", str(work), "--target", *BINARIES, "-j", str(threads or os.cpu_count() or 2)],
-                 logf, f"compile for {profile.name}", progress=True)
+            jobs = str(threads or os.cpu_count() or 2)
+            seconds = {}
+            for part, targets in (("board", BOARD), ("runtime", RUNTIME)):
+                t0 = time.perf_counter()
+                _run(["cmake", "--build", str(work), "--target", *targets, "-j", jobs], logf,
+                     f"compile {', '.join(targets)} for {profile.name}", progress=True)
+                seconds[part] = round(time.perf_counter() - t0, 1)
         (tmp / "bin").mkdir()
-        for b in BINARIES:
-            shutil.copy2(work / b, tmp / "bin" / b)
+        for b in BINARIES:  # llama.cpp's own tools land in its runtime output folder, bin/
+            shutil.copy2(work / b if (work / b).is_file() else work / "bin" / b, tmp / "bin" / b)
         shutil.rmtree(work)
-        seconds = time.perf_counter() - start
+        total = time.perf_counter() - start
+        # "runtime" is what llama-server and llama-cli add on top of edgeft-board (libllama is shared).
         write_json(tmp / "build.json", {"profile": profile.name, "arch": profile.arch, "flags": flags,
                                         "llama_cpp_python": metadata.version("llama_cpp_python"),
-                                        "seconds": round(seconds, 1)})
-    return Build(profile, target, seconds, cached=False)
+                                        "seconds": round(total, 1), "seconds_by_part": seconds})
+    return Build(profile, target, total, cached=False, seconds_by_part=seconds)
 
 
 def _run(cmd: list[str], logf, what: str, progress: bool = False) -> None:

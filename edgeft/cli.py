@@ -16,7 +16,7 @@ from .atomic import json_text
 from .chat import ChatConfig
 from .config import config_options, load_config, step_options
 from .deploy import DeployConfig
-from .errors import EdgeftError
+from .errors import EdgeftError, GateFailed
 from .evaluate import EvalConfig
 from .export import ExportConfig, GGUFExportConfig, OnnxExportConfig, load_export_config
 from .ledger import Run, ledger_rows
@@ -303,7 +303,8 @@ def show(run_arg, run_flag, as_json):
 @click.option("--device", required=True, help="board profile (see `edgeft devices`)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def build_cmd(device, as_json):
-    """Compile llama.cpp (the version the Python binding uses) and edgeft-board for a board profile.
+    """Compile llama.cpp (the version the Python binding uses) for a board profile: edgeft-board (what smoke
+    runs), llama-server (what deploy --serve starts) and llama-cli.
 
     aarch64 boards are cross-compiled statically with Debian's gcc-aarch64-linux-gnu; builds are cached in
     $EDGEFT_HOME/builds, so a second call is instant.
@@ -311,33 +312,81 @@ def build_cmd(device, as_json):
     from .board_build import build
 
     b = build(device)
-    info = {"device": device, "bin": str(b.bin), "seconds": round(b.seconds, 1), "cached": b.cached}
+    info = {"device": device, "bin": str(b.bin), "seconds": round(b.seconds, 1), "cached": b.cached,
+            "cold_build_seconds_by_part": b.seconds_by_part}
     if as_json:
         click.echo(json_text(info, indent=None))
-    else:
-        out.print(f"{device}: {b.bin} ({'cached' if b.cached else f'built in {b.seconds:.0f} s'})")
+        return
+    parts = b.seconds_by_part
+    split = (f"; cold build: edgeft-board {parts['board']:.0f} s, llama-server + llama-cli {parts['runtime']:.0f} s more"
+             if {"board", "runtime"} <= set(parts) else "")
+    out.print(f"{device}: {b.bin} ({'cached' if b.cached else f'built in {b.seconds:.0f} s'}{split})")
 
 
 @cli.command("deploy")
 @_RUN_ARGUMENT
 @step_options(DeployConfig)
 def deploy_cmd(run_arg, config_file, as_json, **flags):
-    """Copy a run's GGUF, the board's edgeft-board build and the eval ids to a board over your own SSH.
+    """Copy a run's GGUF, the board's build (edgeft-board, llama-server, llama-cli) and the eval ids to a board
+    over your own SSH; --serve starts llama-server there, --stop stops it.
 
     Preflight (arch, disk, RAM for the model + KV cache) refuses what will not fit; every file is verified
-    by sha256 on the board; files already there are skipped and interrupted copies resume.
+    by sha256 on the board; files already there are skipped and interrupted copies resume. --adapters RUN,RUN
+    ships one base and a LoRA GGUF per run, served together and chosen per request. --hosts FLEET.yaml does
+    it on every board of a fleet in parallel.
     """
     from .deploy import deploy
 
     config = load_config(DeployConfig, config_file, {**flags, "run": _run_folder(run_arg, flags["run"], False)})
-    _run_folder(config.run, None)
+    if not config.stop and not config.adapters:
+        _run_folder(config.run, None)
+    if config.hosts:
+        return _fleet(config, "deploy", deploy, as_json)
     result = deploy(config)
     if as_json:
         click.echo(json_text(result.entry, indent=None))
         return
     m = result.entry["metrics"]
+    if config.stop:
+        out.print(f"{config.host}: " + (f"stopped the server on port {m['port']} ({m['manager']})" if m["stopped"]
+                                        else f"no edgeft server was running on port {m['port']}"))
+        return
     out.print(f"{config.host}:{result.dest}: {len(result.files)} files verified ({m['files_skipped']} already there, "
               f"{m['files_resumed']} resumed, {m['bytes_sent'] / 2**20:.1f} MiB sent in {m['seconds']:.1f} s)")
+    if "serve" in m:
+        s = m["serve"]
+        where = "every interface" if s["listen"] else "the board's 127.0.0.1"
+        out.print(f"serving on {where}, port {s['port']} ({s['manager']}; context {s['context']}, {s['threads']} "
+                  f"threads; ready in {s['ready_seconds']:.0f} s" + (f"; RSS {s['rss_bytes'] / 2**20:.0f} MiB"
+                                                                     if s.get("rss_bytes") else "") + ")")
+        for a in s["adapters"]:
+            out.print(f"  adapter {a['id']}: {a['run']} ({a['lora']}); ask with \"lora\": [{{\"id\": {a['id']}, "
+                      f"\"scale\": 1}}]")
+        if not s["listen"]:
+            out.print(f"  from here: ssh -N -L {s['port']}:127.0.0.1:{s['port']} {config.host}, then "
+                      f"http://127.0.0.1:{s['port']}/v1/chat/completions")
+
+
+def _fleet(config, step: str, one, as_json: bool) -> None:
+    from .fleet import run_fleet
+
+    entry = run_fleet(config, step, one)
+    if as_json:
+        click.echo(json_text(entry, indent=None))
+    else:
+        table = Table(title=f"{step} on {entry['inputs']['boards']} boards ({entry['inputs']['model']})")
+        for col in ("board", "model", "adapters", "tok/s", "ppl Δ", "result"):
+            table.add_column(col)
+        for r in entry["metrics"]["boards"]:
+            result = "pass" if r["passed"] else f"FAIL: {r['error'][:60]}"
+            table.add_row(r["board"], r["model"], str(r["adapters"] or ""),
+                          "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}",
+                          "" if r["ppl_change"] is None else f"{100 * r['ppl_change']:+.2f}%",
+                          result + (" (earlier run)" if r["skipped"] else ""))
+        out.print(table)
+    if entry["status"] != "ok":  # exit 3 when a board failed a gate, else 2 (unreachable, refused, ...)
+        gate = any(r.get("failed_gate") for r in entry["metrics"]["boards"])
+        raise GateFailed(entry["reason"]) if gate else EdgeftError(entry["reason"])
 
 
 @cli.command("smoke")
@@ -347,14 +396,22 @@ def smoke_cmd(run_arg, config_file, as_json, **flags):
     """Run the GGUF on the board (--host), here (--local) or under qemu (--emulate): answer, tokens/s, perplexity.
 
     The board's perplexity on the run's ids must be within 2% of the host's for the same GGUF (exit 3 if not).
+    --adapters RUN,RUN checks every adapter the board serves (deploy --adapters --serve): perplexity with the
+    adapter vs the host's fused GGUF, the task answered through /v1/chat/completions, switching latency, memory.
     """
     from .smoke import smoke
 
     config = load_config(SmokeConfig, config_file, {**flags, "run": _run_folder(run_arg, flags["run"], False)})
-    _run_folder(config.run, None)
+    if not config.adapters:
+        _run_folder(config.run, None)
+    if config.hosts:
+        return _fleet(config, "smoke", smoke, as_json)
     result = smoke(config)
     if as_json:
-        click.echo(json_text(result.entry, indent=None))
+        click.echo(json_text(result.entries or result.entry, indent=None))
+        return
+    if result.entries:
+        _print_served(result.entries)
         return
     e = result.entry
     m = e["metrics"]
@@ -362,6 +419,29 @@ def smoke_cmd(run_arg, config_file, as_json, **flags):
     frac = m["decode_fraction_of_bound"]
     out.print(f"answer: {m['generation']['answer']!r}; prompt {m['bench']['pp_tokens_per_s']:.1f} tok/s, decode "
               f"{m['bench']['tg_tokens_per_s']:.1f} tok/s" + (f" ({100 * frac:.0f}% of the bandwidth bound)" if frac else ""))
+
+
+def _print_served(entries: list[dict]) -> None:
+    table = Table(title=f"served adapters on {entries[0]['inputs']['host']}:{entries[0]['inputs']['port']}")
+    for col in ("id", "adapter", "ppl board", "ppl host (fused)", "Δ", "exact board", "exact host", "same answers",
+                "tok/s"):
+        table.add_column(col)
+    for e in entries:
+        a = e["metrics"].get("served_answers") or {}
+        p, r = e["perplexity"], e["reference"]
+        table.add_row(str(e["inputs"]["adapter_id"]), e["inputs"]["lora"], f"{p['ppl']:.4f}", f"{r['ppl']:.4f}",
+                      f"{100 * (p['ppl'] / r['ppl'] - 1):+.2f}%",
+                      f"{100 * a['exact_match']:.0f}%" if a else "", f"{100 * a['host_exact_match']:.0f}%" if a else "",
+                      f"{a['identical_to_host']}/{a['items']}" if a else "",
+                      f"{a['decode_tokens_per_s']:.1f}" if a.get("decode_tokens_per_s") else "")
+    out.print(table)
+    sw, mem = entries[0]["metrics"]["switching"], entries[0]["metrics"]["memory"]
+    out.print(f"switching adapters: {sw['after_other_adapter_ms']:.0f} ms after another adapter's request vs "
+              f"{sw['after_same_adapter_ms']:.0f} ms after the same one's ({sw['switch_cost_ms']:+.0f} ms)")
+    if "ratio" in mem:
+        out.print(f"memory: {mem['server_with_adapters_rss_bytes'] / 2**20:.0f} MiB for one server with "
+                  f"{mem['adapters']} adapters vs {mem['separate_servers_rss_bytes'] / 2**20:.0f} MiB for {mem['adapters']} "
+                  f"one-model servers ({100 * mem['ratio']:.0f}%)")
 
 
 # -------------------------------------------------------------------------------------------- run, report

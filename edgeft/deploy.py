@@ -1,9 +1,14 @@
-"""`edgeft deploy RUN --device P --host user@board`: the run's GGUF, the board's build of edgeft-board, the
-eval token ids and a manifest, copied over the user's own SSH and verified by sha256 on the board.
+"""`edgeft deploy RUN --device P --host user@board`: the run's GGUF, the board's build (edgeft-board,
+llama-server, llama-cli), the eval token ids and a manifest, copied over the user's own SSH and verified by
+sha256 on the board.
 
 Before copying, a preflight reads the board's architecture, free disk and RAM over ssh and refuses a model
-that would not fit (model + KV cache for --context + runtime), naming the quant that would. Files already
+that would not fit (model + KV cache for the context + runtime), naming the quant that would. Files already
 on the board with the right hash are skipped; an interrupted copy resumes.
+
+`--adapters RUN,RUN`: adapter runs trained on one base, served together. The base GGUF (in the chosen quant,
+written by `export --adapter-only`) ships once, each run's LoRA GGUF beside it, and each run's ids in a
+folder of its own. `--serve` then starts llama-server on the board (edgeft.serve); `--stop` stops it.
 """
 
 from __future__ import annotations
@@ -32,16 +37,31 @@ class DeployConfig(SSHOptions):
     device: str = field(default="rpi5", metadata={"help": "board profile (see `edgeft devices`)"})
     quant: str = field(default="", metadata={"help": "which GGUF (default: export's auto choice, else the smallest "
                                                      "that passed its gate)"})
-    context: int = field(default=2048, metadata={"help": "context the board will run (for the RAM preflight)"})
+    context: int = field(default=0, metadata={"help": "context the board will run (0: the largest of 8192/4096/2048/"
+                                                      "1024/512 that the model was trained for and the RAM fits)"})
     emulate: bool = field(default=False, metadata={"help": "the host runs the board's binaries under qemu-user"})
+    ram_gb: float = field(default=0.0, metadata={"help": "plan for this much RAM (default: what the board reports)"})
+    adapters: list[str] = field(default_factory=list, metadata={
+        "help": "adapter runs on one base, served together (comma-separated; RUN may be one of them): the base "
+                "GGUF ships once, one LoRA GGUF per run (from `export --adapter-only`)"})
+    serve: bool = field(default=False, metadata={"help": "start llama-server on the board with what was deployed "
+                                                         "(a systemd user unit where the board has one)"})
+    serve_port: int = field(default=8080, metadata={"help": "the server's port on the board"})
+    listen: bool = field(default=False, metadata={"help": "serve on every interface (default: the board's "
+                                                          "127.0.0.1 only; reach it through ssh -L)"})
+    stop: bool = field(default=False, metadata={"help": "stop edgeft's server on --serve-port and exit"})
+    hosts: str = field(default="", metadata={"help": "fleet: YAML file with `boards:`, a list of name, host, device "
+                                                     "(optional ram_gb, port, ssh_config, emulate, dest), in parallel"})
+    jobs: int = field(default=4, metadata={"help": "fleet: boards handled at once"})
+    redo: bool = field(default=False, metadata={"help": "fleet: redo boards that already succeeded"})
 
 
 @dataclass
 class DeployResult:
-    run: Path
+    run: Path | None  # None for --stop
     dest: str
     files: dict[str, str]  # name on the board -> sha256
-    entry: dict
+    entry: dict  # the first run's (every served run gets the same)
 
 
 def gguf_entries(run: Run) -> list[dict]:
@@ -104,29 +124,117 @@ TASK_PIECES = "task_pieces.txt"  # the task set's pieces for `edgeft-board score
 TASK_PROMPTS = "task_prompts.txt"  # its prompts for `edgeft-board answers`
 
 
-def bundle(run: Run, gguf: Path, build_bin: Path, tokenizer) -> list[tuple[Path, str]]:
-    """(local file, name on the board) pairs; the id files are written into a temp folder. The run's task
-    set travels as two plain text files the board program reads (one piece / one prompt per line)."""
+def id_files(run: Run, tokenizer, folder: str = "") -> list[tuple[Path, str]]:
+    """The run's ids as the board program reads them, (local file, name on the board) pairs written into a temp
+    folder: held-out ids, the fixed prompt, and the task set as two plain text files (one piece / one prompt
+    per line). `folder`: a subfolder on the board (one per adapter run when several are served)."""
     from .task import answer_budget, read_task_set
 
     tokens = EvalTokens.read(run.path / TOKENS_FILE)
     tmp = Path(tempfile.mkdtemp(prefix="edgeft-deploy-"))
+    at = f"{folder}/" if folder else ""
     (tmp / "eval_ids.txt").write_text(" ".join(map(str, tokens.ids)) + "\n")
     (tmp / "prompt_ids.txt").write_text(" ".join(map(str, prompt_ids(tokenizer))) + "\n")
-    files = [(gguf, gguf.name), (build_bin / "edgeft-board", "edgeft-board"), (tmp / "eval_ids.txt", "eval_ids.txt"),
-             (tmp / "prompt_ids.txt", "prompt_ids.txt")]
+    files = [(tmp / "eval_ids.txt", at + "eval_ids.txt"), (tmp / "prompt_ids.txt", at + "prompt_ids.txt")]
     task = read_task_set(run.path, tokenizer)
     if task:
         (tmp / TASK_PIECES).write_text("".join(f"{' '.join(map(str, i.ids))} | {' '.join(map(str, i.targets))}\n"
                                                for i in task.items))
         (tmp / TASK_PROMPTS).write_text("".join(f"{answer_budget(tokenizer, i.expected)} | "
                                                 f"{' '.join(map(str, i.prompt))}\n" for i in task.items if i.prompt))
-        files += [(tmp / TASK_PIECES, TASK_PIECES), (tmp / TASK_PROMPTS, TASK_PROMPTS)]
+        files += [(tmp / TASK_PIECES, at + TASK_PIECES), (tmp / TASK_PROMPTS, at + TASK_PROMPTS)]
     return files
 
 
+def bundle(run: Run, gguf: Path, build_bin: Path, tokenizer) -> list[tuple[Path, str]]:
+    """(local file, name on the board) pairs of a one-model deploy: the GGUF, the board's binaries, the ids."""
+    from .board_build import BINARIES
+
+    return [(gguf, gguf.name), *[(build_bin / b, b) for b in BINARIES], *id_files(run, tokenizer)]
+
+
+@dataclass
+class Served:
+    """What one deploy puts on a board: one model, or one base with several adapter runs."""
+    runs: list[Run]
+    model: Path  # the fused GGUF, or the base GGUF the adapters apply to
+    loras: list[Path]  # one per run in adapter mode, else []
+    quant: str
+    source: Path  # the HF folder (tokenizer, config.json)
+    entries: list[dict]  # per run: the ledger entry of what ships
+
+    @property
+    def adapter_mode(self) -> bool:
+        return bool(self.loras)
+
+
+def lora_export(run: Run, quant: str) -> tuple[Path, Path, dict]:
+    """(base GGUF in `quant`, LoRA GGUF, the export entry) from the run's last `export --adapter-only`, checked
+    against the ledger's sha256."""
+    entry = next((e for e in reversed(run.steps()) if e["step"] == "export-gguf-lora" and e["status"] == "ok"
+                  and isinstance((e["metrics"].get("served_bases") or {}).get(quant), dict)), None)
+    if entry is None:
+        raise EdgeftError(f"{run.path}: no adapter GGUF with a {quant.upper()} base; run `edgeft export --adapter "
+                          f"{run.path} --adapter-only --quant {quant}`")
+    by_name = {Path(o["path"]).name: o for o in entry["outputs"]}
+    want = entry["metrics"]["served_bases"][quant]["path"]
+    lora = next((o for n, o in by_name.items() if n.endswith("-LoRA-F16.gguf")), None)
+    if want not in by_name or lora is None:
+        raise EdgeftError(f"{run.manifest_path}: its adapter export names files it does not list; export again")
+    paths = []
+    for o in (by_name[want], lora):
+        path = run.path / o["path"]
+        if not path.resolve().is_relative_to(run.path.resolve()) or not path.is_file() \
+                or sha256_file(path) != o["sha256"]:
+            raise EdgeftError(f"{path}: missing or changed since export (sha256 differs from the ledger); export again")
+        paths.append(path)
+    return paths[0], paths[1], entry
+
+
+def what_to_serve(run: str, adapters: list[str], quant: str) -> Served:
+    """The runs of a deploy (or a smoke of one), checked: one run ships its GGUF; several (or --adapters) ship
+    one base and a LoRA GGUF per run, and must share that base byte for byte."""
+    names = ([run] if run else []) + [a for a in adapters if a != run]
+    runs = []
+    for name in names:
+        r = Run(name)
+        if not r.manifest_path.is_file():
+            raise EdgeftError(f"{name}: not a run folder (no manifest.json)")
+        runs.append(r)
+    if not runs:
+        raise EdgeftError("which run? pass --run RUN (or --adapters RUN,RUN)")
+    gguf, entry = pick_gguf(runs[0], quant)
+    q = entry["inputs"]["quant"]
+    if not adapters:
+        return Served(runs, gguf, [], q, export_source(runs[0], entry), [entry])
+    if len({r.path.resolve().name for r in runs}) != len(runs):
+        raise EdgeftError(f"--adapters: two runs share a folder name ({', '.join(r.path.name for r in runs)}); each "
+                          f"run's ids live in a folder named after it on the board")
+    bases, loras, entries = [], [], []
+    for r in runs:
+        base, lora, e = lora_export(r, q)
+        bases.append(base)
+        loras.append(lora)
+        entries.append(e)
+    digests = {sha256_file(b) for b in bases}
+    if len(digests) != 1:
+        raise EdgeftError(f"--adapters: {runs[0].path.name} and the other runs were not exported from the same base "
+                          f"(their {q.upper()} base GGUFs differ); serve adapters of one base together")
+    return Served(runs, bases[0], loras, q, export_source(runs[0], pick_gguf(runs[0], q)[1]), entries)
+
+
+def served_dest(c: SSHOptions, served: Served) -> str:
+    """The folder on the board: --dest, else edgeft/RUN-NAME, or edgeft/adapters-BASE for several adapters."""
+    if c.dest or not served.adapter_mode:
+        return c.board_dir(served.runs[0].path)
+    return f"edgeft/adapters-{served.model.name.removesuffix('.gguf')}"
+
+
 def preflight(remote, profile, gguf: Path, run: Run, model_config: dict, context: int, send_bytes: int, dest: str,
-              emulate: bool) -> dict:
+              emulate: bool, model_bytes: int | None = None, ram_bytes: int | None = None) -> dict:
+    """The board's facts, checked: arch, disk, sha256sum, qemu when emulating, and RAM for the model (plus
+    adapters: `model_bytes`) with a `context` KV cache; `context` 0 picks the largest that fits. `ram_bytes`
+    (a fleet file's ram_gb) caps what the board reports."""
     from .devices import fits, memory_need
 
     out = remote.run(f"uname -m; df -Pk -- {shlex.quote(dest)} 2>/dev/null | tail -1 || df -Pk . | tail -1; "
@@ -145,14 +253,21 @@ def preflight(remote, profile, gguf: Path, run: Run, model_config: dict, context
     if emulate and not any(f"qemu-{profile.arch}-static" in l for l in lines):
         raise EdgeftError(f"--emulate: qemu-{profile.arch}-static not found on {remote.host}; "
                           f"apt-get install qemu-user-static")
+    from .serve import fit_context
+
     config = model_config
-    need = memory_need(gguf.stat().st_size, config, context)
-    ok, usable = fits(profile, need, mem.get("MemTotal"))
+    ram = min(x for x in (mem.get("MemTotal"), ram_bytes) if x) if (mem.get("MemTotal") or ram_bytes) else None
+    size = model_bytes or gguf.stat().st_size
+    context = fit_context(context, config.get("max_position_embeddings"),
+                          lambda n: fits(profile, memory_need(size, config, n), ram)[0])
+    need = memory_need(size, config, context)
+    ok, usable = fits(profile, need, ram)
     facts = {"arch": arch, "disk_free_bytes": disk_free, "mem_total_bytes": mem.get("MemTotal"),
-             "mem_available_bytes": mem.get("MemAvailable"), "need_bytes": need, "usable_bytes": usable}
+             "mem_available_bytes": mem.get("MemAvailable"), "ram_planned_bytes": ram, "context": context,
+             "need_bytes": need, "usable_bytes": usable}
     if not ok:
         smaller = [e for e in gguf_entries(run) if e["status"] == "ok" and
-                   fits(profile, memory_need(e["outputs"][0]["bytes"], config, context), mem.get("MemTotal"))[0]]
+                   fits(profile, memory_need(e["outputs"][0]["bytes"], config, context), ram)[0]]
         hint = (f"try --quant {min(smaller, key=lambda e: e['outputs'][0]['bytes'])['inputs']['quant']}" if smaller
                 else "export a smaller quant or lower --context")
         raise EdgeftError(f"{gguf.name} needs {need / 2**20:.0f} MiB with a {context}-token KV cache but {remote.host} "
@@ -164,7 +279,8 @@ def preflight(remote, profile, gguf: Path, run: Run, model_config: dict, context
 
 
 def deploy(config: DeployConfig) -> DeployResult:
-    from .board_build import build
+    from . import serve
+    from .board_build import BINARIES, build
     from .devices import get
     from .models import load_tokenizer
 
@@ -172,26 +288,33 @@ def deploy(config: DeployConfig) -> DeployResult:
     if not c.host:
         raise EdgeftError("--host is required: user@board, or an alias from your ssh config")
     remote = c.remote()  # a host that is not a host name is refused before anything else
-    run = Run(c.run)
-    if not run.manifest_path.is_file():
-        raise EdgeftError(f"{c.run}: not a run folder (no manifest.json)")
+    if c.stop:
+        return DeployResult(run=None, dest="", files={}, entry={"step": "serve-stop", "status": "ok",
+                                                                 "metrics": serve.stop(remote, c.serve_port)})
+    served = what_to_serve(c.run, c.adapters, c.quant)
+    run = served.runs[0]
     profile = get(c.device)
-    gguf, export_entry = pick_gguf(run, c.quant)
-    dest = c.board_dir(run.path)
+    dest = served_dest(c, served)
     remote.run("true", timeout=c.connect_timeout + 10)  # reachable, key accepted, host key known
-    source = export_source(run, export_entry)
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(served.source)
     board_build = build(c.device)
-    files = bundle(run, gguf, board_build.bin, tokenizer)
+    files = [(served.model, served.model.name), *[(lora, lora.name) for lora in served.loras],
+             *[(board_build.bin / b, b) for b in BINARIES]]
+    for r in served.runs:
+        files += id_files(r, tokenizer, r.path.resolve().name if served.adapter_mode else "")
     hashes = {name: sha256_file(local) for local, name in files}
     send_bytes = sum(local.stat().st_size for local, _ in files)
-    inputs = {"gguf": gguf.name, "quant": export_entry["inputs"]["quant"], "host": c.host, "dest": dest,
-              "device": profile.name, "build": board_build.folder.name}
+    model_bytes = served.model.stat().st_size + sum(lora.stat().st_size for lora in served.loras)
+    inputs = {"gguf": served.model.name, "quant": served.quant, "host": c.host, "dest": dest,
+              "device": profile.name, "build": board_build.folder.name,
+              "adapters": [{"id": i, "run": str(r.path.resolve()), "lora": lora.name}
+                           for i, (r, lora) in enumerate(zip(served.runs, served.loras))] or None}
     with run.step("deploy", to_dict(c), inputs) as entry:
         remote.run(f"mkdir -p -- {shlex.quote(dest)}")
-        model_config = read_json(source / "config.json", "the exported model's folder is damaged; export again")
-        entry["metrics"]["preflight"] = preflight(remote, profile, gguf, run, model_config, c.context, send_bytes,
-                                                  dest, c.emulate)
+        model_config = read_json(served.source / "config.json", "the exported model's folder is damaged; export again")
+        facts = preflight(remote, profile, served.model, run, model_config, c.context, send_bytes, dest, c.emulate,
+                          model_bytes=model_bytes, ram_bytes=int(c.ram_gb * 2**30) or None)
+        entry["metrics"]["preflight"] = facts
         present = remote.sha256([f"{dest}/{name}" for _, name in files])
         start = time.perf_counter()
         sent = skipped = resumed = 0
@@ -208,9 +331,9 @@ def deploy(config: DeployConfig) -> DeployResult:
                     resumed += bool(r["resumed_from"])
                 done += size
                 update(done)
-        remote.run(f"chmod +x -- {shlex.quote(dest + '/edgeft-board')}")
+        remote.run("chmod +x -- " + " ".join(shlex.quote(f"{dest}/{b}") for b in BINARIES))
         manifest = {"run": str(run.path.resolve()), "device": profile.name, "files": hashes,
-                    "gguf": gguf.name, "quant": inputs["quant"]}
+                    "gguf": served.model.name, "quant": served.quant, "adapters": inputs["adapters"]}
         remote.run(f"printf '%s\\n' {shlex.quote(json.dumps(manifest))} > {shlex.quote(dest + '/deploy.json')}")
         seconds = time.perf_counter() - start
         entry["outputs"] = [{"path": f"{c.host}:{dest}/{name}", "bytes": local.stat().st_size,
@@ -218,4 +341,42 @@ def deploy(config: DeployConfig) -> DeployResult:
         entry["metrics"].update({"bytes_sent": sent, "files_skipped": skipped, "files_resumed": resumed,
                                  "seconds": round(seconds, 2),
                                  "mb_per_s": round(sent / 2**20 / seconds, 2) if seconds and sent else None})
+        if c.serve:
+            entry["metrics"]["serve"] = start_server(c, remote, profile, served, dest, facts["context"])
+    for other in served.runs[1:]:  # every served run's ledger says where it now runs
+        other.append({**entry, "inputs": {**inputs, "served_with": str(run.path.resolve())}})
     return DeployResult(run=run.path, dest=dest, files=hashes, entry=entry)
+
+
+def qemu_prefix(profile, emulate: bool) -> list[str]:
+    return [f"qemu-{profile.arch}-static", "-cpu", profile.qemu_cpu or "max"] if emulate else []
+
+
+def start_server(c: DeployConfig, remote, profile, served: Served, dest: str, context: int) -> dict:
+    """llama-server started on the board with what was deployed, and waited for through a tunnel until its
+    /health says the model is loaded (and, with adapters, that every one is loaded)."""
+    from . import serve
+
+    threads = 2 if c.emulate else (profile.threads or 2)  # qemu-user runs on the host's cores
+    spec = serve.ServeSpec(model=served.model.name, loras=[lora.name for lora in served.loras], context=context,
+                           threads=threads, port=c.serve_port, listen=c.listen,
+                           alias=served.runs[0].path.resolve().name if not served.adapter_mode else "adapters",
+                           qemu=qemu_prefix(profile, c.emulate))
+    about = ", ".join(r.path.resolve().name for r in served.runs)
+    info = serve.start(remote, dest, spec, about)
+    # Loading is slow under qemu (every instruction translated): the wait scales with the model, not a guess.
+    limit = 120 + (served.model.stat().st_size / 2**20) * (2.0 if c.emulate else 0.2)
+    with remote.tunnel(c.serve_port) as port:
+        client = serve.Client(port)
+        try:
+            info["ready_seconds"] = round(client.wait(limit, lambda: serve.pid(remote, c.serve_port) is not None), 1)
+        except EdgeftError as e:
+            raise EdgeftError(f"{e} on {c.host}:{c.serve_port} (its log: {serve.log_tail(remote, dest)})") from None
+        loaded = client.adapters()
+        if len(loaded) != len(served.loras):
+            raise EdgeftError(f"the board's server loaded {len(loaded)} adapters of {len(served.loras)}: "
+                              f"{serve.log_tail(remote, dest)}")
+    info["rss_bytes"] = serve.rss_bytes(remote, c.serve_port)
+    info["adapters"] = [{"id": i, "run": r.path.resolve().name, "lora": lora.name}
+                        for i, (r, lora) in enumerate(zip(served.runs, served.loras))]
+    return info

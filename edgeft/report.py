@@ -325,6 +325,37 @@ def _quant_table(manifest: dict) -> str:
                    "task ppl", "exact answers", "gate", "status", "note"], rows, "quants")
 
 
+def _boards_table(manifest: dict) -> str:
+    """The last fleet entry of each step (deploy, smoke) as one table, and the served adapters' checks."""
+    out = []
+    for step in ("fleet-deploy", "fleet-smoke"):
+        e = next((x for x in reversed(manifest["steps"]) if x["step"] == step), None)
+        if e is None:
+            continue
+        rows = [[r["board"], r["device"], r["model"], r["adapters"] or "", _fmt(r["tokens_per_s"], ".1f"),
+                 _fmt(r["ppl_change"], "+.2f", "%", 100),
+                 ("pass" if r["passed"] else "FAIL") + (" (earlier run)" if r.get("skipped") else ""),
+                 r.get("error") or ""] for r in e["metrics"].get("boards", [])]
+        out.append(f"<h3>{html.escape(step.replace('fleet-', ''))} on {len(rows)} boards</h3>" + _table(
+            ["board", "device", "model", "adapters", "tok/s", "ppl Δ", "result", "error"], rows, "fleet"))
+    served = [e for e in manifest["steps"] if e["step"] == "smoke" and "served_answers" in e["metrics"]]
+    if served:
+        rows = []
+        for e in served:
+            a, sw, mem = e["metrics"]["served_answers"], e["metrics"].get("switching") or {}, \
+                e["metrics"].get("memory") or {}
+            p, r = e.get("perplexity") or {}, e.get("reference") or {}
+            rows.append([e["inputs"].get("host"), e["inputs"].get("lora"), e["inputs"].get("adapter_id"),
+                         _fmt(p.get("ppl"), ".4f"), _fmt(r.get("ppl"), ".4f"),
+                         _fmt(a.get("exact_match"), ".0f", "%", 100), _fmt(a.get("host_exact_match"), ".0f", "%", 100),
+                         f"{a.get('identical_to_host')}/{a.get('items')}", _fmt(sw.get("switch_cost_ms"), "+.0f", " ms"),
+                         _fmt(mem.get("ratio"), ".0f", "%", 100), e["status"]])
+        out.append("<h3>served adapters</h3>" + _table(
+            ["board", "adapter", "id", "ppl (board, base + LoRA)", "ppl (host, fused)", "exact (board)",
+             "exact (host)", "same answers", "switch cost", "RSS vs separate servers", "status"], rows, "served"))
+    return "".join(out) or "<p>No fleet or served-adapter steps in this run.</p>"
+
+
 def _step_names(manifest: dict) -> list[str]:
     return [f"#{i} {e['step']}" for i, e in enumerate(manifest["steps"], 1)]
 
@@ -379,6 +410,7 @@ Sizes are MiB (2<sup>20</sup> bytes).</p>
 <h2>Figures</h2>{images}
 <h2>Ledger</h2>{_ledger_table(manifest)}
 <h2>Exported artifacts</h2>{_quant_table(manifest)}
+<h2>Boards</h2>{_boards_table(manifest)}
 <h2>Library versions of each step</h2>{_versions_table(manifest)}
 <h2>Config of each step</h2>{_config_tables(manifest)}
 </body></html>"""

@@ -52,15 +52,22 @@ class SmokeConfig(SSHOptions):
     task_items: int = field(default=0, metadata={
         "help": "task examples scored and answered on the target (0: all; 3 when emulating)"})
     threads: int = field(default=0, metadata={"help": "threads on the target (0: the profile's)"})
+    adapters: list[str] = field(default_factory=list, metadata={
+        "help": "adapter runs served together by `deploy --adapters ... --serve`: check each through the server"})
+    serve_port: int = field(default=8080, metadata={"help": "the server's port on the board (with --adapters)"})
+    hosts: str = field(default="", metadata={"help": "fleet: YAML list of boards (as for deploy), in parallel"})
+    jobs: int = field(default=4, metadata={"help": "fleet: boards handled at once"})
+    redo: bool = field(default=False, metadata={"help": "fleet: redo boards that already passed"})
 
 
 @dataclass
 class SmokeResult:
     run: Path
-    entry: dict
+    entry: dict  # the first run's
+    entries: list[dict] = field(default_factory=list)  # every adapter's, with --adapters
 
 
-def _runner(c: SmokeConfig, profile, workdir: str) -> Callable[[list[str], float], str]:
+def runner(c: SmokeConfig, profile, workdir: str) -> Callable[[list[str], float], str]:
     """A function running a command (an argument list) in the target's work folder, returning stdout.
     Never through a local shell: profile fields are data (a user's profile is a YAML file anyone can hand
     over). On a board the command line is the remote shell's, so every argument is quoted."""
@@ -134,6 +141,11 @@ def smoke(config: SmokeConfig) -> SmokeResult:
     from .models import load_tokenizer
 
     c = config
+    if c.adapters:
+        from .smoke_served import smoke_adapters
+
+        entries = smoke_adapters(c)
+        return SmokeResult(run=Path(c.run or c.adapters[0]), entry=entries[0], entries=entries)
     modes = [m for m, on in (("host", bool(c.host)), ("local", c.local)) if on]
     if len(modes) != 1 and not (c.emulate and not modes):
         raise EdgeftError("say where to run: --host user@board, --local, or --emulate (optionally with --host)")
@@ -164,7 +176,7 @@ def smoke(config: SmokeConfig) -> SmokeResult:
         for local, name in bundle(run, gguf, board_build.bin, tokenizer):
             Path(workdir, name).symlink_to(local.resolve())
         model_file = gguf.name
-    target = _runner(c, profile, workdir)
+    target = runner(c, profile, workdir)
     slow = 50 if c.emulate else 1
     inputs = {"gguf": gguf.name, "quant": export_entry["inputs"]["quant"], "device": profile.name,
               "mode": "emulated" if c.emulate else ("board" if c.host else "local"), "host": c.host or None,

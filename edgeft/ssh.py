@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -77,6 +79,39 @@ class Remote:
             raise EdgeftError(f"--host {self.host}: `{remote_cmd[:80]}` failed (exit {proc.returncode}): "
                               f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no message'}")
         return proc.stdout
+
+    @contextmanager
+    def tunnel(self, remote_port: int, timeout: float = 20):
+        """A local port forwarded to 127.0.0.1:remote_port on the board, for as long as the block runs: the
+        board's server stays bound to its loopback and nothing else is opened."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            local = s.getsockname()[1]
+        cmd = self.command("")[:-1]  # the same options and host, no remote command
+        cmd[1:1] = ["-N", "-o", "ExitOnForwardFailure=yes", "-L", f"127.0.0.1:{local}:127.0.0.1:{remote_port}"]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise EdgeftError(f"--host {self.host}: the tunnel to port {remote_port} failed: "
+                                      f"{_ssh_error(proc.stderr.read().decode(errors='replace'))}")
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", local)) == 0:
+                        break
+                if time.monotonic() > deadline:
+                    raise EdgeftError(f"--host {self.host}: the tunnel to port {remote_port} did not open within "
+                                      f"{timeout:.0f} s")
+                time.sleep(0.1)
+            yield local
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
     def sha256(self, paths: list[str]) -> dict[str, str]:
         """sha256 of the remote files that exist (missing ones are left out)."""

@@ -34,6 +34,10 @@ class TaskItem:
     targets: list[int]  # positions in ids whose token carries a loss (the answers)
     prompt: list[int]  # the generation prompt of the last answer ([] for plain-text rows)
     expected: str  # the last answer's text
+    # The conversation before the last answer (and its tools), for backends that take a chat rather than ids:
+    # a server's /v1/chat/completions renders it with the template inside the GGUF. None in older task files.
+    messages: list[dict] | None = None
+    tools: list[dict] | None = None
 
     def piece(self) -> Piece:
         return Piece(self.ids, tuple(self.targets))
@@ -60,7 +64,12 @@ class TaskSet:
 
     @classmethod
     def from_json(cls, d: dict) -> "TaskSet":
-        return cls(items=[TaskItem(i["ids"], i["targets"], i["prompt"], i["expected"]) for i in d["items"]],
+        def chat(i: dict, key: str):  # optional, and a run folder can come from anywhere: only lists of objects
+            value = i.get(key)
+            return value if isinstance(value, list) and all(isinstance(m, dict) for m in value) else None
+
+        return cls(items=[TaskItem(i["ids"], i["targets"], i["prompt"], i["expected"], chat(i, "messages"),
+                                   chat(i, "tools")) for i in d["items"]],
                    source=d["source"],
                    tokenizer_sha256=d["tokenizer_sha256"], kind=d["kind"])
 
@@ -91,7 +100,7 @@ def _as_json_object(text: str):
 
 def _prompt_ids(tokenizer, example: Example) -> tuple[list[int], str]:
     messages = as_messages(example.row)
-    if not messages or messages[-1]["role"] != "assistant" or messages[-1].get("tool_calls"):
+    if not _answerable(messages):
         return [], ""  # no text answer to compare (a last turn that calls a tool is scored by perplexity only)
     if tokenizer.chat_template:
         ids = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
@@ -100,6 +109,10 @@ def _prompt_ids(tokenizer, example: Example) -> tuple[list[int], str]:
         first = next(i for i, lab in enumerate(example.labels) if lab != IGNORE)
         ids = example.input_ids[:first]
     return list(ids), messages[-1]["content"]
+
+
+def _answerable(messages: list[dict] | None) -> bool:
+    return bool(messages) and messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")
 
 
 def build_task_set(tokenizer, examples: list[Example], source: str) -> TaskSet | None:
@@ -111,7 +124,10 @@ def build_task_set(tokenizer, examples: list[Example], source: str) -> TaskSet |
     for e in examples:
         prompt, expected = _prompt_ids(tokenizer, e)
         targets = [t for t in range(1, len(e.input_ids)) if e.labels[t] != IGNORE]
-        items.append(TaskItem(ids=list(e.input_ids), targets=targets, prompt=prompt, expected=expected))
+        messages = as_messages(e.row)
+        chat = prompt and tokenizer.chat_template and _answerable(messages)
+        items.append(TaskItem(ids=list(e.input_ids), targets=targets, prompt=prompt, expected=expected,
+                              messages=messages[:-1] if chat else None, tools=tools_of(e.row) if chat else None))
     answers = [i.expected for i in items if i.prompt]
     kind = "json" if answers and all(_as_json_object(a) is not None for a in answers) else "text"
     return TaskSet(items=items, source=source, tokenizer_sha256=tokenizer_sha256(tokenizer), kind=kind)

@@ -47,6 +47,8 @@ ADAPTER_DIR = "adapter"
 CHECKPOINTS = "checkpoints"
 TRAIN_CONFIG = "train_config.json"  # the run's record of how its adapter was trained
 DEMO_DATA = "demo"  # --data demo: the shipped demo dataset (edgeft/data/demo.jsonl)
+# --data NAME for the datasets shipped in edgeft/data/ (one per shipped task, so two adapters can share a base).
+SHIPPED_DATA = {DEMO_DATA: "demo.jsonl", "dates": "dates.jsonl"}
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 
 # The config keys that must be equal for a resumed run to continue the same training.
@@ -62,7 +64,7 @@ class TrainConfig(HeldOutOptions):
     ALIASES: ClassVar[dict[str, str]] = {"base": "model", "quant": "base_quant"}
 
     data: str = field(default="", metadata={
-        "help": "training data: JSONL, .json, .csv or .parquet ('demo' = the shipped demo set)"})
+        "help": "training data: JSONL, .json, .csv or .parquet ('demo' or 'dates' = a shipped task's set)"})
     model: str = field(default=DEFAULT_BASE, metadata={"help": "base model: name, HF folder or hub id"})
     run: str = field(default="", metadata={"help": "run folder (default: runs/train-TIMESTAMP)"})
     eval_data: str = field(default="", metadata={"help": "held-out task file, as --data (else split from --data)"})
@@ -122,12 +124,16 @@ class TrainingInterrupted(EdgeftError):
     exit_code = 130
 
 
+def shipped_data_path(name: str) -> Path:
+    return Path(__file__).parent / "data" / SHIPPED_DATA[name]
+
+
 def demo_data_path() -> Path:
-    return Path(__file__).parent / "data" / "demo.jsonl"
+    return shipped_data_path(DEMO_DATA)
 
 
 def data_path(c: TrainConfig) -> Path:
-    return demo_data_path() if c.data == DEMO_DATA else Path(c.data)
+    return shipped_data_path(c.data) if c.data in SHIPPED_DATA else Path(c.data)
 
 
 def split_examples(c: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], int]:
@@ -158,7 +164,7 @@ def read_train_config(run_dir: Path) -> TrainConfig | None:
 def _validate(c: TrainConfig) -> None:
     if not c.data:
         raise EdgeftError("--data is required: a JSONL, JSON, CSV or Parquet file of chat (messages, ShareGPT), "
-                          "Alpaca, prompt/completion or text rows (or 'demo' for the shipped demo set)")
+                          "Alpaca, prompt/completion or text rows (or 'demo' or 'dates' for a shipped task's set)")
     c.columns = column_map(c.columns)  # --columns arrives as text; the config and the ledger keep the mapping
     if c.base_quant not in ("auto", "4bit", "8bit", "none"):
         raise EdgeftError(f"--base-quant {c.base_quant}: use auto, 4bit, 8bit or none")

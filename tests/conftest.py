@@ -102,15 +102,15 @@ def tiny_qwen2(tiny_llama, tmp_path_factory):
     return path
 
 
-def train_tiny(base: Path, run: Path, **overrides):
-    """A few steps of edgeft train on the tiny Llama with demo-task rows: a real adapter in seconds."""
+def train_tiny(base: Path, run: Path, rows: list[dict] | None = None, **overrides):
+    """A few steps of edgeft train on the tiny Llama with demo-task rows (or `rows`): a real adapter in seconds."""
     import json
 
     from edgeft.data.demo_task import make_rows
     from edgeft.train import TrainConfig, train
 
     data = run.parent / f"{run.name}-data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(24)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in (rows or make_rows(24))))
     settings = dict(model=str(base), data=str(data), run=str(run), batch_size=4, max_steps=6, save_every=2,
                     eval_budget=300, window=128, stride=128, eval_generate=0, max_ppl_rise=100.0, lr=1e-3)
     settings.update(overrides)
@@ -140,8 +140,8 @@ def tiny_export_run(tiny_llama, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def board(tmp_path_factory):
     """A real OpenSSH server on 127.0.0.1 standing in for a board, with a throwaway host key and client key.
-    The ssh config it returns has: `board` (known host key), `stranger` (same server, key not in known_hosts)
-    and `nowhere` (a closed port)."""
+    The ssh config it returns has: `board` (known host key), `board2` (the same server on a second port: a
+    second board of a fleet), `stranger` (same server, key not in known_hosts) and `nowhere` (a closed port)."""
     import getpass
     import shutil
     import socket
@@ -162,9 +162,9 @@ def board(tmp_path_factory):
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    port, closed = free_port(), free_port()
+    port, port2, closed = free_port(), free_port(), free_port()
     (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
+        f"Port {port}\nPort {port2}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
         f"KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n")
     Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation folder sshd insists on
@@ -174,12 +174,14 @@ def board(tmp_path_factory):
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 break
         time.sleep(0.1)
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {(d / 'host_key.pub').read_text()}")
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {(d / 'host_key.pub').read_text()}"
+                                   f"[127.0.0.1]:{port2} {(d / 'host_key.pub').read_text()}")
     (d / "empty_known_hosts").write_text("")
     common = (f"  HostName 127.0.0.1\n  User {getpass.getuser()}\n  IdentityFile {d / 'client_key'}\n"
               f"  IdentitiesOnly yes\n  StrictHostKeyChecking yes\n  LogLevel ERROR\n")
     (d / "ssh_config").write_text(
         f"Host board\n  Port {port}\n{common}  UserKnownHostsFile {d / 'known_hosts'}\n"
+        f"Host board2\n  Port {port2}\n{common}  UserKnownHostsFile {d / 'known_hosts'}\n"
         f"Host stranger\n  Port {port}\n{common}  UserKnownHostsFile {d / 'empty_known_hosts'}\n"
         f"Host nowhere\n  Port {closed}\n{common}  UserKnownHostsFile {d / 'known_hosts'}\n")
     yield SimpleNamespace(config=str(d / "ssh_config"), root=d)

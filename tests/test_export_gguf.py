@@ -58,6 +58,10 @@ def test_fused_adapter_equals_merge_then_convert_and_gguf_adapter_matches(tiny_l
         np.testing.assert_allclose(a.data, b.data, atol=1e-6, err_msg=a.name)
     lora = entries[-1]
     assert lora["status"] == "ok" and lora["gate"]["value"] <= 0.005
+    # the base in each quant made, with the adapter applied, gated like the fused quant (what deploy serves)
+    served = lora["metrics"]["served_bases"]["q8_0"]
+    assert (run / "gguf" / served["path"]).is_file() and served["path"].endswith("-base-Q8_0.gguf")
+    assert lora["gates"][1]["metric"] == "Q8_0 base + LoRA vs fused reference" and lora["gates"][1]["passed"]
     (lora_path,) = (run / "gguf").glob("*-fused-LoRA-F16.gguf")
     names = [t.name for t in GGUFReader(lora_path).tensors]
     assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names

@@ -14,6 +14,8 @@
 //                                                          "max_new | ids ...")
 //
 // Each prints one JSON object on stdout. IDS_FILE holds whitespace-separated token ids.
+// `edgeft-board --lora ADAPTER.gguf COMMAND ...` applies a LoRA GGUF (scale 1) to the model first: the
+// served base + adapter is scored exactly as llama-server computes it, without going through HTTP.
 #include "llama.h"
 
 #include <chrono>
@@ -81,10 +83,13 @@ static llama_token argmax(const float * logits, int n_vocab) {
     return best;
 }
 
+static const char * lora_path = nullptr;  // --lora, applied to every session
+
 struct Session {
     llama_model * model = nullptr;
     llama_context * ctx = nullptr;
     const llama_vocab * vocab = nullptr;
+    llama_adapter_lora * lora = nullptr;
 
     Session(const char * path, int n_ctx, int threads) {
         llama_log_set(quiet, nullptr);
@@ -101,8 +106,21 @@ struct Session {
         ctx = llama_init_from_model(model, cp);
         if (!ctx) { fprintf(stderr, "cannot create a context of %d tokens\n", n_ctx); exit(2); }
         vocab = llama_model_get_vocab(model);
+        if (lora_path) {
+            lora = llama_adapter_lora_init(model, lora_path);
+            float scale = 1.0f;
+            if (!lora || llama_set_adapters_lora(ctx, &lora, 1, &scale) != 0) {
+                fprintf(stderr, "cannot apply the LoRA adapter %s to %s\n", lora_path, path);
+                exit(2);
+            }
+        }
     }
-    ~Session() { llama_free(ctx); llama_model_free(model); llama_backend_free(); }
+    ~Session() {
+        llama_free(ctx);
+        if (lora) llama_adapter_lora_free(lora);
+        llama_model_free(model);
+        llama_backend_free();
+    }
 
     // Decode ids[begin, end) from position 0 of a cleared cache; logits wanted for all or only the last.
     void decode(const std::vector<llama_token> & ids, size_t begin, size_t end, bool all_logits, int pos0 = 0) {
@@ -277,6 +295,12 @@ static int answers(int argc, char ** argv) {
 }
 
 int main(int argc, char ** argv) {
+    if (argc > 2 && std::string(argv[1]) == "--lora") {
+        lora_path = argv[2];
+        argv[2] = argv[0];  // drop the two words: commands read their arguments by position
+        argv += 2;
+        argc -= 2;
+    }
     std::string cmd = argc > 1 ? argv[1] : "";
     if (cmd == "perplexity") return perplexity(argc, argv);
     if (cmd == "generate") return generate(argc, argv);

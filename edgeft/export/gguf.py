@@ -92,6 +92,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
             raise EdgeftError("--adapter-only needs --adapter (the LoRA to write as a GGUF adapter)")
         paths["lora"] = out_dir / f"{stem}-LoRA-F16.gguf"
         paths["base"] = out_dir / f"{source.path.name}-base-{reference_type.upper()}.gguf"
+        paths.update({f"base-{q}": out_dir / f"{source.path.name}-base-{q.upper()}.gguf" for q in made})
     converter = pick_converter(c, source)  # before anything is loaded or written
     tokenizer, tokens, task = load_inputs(c, source, paths.values())
     n_ctx = max(c.window, task.longest if task else 0)  # the longest task example must fit one context
@@ -177,14 +178,14 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
         except GateFailed as e:
             failures.append(str(e))
 
-    artifacts = {q: paths[q] for q in paths if q not in ("lora", "base")}
+    artifacts = {q: paths[q] for q in paths if q != "lora" and not q.startswith("base")}
     if auto:  # the choice decides: a failed quant that was not needed does not fail the command
         choice, failure = choose_for_device(run, c, profile, source.path, entries)
         entries.append(choice)
         failures = [failure] if failure else []
     if c.adapter_only:
-        entries.append(adapter_only(c, source, paths, ref, tokens, inputs))
-        artifacts.update(lora=paths["lora"], base=paths["base"])
+        entries.append(adapter_only(c, source, paths, ref, tokens, inputs, made, gates))
+        artifacts.update({k: v for k, v in paths.items() if k == "lora" or k.startswith("base")})
     ref.close()
     if failures:
         raise GateFailed("; ".join(failures))
@@ -368,8 +369,12 @@ def tokenizer_parity(model: LlamaCpp, tokens) -> dict:
     return {"equal": first is None, "tokens": len(ids), "first_difference": first}
 
 
-def adapter_only(c: GGUFExportConfig, source: Source, paths: dict, fused: LlamaCpp, tokens, inputs: dict) -> dict:
-    """The LoRA as a GGUF adapter plus the base GGUF it applies to, checked against the fused GGUF."""
+def adapter_only(c: GGUFExportConfig, source: Source, paths: dict, fused: LlamaCpp, tokens, inputs: dict,
+                 made: list[str], gates: dict) -> dict:
+    """The LoRA as a GGUF adapter plus the base GGUF it applies to, checked against the fused GGUF; and the base
+    in every quant made, each with the adapter applied checked against the fused reference under that quant's
+    gate: what `deploy --adapters` serves (one quantized base, LoRAs applied per request) must be as good as
+    the fused quant it stands in for."""
     from ..converters.hf_to_gguf import convert
     from ..converters.lora_to_gguf import convert_lora
 
@@ -387,7 +392,26 @@ def adapter_only(c: GGUFExportConfig, source: Source, paths: dict, fused: LlamaC
                           backends=("llama.cpp", "llama.cpp"))
         applied.close()
         cmp.record(entry, "base GGUF + LoRA GGUF", "fused GGUF", "fused", tokens.source)
-        check(entry, Gate("adapter GGUF vs fused GGUF perplexity", cmp.change, LORA_MATCH,
-                          f"base + LoRA GGUF perplexity {cmp.measured.ppl:.4f} differs {100 * cmp.change:+.2f}% from "
-                          f"the fused GGUF {cmp.reference.ppl:.4f} (limit {100 * LORA_MATCH:.1f}%)", absolute=True))
+        checks = [Gate("adapter GGUF vs fused GGUF perplexity", cmp.change, LORA_MATCH,
+                       f"base + LoRA GGUF perplexity {cmp.measured.ppl:.4f} differs {100 * cmp.change:+.2f}% from "
+                       f"the fused GGUF {cmp.reference.ppl:.4f} (limit {100 * LORA_MATCH:.1f}%)", absolute=True)]
+        served = entry["metrics"]["served_bases"] = {}
+        for q in made:
+            base_q = paths[f"base-{q}"]
+            with atomic_file(base_q) as tmp, console.status(f"quantize {paths['base'].name} → {q}"):
+                quiet_llama_cpp_log()
+                quantize(paths["base"], tmp, q, c.threads)
+            entry["outputs"].append(artifact(base_q, run.path))
+            applied = LlamaCpp(base_q, n_ctx=fused.n_ctx, threads=c.threads, lora=paths["lora"], trusted=True)
+            with bar(f"llama.cpp {base_q.name} + LoRA vs fused") as update:
+                q_cmp = compare(fused, applied, tokens.ids, c.window, c.stride, progress=update,
+                                backends=("llama.cpp", "llama.cpp"))
+            applied.close()
+            served[q] = {"path": base_q.name, "ppl": round(q_cmp.measured.ppl, 6),
+                         "fused_reference_ppl": round(q_cmp.reference.ppl, 6), "change": round(q_cmp.change, 6),
+                         "gate": gates[q]}
+            checks.append(Gate(f"{q.upper()} base + LoRA vs fused reference", q_cmp.change, gates[q],
+                               f"{base_q.name} + LoRA: perplexity rose {100 * q_cmp.change:.1f}% vs the fused "
+                               f"reference (limit {100 * gates[q]:.0f}%)"))
+        check(entry, *checks)
     return entry

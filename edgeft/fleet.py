@@ -1,0 +1,157 @@
+"""`--hosts FLEET.yaml` for deploy and smoke: the same step on many boards at once.
+
+The file is YAML with a list of boards:
+
+    boards:
+    - name: kitchen-pi          # how the table and the ledger name it (unique)
+      host: pi@10.0.0.7         # ssh target (or an alias from your ssh config)
+      device: rpi5              # board profile
+      ram_gb: 4                 # optional: plan for this much RAM
+      port: 22                  # optional: ssh port
+      ssh_config: ~/.ssh/fleet  # optional
+      emulate: false            # optional: the board's binaries run under qemu-user there
+      dest: edgeft/kitchen      # optional: the folder on this board (default: the command's --dest)
+
+Boards are handled by a pool of --jobs threads (the work is ssh and the board's, not this host's CPU). A
+board that fails is reported in its row and does not stop the others. Each step's result on each board is
+its own ledger entry as always; the fleet adds one entry with the table (board, model, adapters, tok/s,
+ppl change, pass/fail). Re-running resumes: boards whose row passed in the last fleet entry for the same
+model are skipped unless --redo (a copy already on a board is skipped file by file anyway).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import to_dict
+from .errors import EdgeftError, GateFailed
+
+FIELDS = {"name": str, "host": str, "device": str, "ram_gb": (int, float), "port": int, "ssh_config": str,
+          "emulate": bool, "dest": str}
+
+
+@dataclass
+class Board:
+    name: str
+    host: str
+    device: str
+    ram_gb: float = 0.0
+    port: int = 0
+    ssh_config: str = ""
+    emulate: bool = False
+    dest: str = ""  # the folder on this board, when it differs from the command's --dest
+
+
+def read_hosts(path: str) -> list[Board]:
+    from .config import read_config_file
+
+    boards = read_config_file(path, "--hosts").get("boards")
+    if not isinstance(boards, list) or not boards:
+        raise EdgeftError(f"--hosts {path}: no 'boards' list; write `boards:` and a list of boards, each with name, "
+                          f"host and device")
+    out, seen = [], set()
+    for i, b in enumerate(boards, 1):
+        where = f"--hosts {path}: board {i}"
+        if not isinstance(b, dict):
+            raise EdgeftError(f"{where}: not a mapping; give name, host and device")
+        for key in ("name", "host", "device"):
+            if not isinstance(b.get(key), str) or not b[key]:
+                raise EdgeftError(f"{where}: field '{key}' is missing or not text; every board needs name, host, device")
+        for key, value in b.items():
+            if key not in FIELDS:
+                raise EdgeftError(f"{where} ({b['name']}): unknown field '{key}'; use {', '.join(FIELDS)}")
+            if not isinstance(value, FIELDS[key]) or (key != "emulate" and isinstance(value, bool)):
+                raise EdgeftError(f"{where} ({b['name']}): field '{key}' has the wrong type ({value!r})")
+        if b["name"] in seen:
+            raise EdgeftError(f"{where}: the name {b['name']!r} is used twice; names must be unique")
+        seen.add(b["name"])
+        out.append(Board(**{**b, "ssh_config": str(Path(b["ssh_config"]).expanduser()) if b.get("ssh_config") else ""}))
+    return out
+
+
+def _board_config(c, board: Board):
+    """The step's config for one board: its host, profile and ssh settings over the command's."""
+    changes = {"host": board.host, "device": board.device, "hosts": "", "emulate": board.emulate or c.emulate}
+    if board.port:
+        changes["port"] = board.port
+    if board.ssh_config:
+        changes["ssh_config"] = board.ssh_config
+    if board.dest:
+        changes["dest"] = board.dest
+    if board.ram_gb and hasattr(c, "ram_gb"):
+        changes["ram_gb"] = float(board.ram_gb)
+    return dataclasses.replace(c, **changes)
+
+
+def _row(board: Board, step: str, result=None, error: Exception | None = None, model: str = "",
+         skipped: bool = False, entries: list[dict] | None = None) -> dict:
+    row = {"board": board.name, "host": board.host, "device": board.device, "step": step, "model": model,
+           "adapters": None, "tokens_per_s": None, "ppl_change": None, "passed": error is None, "skipped": skipped,
+           "error": str(error) if error else None,
+           "failed_gate": isinstance(error, GateFailed)}
+    if entries is None:
+        entries = [] if result is None else (getattr(result, "entries", None) or [result.entry])
+    if entries:
+        e = entries[0]
+        row["model"] = e["inputs"].get("gguf", model)
+        adapters = e["inputs"].get("adapters")
+        row["adapters"] = len(adapters) if adapters else (len(entries) if "lora" in e["inputs"] else 0)
+        m = e["metrics"]
+        speed = (m.get("bench") or {}).get("tg_tokens_per_s") or (m.get("served_answers") or {}).get(
+            "decode_tokens_per_s")
+        row["tokens_per_s"] = round(speed, 2) if speed else None
+        changes = [x["perplexity"]["ppl"] / x["reference"]["ppl"] - 1 for x in entries
+                   if (x.get("perplexity") or {}).get("ppl") and (x.get("reference") or {}).get("ppl")]
+        row["ppl_change"] = round(max(changes, key=abs), 6) if changes else None  # the worst adapter's
+    return row
+
+
+def run_fleet(c, step: str, one) -> dict:
+    """`one(config)` (deploy or smoke) on every board of c.hosts; the fleet entry, written to every run."""
+    from .deploy import what_to_serve
+
+    boards = read_hosts(c.hosts)
+    served = what_to_serve(c.run, c.adapters, c.quant)  # the same model for every board, checked once
+    model = served.model.name
+    runs = served.runs
+    done = set()
+    if not c.redo:  # resume: the boards that passed this step for this model last time
+        last = next((e for e in reversed(runs[0].steps()) if e["step"] == f"fleet-{step}"
+                     and e["inputs"].get("model") == model), None)
+        if last:
+            done = {r["board"] for r in last["metrics"].get("boards", []) if r.get("passed")}
+
+    def work(board: Board) -> dict:
+        if board.name in done:
+            return _row(board, step, model=model, skipped=True)
+        try:
+            return _row(board, step, one(_board_config(c, board)), model=model)
+        except GateFailed as e:  # measured but failed: the row keeps the figures the board's entries hold
+            mine = [next((x for x in reversed(r.steps()) if x["step"] == step and x["status"] == "failed"
+                          and x["inputs"].get("host") == board.host), None) for r in runs]
+            return _row(board, step, error=e, model=model, entries=[x for x in mine if x])
+        except EdgeftError as e:  # one board's failure is its row, not the fleet's end
+            return _row(board, step, error=e, model=model)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, c.jobs)) as pool:
+        rows = list(pool.map(work, boards))
+    if done:  # a skipped board keeps its measured figures from the last fleet entry
+        previous = {r["board"]: r for r in last["metrics"]["boards"]}
+        rows = [{**previous[r["board"]], "skipped": True} if r["skipped"] else r for r in rows]
+    entry = {"step": f"fleet-{step}", "status": "ok" if all(r["passed"] for r in rows) else "failed",
+             "inputs": {"hosts": str(Path(c.hosts).resolve()), "model": model, "boards": len(rows)},
+             "outputs": [], "perplexity": None, "config": to_dict(c),
+             "metrics": {"boards": rows, "passed": sum(r["passed"] for r in rows), "failed":
+                         sum(not r["passed"] for r in rows), "skipped": sum(r["skipped"] for r in rows),
+                         "jobs": c.jobs}, "wall_s": round(time.perf_counter() - start, 2)}
+    failed = [r["board"] for r in rows if not r["passed"]]
+    if failed:
+        entry["reason"] = f"{len(failed)} of {len(rows)} boards failed: {', '.join(failed)}"
+    for r in runs:
+        r.append(dict(entry))
+    return entry

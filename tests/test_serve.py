@@ -1,0 +1,184 @@
+"""The board serves: llama-server (the aarch64 build, under qemu-user) started by `edgeft deploy --serve` behind
+the loopback sshd, one base with two adapters (the demo task's and the dates task's) chosen per request,
+checked by `edgeft smoke --adapters` through an SSH tunnel; and a fleet of two boards plus an unreachable one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from edgeft import serve
+from edgeft.cli import cli
+from edgeft.ssh import Remote
+
+from .conftest import WINDOW, assert_one_line_error, needs_cross, train_tiny
+
+pytestmark = [pytest.mark.slow, needs_cross]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_llama, tmp_path_factory):
+    """Two adapter runs on the tiny Llama, one per shipped task, each exported as fused F16/Q8_0 GGUFs and as a
+    LoRA GGUF with the base in F16 and Q8_0. Trained long enough at a high rate that each has learnt its
+    answer's shape, so the two answer the same prompt differently."""
+    from edgeft.data import date_task, demo_task
+
+    root = tmp_path_factory.mktemp("served")
+    runs = []
+    for name, rows in (("demo", demo_task.make_rows(24)), ("dates", date_task.make_rows(24))):
+        run = train_tiny(tiny_llama, root / name, rows=rows, lr=1e-2, max_steps=30, save_every=30).run
+        result = CliRunner().invoke(cli, ["export", "--adapter", str(run), "--quant", "f16,q8_0", "--adapter-only",
+                                          "--max-ppl-rise", "100", *WINDOW])
+        assert result.exit_code == 0, result.output
+        runs.append(run)
+    return runs
+
+
+def _json_out(result):
+    """The --json line of a command's output (progress lines and a final error line go around it)."""
+    return json.loads(next(l for l in reversed(result.output.splitlines()) if l.startswith(("{", "["))))
+
+
+def _ssh(board, *args):
+    return ["--host", "board", "--ssh-config", board.config, *args]
+
+
+def test_one_base_two_adapters_served_and_switched_per_request(two_adapters, tiny_llama, board, tmp_path):
+    demo, dates = two_adapters
+    port = _free_port()
+    dest = str(tmp_path / "served")
+    common = ["--adapters", f"{demo},{dates}", "--device", "rpi5", "--emulate", "--serve-port", str(port),
+              "--dest", dest, *_ssh(board)]
+    result = CliRunner().invoke(cli, ["deploy", *common, "--serve", "--json"])
+    assert result.exit_code == 0, result.output
+    entry = _json_out(result)
+    served = entry["metrics"]["serve"]
+    assert served["manager"] == "nohup" and served["listen"] is False  # no systemd user manager in the container
+    assert [a["run"] for a in served["adapters"]] == ["demo", "dates"]
+    # the base ships once: one base GGUF, two LoRA GGUFs, each run's ids in its own folder
+    names = [o["path"].rsplit("/", 1)[-1] for o in entry["outputs"]]
+    assert sum(n.endswith("-base-Q8_0.gguf") for n in names) == 1 and sum("LoRA" in n for n in names) == 2
+    assert any(o["path"].endswith("/dates/task_prompts.txt") for o in entry["outputs"])
+    # both runs' ledgers say where they are served
+    assert json.loads((dates / "manifest.json").read_text())["steps"][-1]["step"] == "deploy"
+    remote = Remote("board", board.config)
+    assert "127.0.0.1" in open(f"{dest}/serve.sh").read()  # bound to the board's loopback unless --listen
+
+    # the same prompt through the server with each adapter: two different answers, each its fused model's
+    from edgeft.llamacpp import LlamaCpp
+    from edgeft.models import load_tokenizer
+    from edgeft.task import read_task_set
+
+    tokenizer = load_tokenizer(tiny_llama)
+    item = read_task_set(dates, tokenizer).items[0]
+    answers = []
+    with remote.tunnel(port) as local:
+        client = serve.Client(local)
+        for i, run in enumerate((demo, dates)):
+            got = client.complete(item.prompt, 24, client.lora(2, i))["tokens"]
+            fused = LlamaCpp(next((run / "gguf").glob("*-fused-Q8_0.gguf")), n_ctx=256)
+            want = fused.generate(item.prompt, 24)[0]
+            fused.close()
+            answers.append(got)
+            assert got[:8] == want[:8], (i, got, want)
+        base = client.complete(item.prompt, 24, client.lora(2, None))["tokens"]
+    assert answers[0] != answers[1] and base not in answers
+
+    result = CliRunner().invoke(cli, ["smoke", *common, "--json"])
+    assert result.exit_code == 0, result.output
+    entries = _json_out(result)
+    assert [e["inputs"]["adapter_id"] for e in entries] == [0, 1]
+    for e in entries:
+        assert e["status"] == "ok" and all(g["passed"] for g in e["gates"])
+        a = e["metrics"]["served_answers"]
+        assert a["endpoint"] == "/v1/chat/completions" and a["items"] == min(3, a["of"]) > 0
+        assert e["reference"]["model"].endswith("-fused-Q8_0.gguf on host")
+    sw, mem = entries[0]["metrics"]["switching"], entries[0]["metrics"]["memory"]
+    assert sw["after_other_adapter_ms"] > 0 and sw["after_same_adapter_ms"] > 0
+    assert mem["server_with_adapters_rss_bytes"] < mem["separate_servers_rss_bytes"]
+    assert serve.pid(remote, port + 1) is None  # the one-model server smoke measured is gone
+
+    # re-deploying replaces the server on that port; --stop stops it
+    again = CliRunner().invoke(cli, ["deploy", *common, "--serve", "--json"])
+    assert again.exit_code == 0, again.output
+    assert _json_out(again)["metrics"]["serve"]["replaced"] is True
+    stopped = CliRunner().invoke(cli, ["deploy", "--stop", "--serve-port", str(port), *_ssh(board)])
+    assert stopped.exit_code == 0 and "stopped the server" in stopped.output, stopped.output
+    assert serve.pid(remote, port) is None
+    gone = CliRunner().invoke(cli, ["smoke", *common])
+    assert_one_line_error(gone, "no server answers")
+
+
+def test_adapters_of_different_bases_are_refused(two_adapters, tiny_qwen2, tmp_path, board):
+    other = tmp_path / "other"
+    train_tiny(tiny_qwen2, other, max_steps=2)
+    result = CliRunner().invoke(cli, ["export", "--adapter", str(other), "--quant", "f16,q8_0", "--adapter-only",
+                                      "--max-ppl-rise", "100", *WINDOW])
+    assert result.exit_code == 0, result.output
+    refused = CliRunner().invoke(cli, ["deploy", "--adapters", f"{two_adapters[0]},{other}", "--device", "rpi5",
+                                       "--emulate", *_ssh(board)])
+    assert_one_line_error(refused, "not exported from the same base")
+
+
+def test_a_fleet_deploys_in_parallel_a_dead_board_fails_alone_and_a_rerun_resumes(tiny_export_run, board, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_export_run, run)
+    hosts = tmp_path / "fleet.yaml"
+    boards = [{"name": "pi-a", "host": "board", "device": "rpi5", "ssh_config": board.config, "emulate": True,
+               "dest": str(tmp_path / "a")},
+              {"name": "pi-b", "host": "board2", "device": "rpi5", "ssh_config": board.config, "emulate": True,
+               "dest": str(tmp_path / "b")},
+              {"name": "pi-dead", "host": "nowhere", "device": "rpi5", "ssh_config": board.config, "emulate": True,
+               "dest": str(tmp_path / "c"), "ram_gb": 4}]
+    hosts.write_text(yaml.safe_dump({"boards": boards}))
+    result = CliRunner().invoke(cli, ["deploy", str(run), "--hosts", str(hosts), "--quant", "q8_0", "--json"])
+    assert result.exit_code == 2, result.output
+    fleet = _json_out(result)
+    rows = {r["board"]: r for r in fleet["metrics"]["boards"]}
+    assert rows["pi-a"]["passed"] and rows["pi-b"]["passed"] and not rows["pi-dead"]["passed"]
+    assert "unreachable" in rows["pi-dead"]["error"]
+    assert (tmp_path / "a" / "deploy.json").is_file() and (tmp_path / "b" / "deploy.json").is_file()
+
+    smoke = CliRunner().invoke(cli, ["smoke", str(run), "--hosts", str(hosts), "--quant", "q8_0", "--json"])
+    # exit 2 for the unreachable board, 3 when a board also failed a gate: a random tiny model may fail the
+    # answer check (an answer of blank lines), which is the only gate it may fail
+    assert smoke.exit_code in (2, 3), smoke.output
+    rows = {r["board"]: r for r in _json_out(smoke)["metrics"]["boards"]}
+    for name in ("pi-a", "pi-b"):
+        assert rows[name]["passed"] or "the board's answer failed its checks" in rows[name]["error"]
+        assert rows[name]["tokens_per_s"] > 0 and abs(rows[name]["ppl_change"]) < 0.02
+    assert "unreachable" in rows["pi-dead"]["error"] and not rows["pi-dead"]["failed_gate"]
+
+    # the dead board comes back (now the second port): a re-run does it alone and keeps the others' rows
+    boards[2]["host"] = "board2"
+    hosts.write_text(yaml.safe_dump({"boards": boards}))
+    result = CliRunner().invoke(cli, ["deploy", str(run), "--hosts", str(hosts), "--quant", "q8_0", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["board"]: r for r in _json_out(result)["metrics"]["boards"]}
+    assert rows["pi-a"]["skipped"] and rows["pi-b"]["skipped"] and not rows["pi-dead"]["skipped"]
+    assert all(r["passed"] for r in rows.values())
+    steps = [e["step"] for e in json.loads((run / "manifest.json").read_text())["steps"]]
+    assert steps.count("fleet-deploy") == 2 and steps.count("fleet-smoke") == 1
+
+
+def test_fleet_files_are_checked_in_one_line(tiny_export_run, tmp_path):
+    hosts = tmp_path / "fleet.yaml"
+    for text, needle in (("boards: 3\n", "no 'boards' list"),
+                         ("boards:\n- {name: a, host: pi}\n", "field 'device'"),
+                         ("boards:\n- {name: a, host: pi, device: rpi5, colour: red}\n", "unknown field 'colour'"),
+                         ("boards:\n- {name: a, host: pi, device: rpi5}\n- {name: a, host: pi2, device: rpi5}\n",
+                          "used twice")):
+        hosts.write_text(text)
+        assert_one_line_error(CliRunner().invoke(cli, ["deploy", str(tiny_export_run), "--hosts", str(hosts)]),
+                              "--hosts", needle)

@@ -87,17 +87,24 @@ def cmake_flags(profile: Profile) -> list[str]:
     return flags
 
 
-def build(device: str, threads: int = 0) -> Build:
+def build(device: str, threads: int = 0, runtime: bool = True) -> Build:
+    """The profile's build, cached. `runtime=False` (smoke, which runs only edgeft-board) takes a full build if
+    one is cached and otherwise builds edgeft-board alone, in a folder of its own: the server and CLI are the
+    larger part of a cold build, and a smoke test here (--local, --emulate) never needs them."""
     from .llamacpp import vendored_source
 
     profile = get(device)
     _need("cmake", "cmake")
     flags = cmake_flags(profile)
     # Keyed by what the binaries depend on, not the profile name: profiles with the same flags share a build.
-    target = edgeft_home() / "builds" / f"{profile.arch}-{_cache_key(profile, flags)}"
-    if all((target / "bin" / b).is_file() for b in BINARIES):
-        first = read_json(target / "build.json", "delete the build folder and build again")
-        return Build(profile, target, 0.0, cached=True, seconds_by_part=first.get("seconds_by_part", {}))
+    full = edgeft_home() / "builds" / f"{profile.arch}-{_cache_key(profile, flags)}"
+    for target, parts in ((full, BINARIES), (full.with_name(full.name + "-board"), BOARD)):
+        if all((target / "bin" / b).is_file() for b in parts):
+            first = read_json(target / "build.json", "delete the build folder and build again")
+            return Build(profile, target, 0.0, cached=True, seconds_by_part=first.get("seconds_by_part", {}))
+        if runtime:
+            break  # only the full build will do
+    target, binaries = (full, BINARIES) if runtime else (full.with_name(full.name + "-board"), BOARD)
     source = vendored_source()
     start = time.perf_counter()
     with atomic_dir(target) as tmp:
@@ -108,13 +115,13 @@ def build(device: str, threads: int = 0) -> Build:
                  logf, f"configure for {profile.name}")
             jobs = str(threads or os.cpu_count() or 2)
             seconds = {}
-            for part, targets in (("board", BOARD), ("runtime", RUNTIME)):
+            for part, targets in (("board", BOARD), ("runtime", RUNTIME))[:2 if runtime else 1]:
                 t0 = time.perf_counter()
                 _run(["cmake", "--build", str(work), "--target", *targets, "-j", jobs], logf,
                      f"compile {', '.join(targets)} for {profile.name}", progress=True)
                 seconds[part] = round(time.perf_counter() - t0, 1)
         (tmp / "bin").mkdir()
-        for b in BINARIES:  # llama.cpp's own tools land in its runtime output folder, bin/
+        for b in binaries:  # llama.cpp's own tools land in its runtime output folder, bin/
             shutil.copy2(work / b if (work / b).is_file() else work / "bin" / b, tmp / "bin" / b)
         shutil.rmtree(work)
         total = time.perf_counter() - start

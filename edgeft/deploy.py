@@ -150,7 +150,9 @@ def bundle(run: Run, gguf: Path, build_bin: Path, tokenizer) -> list[tuple[Path,
     """(local file, name on the board) pairs of a one-model deploy: the GGUF, the board's binaries, the ids."""
     from .board_build import BINARIES
 
-    return [(gguf, gguf.name), *[(build_bin / b, b) for b in BINARIES], *id_files(run, tokenizer)]
+    # A smoke-only build (board_build.build(runtime=False)) has edgeft-board alone.
+    return [(gguf, gguf.name), *[(build_bin / b, b) for b in BINARIES if (build_bin / b).is_file()],
+            *id_files(run, tokenizer)]
 
 
 @dataclass

@@ -105,6 +105,18 @@ def runner(c: SmokeConfig, profile, workdir: str) -> Callable[[list[str], float]
     return run_local
 
 
+def board_perplexity(out: dict, host: PerplexityResult, backend: str) -> PerplexityResult:
+    """edgeft-board's perplexity output as a result over the same tokens as the host's (per token, so the two
+    can be compared token by token)."""
+    token_nll = [math.nan if x is None else x for x in out["token_nll"]]  # the board prints NaN as null
+    if len(token_nll) != host.tokens:
+        raise EdgeftError(f"edgeft-board scored {len(token_nll)} tokens where the host scored {host.tokens}: "
+                          f"another version's build; run `edgeft deploy` again")
+    return PerplexityResult(ppl=math.exp(sum(token_nll) / len(token_nll)), nll_sum=sum(token_nll),
+                            tokens=len(token_nll), windows=out["windows"], window=host.window, stride=host.stride,
+                            seconds=out["seconds"], backend=backend, token_nll=token_nll, token_top1=out["top1"])
+
+
 def _task_on_target(entry: dict, task, c: SmokeConfig, board_json, model_file: str, threads: int, host_model,
                     tokenizer, slow: int, label: str, run: Run) -> None:
     """The task's perplexity and exact answers on the target, against the host's llama.cpp on the same GGUF
@@ -171,7 +183,7 @@ def smoke(config: SmokeConfig) -> SmokeResult:
         workdir = c.board_dir(run.path)
         model_file = gguf.name
     else:
-        board_build = build(profile.name)
+        board_build = build(profile.name, runtime=False)
         workdir = tempfile.mkdtemp(prefix="edgeft-smoke-")
         for local, name in bundle(run, gguf, board_build.bin, tokenizer):
             Path(workdir, name).symlink_to(local.resolve())
@@ -216,14 +228,7 @@ def smoke(config: SmokeConfig) -> SmokeResult:
                             f"{gguf.name} on {profile.name}" + (" (emulated)" if c.emulate else ""), run)
         host_model.close()
         same = next((i for i, (a, b) in enumerate(zip(gen["ids"], host_ids)) if a != b), min(len(gen["ids"]), len(host_ids)))
-        token_nll = [math.nan if x is None else x for x in board["token_nll"]]  # the board prints NaN as null
-        if len(token_nll) != host.tokens:
-            raise EdgeftError(f"edgeft-board scored {len(token_nll)} tokens where the host scored {host.tokens}: "
-                              f"another version's build; run `edgeft deploy` again")
-        on_board = PerplexityResult(ppl=math.exp(sum(token_nll) / len(token_nll)), nll_sum=sum(token_nll),
-                                    tokens=len(token_nll), windows=board["windows"], window=window, stride=stride,
-                                    seconds=board["seconds"], backend=f"llama.cpp on {inputs['mode']} {profile.name}",
-                                    token_nll=token_nll, token_top1=board["top1"])
+        on_board = board_perplexity(board, host, f"llama.cpp on {inputs['mode']} {profile.name}")
         vs_host = Comparison(measured=on_board, reference=host)
         per_token = token_difference(on_board, host, BOARD_Z)
         vs_host.record(entry, f"{gguf.name} on {profile.name}" + (" (emulated)" if c.emulate else ""),

@@ -18,7 +18,6 @@ Shared by all of them:
 
 from __future__ import annotations
 
-import math
 import shlex
 import statistics
 import time
@@ -31,7 +30,7 @@ from .gates import BOARD_MATCH, BOARD_Z, EXACT_DROP_GATE_OTHER, EXACT_DROP_GATES
 from .heldout import TOKENS_FILE, EvalTokens
 from .inputs import parse_json
 from .prompt import prompt_ids
-from .scoring import Comparison, PerplexityResult, score, token_difference
+from .scoring import Comparison, score, token_difference
 from .task import answer_budget, judge, read_task_set
 
 SWITCH_ROUNDS = 3  # per adapter: a request after another adapter's, then one after its own
@@ -144,6 +143,7 @@ def smoke_adapters(c) -> list[dict]:
 
 def _one_adapter(c, entry, run, served, i, client, target, threads, slow, tokenizer, LlamaCpp, profile) -> list[Gate]:
     from .deploy import pick_gguf
+    from .smoke import board_perplexity
 
     fused, export_entry = pick_gguf(run, served.quant)
     tokens = EvalTokens.read(run.path / TOKENS_FILE)
@@ -160,14 +160,7 @@ def _one_adapter(c, entry, run, served, i, client, target, threads, slow, tokeni
     try:
         host = score(ids, host_model.logits, window=window, stride=stride, backend="llama.cpp (host, fused)",
                      per_token=True)
-        token_nll = [math.nan if x is None else x for x in out["token_nll"]]
-        if len(token_nll) != host.tokens:
-            raise EdgeftError(f"edgeft-board scored {len(token_nll)} tokens where the host scored {host.tokens}: "
-                              f"another version's build; run `edgeft deploy` again")
-        on_board = PerplexityResult(ppl=math.exp(sum(token_nll) / len(token_nll)), nll_sum=sum(token_nll),
-                                    tokens=len(token_nll), windows=out["windows"], window=window, stride=stride,
-                                    seconds=out["seconds"], backend=f"llama.cpp on {profile.name}, base + LoRA",
-                                    token_nll=token_nll, token_top1=out["top1"])
+        on_board = board_perplexity(out, host, f"llama.cpp on {profile.name}, base + LoRA")
         Comparison(measured=on_board, reference=host).record(
             entry, f"{served.model.name} + {lora} on {profile.name}" + (" (emulated)" if c.emulate else ""),
             f"{fused.name} on host", "host", tokens.source)

@@ -30,7 +30,8 @@ def test_deploy_verifies_skips_resumes_and_resends(tiny_export_run, board, tmp_p
     assert not list(dest.glob("*.part"))
 
     again = json.loads(deploy_cli(tiny_export_run, board, dest, "--quant", "q8_0").output.strip().splitlines()[-1])
-    assert again["metrics"]["files_skipped"] == 4 and again["metrics"]["bytes_sent"] == 0
+    # the GGUF, edgeft-board, llama-server, llama-cli, the held-out ids and the prompt's
+    assert again["metrics"]["files_skipped"] == len(again["outputs"]) == 6 and again["metrics"]["bytes_sent"] == 0
 
     # killed mid-file: half the GGUF is left as .part; the next deploy sends only the rest
     data = gguf.read_bytes()

@@ -60,6 +60,15 @@ def test_one_base_two_adapters_served_and_switched_per_request(two_adapters, tin
     dest = str(tmp_path / "served")
     common = ["--adapters", f"{demo},{dates}", "--device", "rpi5", "--emulate", "--serve-port", str(port),
               "--dest", dest, *_ssh(board)]
+    remote = Remote("board", board.config)
+    try:
+        _served_and_checked(common, board, remote, port, dest, demo, dates, tiny_llama)
+    finally:  # a failed assertion must not leave the server running
+        serve.stop(remote, port)
+        serve.stop(remote, port + 1)
+
+
+def _served_and_checked(common, board, remote, port, dest, demo, dates, tiny_llama):
     result = CliRunner().invoke(cli, ["deploy", *common, "--serve", "--json"])
     assert result.exit_code == 0, result.output
     entry = _json_out(result)
@@ -72,7 +81,6 @@ def test_one_base_two_adapters_served_and_switched_per_request(two_adapters, tin
     assert any(o["path"].endswith("/dates/task_prompts.txt") for o in entry["outputs"])
     # both runs' ledgers say where they are served
     assert json.loads((dates / "manifest.json").read_text())["steps"][-1]["step"] == "deploy"
-    remote = Remote("board", board.config)
     assert "127.0.0.1" in open(f"{dest}/serve.sh").read()  # bound to the board's loopback unless --listen
 
     # the same prompt through the server with each adapter: two different answers, each its fused model's

@@ -277,8 +277,10 @@ def _stream_tensor(fout, p: _Planned, fh, lora) -> int:
                 data += np.float16(p.shift)
         else:
             data = as_float(raw, src.dtype)
-            if lora is not None:
-                data = data + (lora.scale * (lora.b[start:stop].float() @ lora.a.float())).numpy()
+            if lora is not None:  # the adapter's update of these rows (LoRA, DoRA or IA³; edgeft.adapter)
+                import torch
+
+                data = lora.apply(torch.from_numpy(np.ascontiguousarray(data)), slice(start, stop)).numpy()
             if p.shift:
                 data = data + np.float32(p.shift)
         if p.permute:

@@ -1,8 +1,13 @@
-"""A trained LoRA adapter as data: where it is, what base it belongs to, and its per-weight deltas.
+"""A trained adapter as data: where it is, what base it belongs to, and its per-weight updates.
 
 Reading the adapter's safetensors directly (instead of through a PeftModel) lets `merge` stream the base
-tensor by tensor, W' = W + scale * B @ A, without holding two copies of the model; the GGUF exporter can
-apply the same deltas while converting.
+tensor by tensor without holding two copies of the model; the GGUF exporter applies the same updates while
+converting. Each update folds one method into a weight, W' = update.apply(W), as peft's own merge does:
+  - LoRA and rsLoRA: W + s·B·A (s = alpha/r, or alpha/sqrt(r) for rsLoRA);
+  - DoRA: m ⊙ (W + s·B·A) / ‖W + s·B·A‖, the norm taken per output row, m the learned magnitude;
+  - IA³: W scaled by the learned vector l, per output row (k, v: and their bias) or per input column (the
+    MLP down projection, a "feedforward" module).
+Every update works on a block of the weight's rows (`rows`): the GGUF converter streams large weights that way.
 """
 
 from __future__ import annotations
@@ -23,14 +28,44 @@ if TYPE_CHECKING:
 ADAPTER_META = "edgeft_adapter.json"
 
 
+METHODS = ("lora", "rslora", "dora", "ia3")
+
+
 @dataclass
 class Lora:
     a: "torch.Tensor"  # [r, in]
     b: "torch.Tensor"  # [out, r]
     scale: float
+    magnitude: "torch.Tensor | None" = None  # DoRA: [out]
 
-    def delta(self):
-        return self.scale * (self.b.float() @ self.a.float())
+    def shape(self) -> list[int | None]:
+        return [self.b.shape[0], self.a.shape[1]]
+
+    def apply(self, w: "torch.Tensor", rows: slice = slice(None)) -> "torch.Tensor":
+        """The updated float32 rows `rows` of the weight whose rows `w` holds."""
+        w = w.float() + self.scale * (self.b[rows].float() @ self.a.float())
+        if self.magnitude is not None:  # DoRA: each output row rescaled to its learned norm
+            w = w * (self.magnitude[rows].float() / w.norm(p=2, dim=1)).unsqueeze(1)
+        return w
+
+
+@dataclass
+class Scale:
+    """IA³: a learned vector multiplying the weight's output rows ([out, 1]), its input columns ([1, in], the
+    feedforward modules), or a bias ([out])."""
+    l: "torch.Tensor"
+
+    def shape(self) -> list[int | None]:
+        if self.l.dim() == 1:
+            return [self.l.shape[0]]
+        return [self.l.shape[0], None] if self.l.shape[1] == 1 else [None, self.l.shape[1]]
+
+    def apply(self, w: "torch.Tensor", rows: slice = slice(None)) -> "torch.Tensor":
+        l = self.l.float()
+        if l.dim() == 1 or l.shape[1] == 1:  # per output row (or bias entry): only these rows' factors
+            l = l.reshape(-1)[rows]
+            return w.float() * (l.unsqueeze(1) if w.dim() == 2 else l)
+        return w.float() * l  # per input column: the same for every row
 
 
 @dataclass
@@ -39,11 +74,17 @@ class Adapter:
     config: dict  # adapter_config.json
     meta: dict | None  # edgeft_adapter.json: base, fingerprint, quant; None for a plain PEFT adapter
     run: Path | None  # the run folder it was trained in, when it came from `edgeft train`
-    loras: dict[str, Lora] = field(default_factory=dict)  # base weight name -> LoRA factors
+    loras: dict[str, "Lora | Scale"] = field(default_factory=dict)  # base tensor name -> its update (any method)
 
     @property
     def base(self) -> str | None:
         return (self.meta or {}).get("base") or self.config.get("base_model_name_or_path")
+
+    @property
+    def method(self) -> str:
+        if self.config.get("peft_type") == "IA3":
+            return "ia3"
+        return "dora" if self.config.get("use_dora") else "rslora" if self.config.get("use_rslora") else "lora"
 
     @property
     def trained_quant(self) -> str:
@@ -60,6 +101,15 @@ def find_adapter(arg: str | Path) -> Adapter:
                           f"folder from `edgeft train` or a PEFT adapter folder")
     fix = "the adapter folder is damaged; copy it again or train again"
     config = read_json(p / "adapter_config.json", fix)
+    kind = config.get("peft_type", "LORA")
+    if kind not in ("LORA", "IA3"):
+        raise EdgeftError(f"--adapter {arg}: a {kind} adapter; edgeft merges LoRA, rsLoRA, DoRA and IA³ adapters")
+    if kind == "IA3":
+        meta_file = p / ADAPTER_META
+        adapter = Adapter(path=p, config=config, meta=read_json(meta_file, fix) if meta_file.is_file() else None,
+                          run=p.parent if (p.parent / "manifest.json").is_file() else None)
+        adapter.loras = _read_ia3(p, config, arg)
+        return adapter
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
@@ -67,10 +117,6 @@ def find_adapter(arg: str | Path) -> Adapter:
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(key) or {}, dict):
             raise EdgeftError(f"{p / 'adapter_config.json'}: '{key}' must be an object; {fix}")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise EdgeftError(f"--adapter {arg}: a {config.get('peft_type')} adapter; only LoRA can be merged")
-    if config.get("use_dora"):
-        raise EdgeftError(f"--adapter {arg}: DoRA adapters are not supported yet; train a plain LoRA")
     meta_file = p / ADAPTER_META
     meta = read_json(meta_file, fix) if meta_file.is_file() else None
     run = p.parent if (p.parent / "manifest.json").is_file() else None
@@ -106,10 +152,42 @@ def _read_loras(p: Path, config: dict, arg) -> dict[str, Lora]:
         if config.get("fan_in_fan_out"):
             raise EdgeftError(f"--adapter {arg}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported; "
                               f"module {short}")
-        loras[f"{name}.weight"] = Lora(a=a, b=b, scale=scale)
+        magnitude = None
+        if config.get("use_dora"):  # peft names it with or without a .weight suffix across versions
+            magnitude = next((tensors[k] for k in (f"{module}.lora_magnitude_vector",
+                                                   f"{module}.lora_magnitude_vector.weight") if k in tensors), None)
+            if magnitude is None or magnitude.shape != (b.shape[0],):
+                raise EdgeftError(f"--adapter {arg}: a DoRA adapter without a magnitude vector of {b.shape[0]} for "
+                                  f"{module}; the adapter is damaged")
+        loras[f"{name}.weight"] = Lora(a=a, b=b, scale=scale, magnitude=magnitude)
     if not loras:
         raise EdgeftError(f"--adapter {arg}: no LoRA tensors in {weights}")
     return loras
+
+
+def _read_ia3(p: Path, config: dict, arg) -> dict[str, Scale]:
+    weights = p / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise EdgeftError(f"--adapter {arg}: no adapter_model.safetensors in {p}")
+    tensors = load_safetensors(weights, "the adapter is damaged; copy it again or train again")
+    feedforward = config.get("feedforward_modules") or []
+    feedforward = [feedforward] if isinstance(feedforward, str) else feedforward
+    updates: dict[str, Scale] = {}
+    for key, l in tensors.items():
+        if not key.endswith(".ia3_l"):
+            continue
+        module = key.removesuffix(".ia3_l")
+        name = module.removeprefix("base_model.model.")
+        ff = any(module.endswith(f) for f in feedforward)
+        if l.dim() != 2 or (l.shape[0] != 1 if ff else l.shape[1] != 1):
+            raise EdgeftError(f"--adapter {arg}: {key} is {list(l.shape)}, not an IA³ vector for a "
+                              f"{'feedforward' if ff else 'attention'} module; the adapter is damaged")
+        updates[f"{name}.weight"] = Scale(l)
+        if not ff:  # peft scales an output-side module's bias with it (Qwen2's k/v have biases)
+            updates[f"{name}.bias"] = Scale(l.reshape(-1))
+    if not updates:
+        raise EdgeftError(f"--adapter {arg}: no IA³ vectors in {weights}")
+    return updates
 
 
 # ------------------------------------------------------------------- does it belong to this base?
@@ -151,13 +229,15 @@ def check_adapter_fits(adapter: Adapter, base_path: Path, weights: dict, force: 
     else:
         console.print("[yellow]warning: the adapter has no edgeft fingerprint (not from `edgeft train`); "
                       "only module names and shapes are checked")
+    # An IA³ bias update applies only where the base has that bias.
+    adapter.loras = {n: u for n, u in adapter.loras.items() if n in weights or not n.endswith(".bias")}
     missing = [n for n in adapter.loras if n not in weights]
     if missing:
         raise EdgeftError(f"adapter {adapter.path} targets {len(missing)} module(s) the base {base_path} does not have "
                           f"(e.g. {missing[0].removesuffix('.weight')}); it was trained on another architecture")
     for name, lora in adapter.loras.items():
-        want = [lora.b.shape[0], lora.a.shape[1]]
-        if weights[name][1] != want:
+        want = lora.shape()
+        if len(weights[name][1]) != len(want) or any(w is not None and w != h for w, h in zip(want, weights[name][1])):
             raise EdgeftError(f"adapter {adapter.path}: {name} is {weights[name][1]} in the base but the adapter "
                               f"expects {want}; it was trained on a model of another size")
     return record

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .atomic import json_text
 from .chat import ChatConfig
+from .compare import CompareConfig
 from .config import config_options, load_config, step_options
 from .deploy import DeployConfig
 from .errors import EdgeftError, GateFailed
@@ -442,6 +443,36 @@ def _print_served(entries: list[dict]) -> None:
         out.print(f"memory: {mem['server_with_adapters_rss_bytes'] / 2**20:.0f} MiB for one server with "
                   f"{mem['adapters']} adapters vs {mem['separate_servers_rss_bytes'] / 2**20:.0f} MiB for {mem['adapters']} "
                   f"one-model servers ({100 * mem['ratio']:.0f}%)")
+
+
+# ------------------------------------------------------------------------------------------------ compare
+@cli.command("compare")
+@step_options(CompareConfig, what="the comparison")
+def compare_cmd(config_file, as_json, **flags):
+    """Train each PEFT method on the same data, steps and seed, merge, export GGUF F16 and --quant, and print one
+    table: trainable params, adapter size, train time, peak RAM, held-out perplexity and exact answers for the
+    merged model and each quant, forgetting vs the base. RUN/compare.png has the plot; `edgeft report RUN`
+    shows the table.
+    """
+    from .compare import columns, compare
+
+    result = compare(load_config(CompareConfig, config_file, flags))
+    if as_json:
+        click.echo(json_text(result.entry, indent=None))
+        return result.raise_failure()
+    headers, rows = columns(result.entry["metrics"]["rows"])
+    table = Table(title=f"PEFT methods on {result.entry['inputs']['data'] or result.entry['inputs']['pipeline']} "
+                        f"({result.run})")
+    for h in headers:
+        table.add_column(h)
+    for r in rows:
+        table.add_row(*r[:len(headers)])
+    out.print(table)
+    for r in result.entry["metrics"]["rows"]:
+        if r["error"]:
+            out.print(f"{r['method']}: {r['error']}")
+    out.print(f"plot: {result.run / 'compare.png'}")
+    result.raise_failure()
 
 
 # -------------------------------------------------------------------------------------------- run, report

@@ -129,7 +129,7 @@ def write_merged(base_path: Path, adapter: Adapter, weights: dict, out: Path, dt
                         if name in rounded:
                             t = nf4_roundtrip(t, compute)
                         if name in adapter.loras:
-                            t = t + adapter.loras[name].delta()
+                            t = adapter.loras[name].apply(t)
                     shards.add(name, t.to(target) if t.is_floating_point() else t)
                     update(shards.count)
         shards.close()

@@ -243,7 +243,7 @@ PANELS: list[tuple[str, str, Callable]] = [
 ]
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,7 +254,7 @@ def _pyplot():
 
 def figure(manifest: dict):
     """Every panel in one matplotlib figure (report.png), in PANELS order (see the module docstring)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 4, figsize=(27, 10))
     for ax, (_, _, draw) in zip(axes.flat, PANELS):
         draw(ax, manifest)
@@ -266,7 +266,7 @@ def figure(manifest: dict):
 
 def panel_figures(manifest: dict) -> list[tuple[str, str, object]]:
     """(name, caption, figure) for each panel on its own, sized for the page."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = max(len(_measured(manifest)), len(_quants(manifest)), 4)
     out = []
     for name, caption, draw in PANELS:
@@ -278,10 +278,10 @@ def panel_figures(manifest: dict) -> list[tuple[str, str, object]]:
     return out
 
 
-def _png(fig, dpi: int) -> bytes:
+def png_bytes(fig, dpi: int) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -356,6 +356,17 @@ def _boards_table(manifest: dict) -> str:
     return "".join(out) or "<p>No fleet or served-adapter steps in this run.</p>"
 
 
+def _methods_table(manifest: dict) -> str:
+    from .compare import columns
+
+    e = next((x for x in reversed(manifest["steps"]) if x["step"] == "compare"), None)
+    if e is None:
+        return ""
+    headers, rows = columns(e["metrics"]["rows"])
+    width = max(len(r) for r in rows)
+    return "<h2>PEFT methods compared</h2>" + _table(headers + [""] * (width - len(headers)), rows, "compare")
+
+
 def _step_names(manifest: dict) -> list[str]:
     return [f"#{i} {e['step']}" for i, e in enumerate(manifest["steps"], 1)]
 
@@ -392,7 +403,7 @@ def page(manifest: dict, title: str) -> str:
     """The report as an HTML page: each panel its own image, and the tables."""
     images = "".join(
         f'<figure id="{name}"><img alt="{html.escape(caption)}" src="data:image/png;base64,'
-        f'{base64.b64encode(_png(fig, 100)).decode()}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+        f'{base64.b64encode(png_bytes(fig, 100)).decode()}"><figcaption>{html.escape(caption)}</figcaption></figure>'
         for name, caption, fig in panel_figures(manifest))
     counts = sorted({r["tokens"] for r in _measured(manifest) if r["tokens"]}, reverse=True)
     tokens = " or ".join(f"{n:,}" for n in counts) or "no"
@@ -411,6 +422,7 @@ Sizes are MiB (2<sup>20</sup> bytes).</p>
 <h2>Ledger</h2>{_ledger_table(manifest)}
 <h2>Exported artifacts</h2>{_quant_table(manifest)}
 <h2>Boards</h2>{_boards_table(manifest)}
+{_methods_table(manifest)}
 <h2>Library versions of each step</h2>{_versions_table(manifest)}
 <h2>Config of each step</h2>{_config_tables(manifest)}
 </body></html>"""
@@ -422,7 +434,7 @@ def report(run_dir: str | Path) -> tuple[Path, Path]:
         raise EdgeftError(f"{run_dir}: no manifest.json; pass a run folder written by edgeft")
     manifest = run.manifest()
     png = run.path / "report.png"
-    data = _png(figure(manifest), 110)
+    data = png_bytes(figure(manifest), 110)
     with atomic_file(png) as tmp:
         tmp.write_bytes(data)
     page_path = run.path / "report.html"

@@ -52,7 +52,7 @@ SHIPPED_DATA = {DEMO_DATA: "demo.jsonl", "dates": "dates.jsonl"}
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 
 # The config keys that must be equal for a resumed run to continue the same training.
-_RESUME_KEYS = ("model", "data", "eval_data", "eval_split", "base_quant", "lora_r", "lora_alpha", "lora_dropout",
+_RESUME_KEYS = ("model", "data", "eval_data", "eval_split", "base_quant", "method", "lora_r", "lora_alpha", "lora_dropout",
                 "target_modules", "max_seq_len", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay",
                 "epochs", "max_steps", "seed", "gradient_checkpointing", "packing", "attn", "columns")
 
@@ -75,6 +75,9 @@ class TrainConfig(HeldOutOptions):
     eval_split: float = field(default=0.1, metadata={"help": "fraction of --data held out for task eval"})
     base_quant: str = field(default="auto", metadata={
         "help": "the base while training: auto|4bit|8bit|none (auto: 4bit NF4 on CUDA, none on CPU)"})
+    method: str = field(default="lora", metadata={
+        "help": "lora|rslora|dora|ia3 (peft's; rslora scales by alpha/sqrt(r); ia3 learns scales on k, v and the MLP "
+                "down projection)"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -177,6 +180,7 @@ def _validate(c: TrainConfig) -> None:
             raise EdgeftError(f"--{name.replace('_', '-')} {getattr(c, name)}: use auto, on or off")
     if c.attn not in ATTENTION:
         raise EdgeftError(f"--attn {c.attn}: use one of {', '.join(ATTENTION)}")
+    check_method(c.method)
     for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_seq_len", "epochs"):
         if getattr(c, name) < 1:
             raise EdgeftError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be at least 1")
@@ -226,10 +230,44 @@ def hardware(c: TrainConfig, acc=None) -> dict:
             "device_index": (acc.local_process_index if acc is not None else 0) if cuda else None}
 
 
+# IA³'s targets as its paper and peft's defaults have them: the keys and values (Phi-3's fused qkv) and the MLP's
+# down projection, which IA³ scales on its input side (a "feedforward" module).
+IA3_TARGETS = ("k_proj", "v_proj", "qkv_proj", "down_proj")
+IA3_FEEDFORWARD = ("down_proj",)
+NOT_DEPLOYABLE = {"prompt": "prompt tuning", "prefix": "prefix tuning", "p_tuning": "p-tuning"}
+
+
+def check_method(method: str) -> str:
+    from .adapter import METHODS
+
+    if method in NOT_DEPLOYABLE:
+        raise EdgeftError(f"--method {method}: {NOT_DEPLOYABLE[method]} adds virtual tokens that no GGUF or ONNX runtime "
+                          f"carries, so it cannot reach a board; use lora, rslora, dora or ia3")
+    if method not in METHODS:
+        raise EdgeftError(f"--method {method}: unknown; use {', '.join(METHODS)}")
+    return method
+
+
+def method_targets(method: str, projections: list[str]) -> list[str]:
+    """The default targets of a method: every projection for the LoRA family, IA3_TARGETS for IA³."""
+    return [p for p in projections if p in IA3_TARGETS] if method == "ia3" else []
+
+
+def peft_config(c: TrainConfig, targets: list[str]):
+    from peft import IA3Config, LoraConfig
+
+    if c.method == "ia3":
+        return IA3Config(target_modules=targets, feedforward_modules=[t for t in targets if t in IA3_FEEDFORWARD],
+                         task_type="CAUSAL_LM")
+    # DoRA and rsLoRA are LoRA with one switch each, with LoRA's defaults (as their papers compare them).
+    return LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=targets,
+                      bias="none", task_type="CAUSAL_LM", use_dora=c.method == "dora", use_rslora=c.method == "rslora")
+
+
 def build_model(base_path: Path, c: TrainConfig, hw: dict):
     """The base (quantized or not) with a fresh LoRA adapter on it, ready to train."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import BitsAndBytesConfig
 
     dtype = getattr(torch, hw["compute_dtype"])
@@ -245,7 +283,7 @@ def build_model(base_path: Path, c: TrainConfig, hw: dict):
     if hw["attn"] != "auto":
         kwargs["attn_implementation"] = hw["attn"]
     model = load_model(base_path, hw["compute_dtype"], **kwargs)
-    targets = _resolve_targets(model, c.target_modules)
+    targets = _resolve_targets(model, c.target_modules or method_targets(c.method, find_projections(model)))
     # Not peft's prepare_model_for_kbit_training: it casts every weight that is not quantized to float32
     # (Llama 3.2 1B's embedding alone becomes 1 GB). bf16 autocast in the loop gives the stability it is
     # for; the norms already compute in float32 inside.
@@ -258,9 +296,7 @@ def build_model(base_path: Path, c: TrainConfig, hw: dict):
         model.enable_input_require_grads()
     model.config.use_cache = False
     torch.manual_seed(c.seed)  # LoRA A init
-    lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=targets,
-                      bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, peft_config(c, targets))
     if hw["compile"]:
         # Regional compilation: the decoder layers are identical, so one compiled graph serves them all and
         # compiling takes seconds, where the whole model would take minutes and break on the loss code.
@@ -568,7 +604,8 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
                 "base": c.model, "base_path": str(base_path), "base_hub_id": base_hub_id,
                 "base_fingerprint": base_fingerprint,
                 "quant": hw["quant"], "compute_dtype": hw["compute_dtype"], "device": hw["device"],
-                "target_modules": targets, "lora_r": c.lora_r, "lora_alpha": c.lora_alpha, "steps": steps,
+                "method": c.method, "target_modules": targets, "lora_r": c.lora_r, "lora_alpha": c.lora_alpha,
+                "steps": steps,
                 "seed": c.seed,
             })
         entry["outputs"].append(artifact(adapter_dir, run.path))
@@ -594,7 +631,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
             after.record(entry, label, task.source, before.entry(base_label, task.source), "base")
         tokens_per_s = round(seen_tokens / train_seconds, 1) if train_seconds else None
         entry["metrics"].update({
-            "target_modules": targets, "trainable_params": trainable, "total_params": total,
+            "method": c.method, "target_modules": targets, "trainable_params": trainable, "total_params": total,
             "trainable_pct": round(100 * trainable / total, 3), "steps": steps,
             "train_loss_first": curve[0] if curve else None, "train_loss_last": curve[-1] if curve else None,
             "loss_curve": curve, "eval_loss_before": before.loss if task else None,

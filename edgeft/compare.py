@@ -1,0 +1,213 @@
+"""`edgeft compare --methods lora,dora,ia3 --data FILE`: which PEFT method survives the trip to the board.
+
+Each method runs the same chain in its own run folder, RUN/METHOD: train (same data, steps, seed and
+held-out ids) → merge → export GGUF F16 and each --quant. The comparison is then read from their ledgers, so
+every figure is one that chain measured and gated:
+  method · trainable params · adapter MB · train seconds · peak RAM · held-out perplexity and exact answers
+  on the task's held-out prompts for the merged model and for each quant · forgetting (merged vs base
+  perplexity on the held-out text).
+RUN/manifest.json gets a `compare` entry with the rows (so `edgeft report RUN` shows the table), plus
+RUN/compare.png. A method whose chain fails (a gate, an error) is a row saying why; the others still run;
+the result carries the failure (`raise_failure()`), and the command exits with its code after the table. A method already done in RUN/METHOD (its export entries
+ok) is read, not rerun, unless --redo.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_file
+from .config import read_config_file, to_dict
+from .errors import EdgeftError, GateFailed
+from .heldout import HeldOutOptions
+from .ledger import Run
+
+
+@dataclass
+class CompareConfig(HeldOutOptions):
+    methods: list[str] = field(default_factory=lambda: ["lora", "dora", "ia3"], metadata={
+        "help": "PEFT methods to compare (comma-separated: lora, rslora, dora, ia3)"})
+    data: str = field(default="", metadata={"help": "training data, as for train (demo, dates, or a file)"})
+    model: str = field(default="smollm2-135m", metadata={"help": "base model"})
+    quant: list[str] = field(default_factory=lambda: ["q8_0", "q4_k_m"], metadata={
+        "help": "GGUF quants to export each merged model to (F16 is always made: the reference)"})
+    pipeline: str = field(default="", metadata={
+        "help": "a pipeline file whose train/merge/export sections every method runs (its train.method is set "
+                "per method); --data/--quant then override only what you pass"})
+    run: str = field(default="runs/compare", metadata={"help": "folder: one run per method inside"})
+    max_steps: int = field(default=15, metadata={"help": "optimizer steps for every method"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate for every method"})
+    seed: int = field(default=0, metadata={"help": "the same seed for every method"})
+    eval_generate: int = field(default=10, metadata={"help": "held-out prompts answered at train and merge"})
+    redo: bool = field(default=False, metadata={"help": "rerun methods already done in the folder"})
+
+
+@dataclass
+class CompareResult:
+    run: Path
+    entry: dict
+    failure: EdgeftError | None = None  # the first method's failure (GateFailed if any gate failed), to raise
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+
+def _spec(c: CompareConfig, method: str) -> dict:
+    """The pipeline one method runs: the file's sections (or the defaults) with this method."""
+    spec = read_config_file(c.pipeline, "--pipeline") if c.pipeline else {}
+    train = {"model": c.model, "data": c.data, "max_steps": c.max_steps, "lr": c.lr, "seed": c.seed,
+             "eval_generate": c.eval_generate, "text": c.text, "eval_budget": c.eval_budget, "window": c.window,
+             "stride": c.stride, **(spec.get("train") or {}), "method": method}
+    if c.data:
+        train["data"] = c.data
+    merge = {"eval_generate": c.eval_generate, **(spec.get("merge") or {})}
+    exports = spec.get("export") or [{"format": "gguf"}]
+    exports = [exports] if isinstance(exports, dict) else exports
+    exports = [{**e, "quant": ["f16", *[q for q in c.quant if q != "f16"]]} if e.get("format", "gguf") == "gguf"
+               and (c.quant or not e.get("quant")) else e for e in exports]
+    return {"train": train, "merge": merge, "export": exports}
+
+
+def _done(run: Run) -> bool:
+    steps = run.steps() if run.manifest_path.is_file() else []
+    return any(e["step"] == "merge" and e["status"] == "ok" for e in steps) and \
+        any(e["step"] == "export-gguf" and e["status"] == "ok" for e in steps)
+
+
+def _row(method: str, run: Run, error: str | None) -> dict:
+    steps = run.steps() if run.manifest_path.is_file() else []
+    last = lambda pred: next((e for e in reversed(steps) if pred(e)), None)  # noqa: E731
+    train = last(lambda e: e["step"] == "train")
+    merge = last(lambda e: e["step"] == "merge" and e["status"] == "ok")
+    row = {"method": method, "run": str(run.path), "ok": error is None, "error": error,
+           "trainable_params": None, "adapter_mb": None, "train_seconds": None, "peak_ram_mb": None,
+           "base_ppl": None, "merged": None, "quants": {}, "forgetting": None}
+    if train and train["status"] == "ok":
+        m = train["metrics"]
+        row.update(trainable_params=m.get("trainable_params"), train_seconds=train.get("wall_s"),
+                   peak_ram_mb=train.get("peak_rss_mb"),
+                   adapter_mb=round(train["outputs"][0]["bytes"] / 2**20, 2) if train["outputs"] else None,
+                   base_ppl=(train.get("reference") or {}).get("ppl"))
+
+    def measured(e: dict) -> dict:
+        task = e.get("task") or {}
+        return {"ppl": (e.get("perplexity") or {}).get("ppl"), "task_ppl": task.get("ppl"),
+                "exact_match": task.get("exact_match"), "status": e["status"], "bytes": (e["outputs"] or [{}])[0].get(
+                    "bytes")}
+
+    if merge:
+        row["merged"] = measured(merge)
+        if row["base_ppl"] and row["merged"]["ppl"]:
+            row["forgetting"] = round(row["merged"]["ppl"] / row["base_ppl"] - 1, 6)
+    for e in steps:
+        if e["step"] == "export-gguf" and isinstance(e["inputs"].get("quant"), str):
+            row["quants"][e["inputs"]["quant"]] = measured(e)  # the last export of each quant
+    return row
+
+
+def compare(config: CompareConfig) -> CompareResult:
+    from .adapter import METHODS
+    from .pipeline import run_pipeline
+    from .train import check_method
+
+    c = config
+    if not c.methods:
+        raise EdgeftError("--methods: give at least one of " + ", ".join(METHODS))
+    for m in c.methods:
+        check_method(m)
+    if len(set(c.methods)) != len(c.methods):
+        raise EdgeftError(f"--methods {','.join(c.methods)}: a method is listed twice")
+    if not (c.data or c.pipeline):
+        raise EdgeftError("--data is required (demo, dates, or a file), or --pipeline FILE with a train section")
+    c.check_heldout()
+    root = Run(c.run)
+    rows, failures, start = [], [], time.perf_counter()
+    for method in c.methods:
+        run = Run(root.path / method)
+        error = None
+        if c.redo or not _done(run):
+            try:
+                run_pipeline(_spec(c, method), str(run.path))
+            except EdgeftError as e:  # a gate or an error: this method's row says so, the others still run
+                error = str(e)
+                failures.append((method, e))
+        rows.append(_row(method, run, error))
+    entry = {"step": "compare", "status": "ok" if not failures else "failed", "inputs": {
+        "methods": c.methods, "data": c.data or None, "pipeline": c.pipeline or None, "quant": c.quant,
+        "model": c.model}, "outputs": [], "perplexity": None, "config": to_dict(c),
+        "metrics": {"rows": rows}, "wall_s": round(time.perf_counter() - start, 2)}
+    png = root.path / "compare.png"
+    root.path.mkdir(parents=True, exist_ok=True)
+    with atomic_file(png) as tmp:
+        tmp.write_bytes(plot(rows))
+    from .ledger import artifact
+
+    entry["outputs"].append(artifact(png, root.path))
+    if failures:
+        entry["reason"] = "; ".join(f"{m}: {e}" for m, e in failures)
+    root.append(entry)
+    failure = None
+    if failures:  # raised by the caller after the table is shown: a failed method is a result too
+        failure = (GateFailed if any(isinstance(e, GateFailed) for _, e in failures) else EdgeftError)(entry["reason"])
+    return CompareResult(run=root.path, entry=entry, failure=failure)
+
+
+def columns(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The comparison as headers and text cells: one table for the CLI, the report and the README."""
+    quants = list(dict.fromkeys(q for r in rows for q in r["quants"]))
+
+    def pct(x):
+        return "" if x is None else f"{100 * x:.0f}%"
+
+    def ppl(x):
+        return "" if x is None else f"{x:.4f}"
+
+    headers = ["method", "trainable params", "adapter MB", "train s", "peak RAM MiB", "forgetting",
+               "merged ppl", "merged exact"]
+    for q in quants:
+        headers += [f"{q.upper()} ppl", f"{q.upper()} exact"]
+    out = []
+    for r in rows:
+        merged = r["merged"] or {}
+        cells = [r["method"], "" if r["trainable_params"] is None else f"{r['trainable_params']:,}",
+                 "" if r["adapter_mb"] is None else f"{r['adapter_mb']:.2f}",
+                 "" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}",
+                 "" if r["peak_ram_mb"] is None else f"{r['peak_ram_mb']:.0f}",
+                 "" if r["forgetting"] is None else f"{100 * r['forgetting']:+.2f}%",
+                 ppl(merged.get("ppl")), pct(merged.get("exact_match"))]
+        for q in quants:
+            m = r["quants"].get(q) or {}
+            cells += [ppl(m.get("ppl")) + ("" if m.get("status") in (None, "ok") else " (failed)"),
+                      pct(m.get("exact_match"))]
+        out.append(cells + ([f"failed: {r['error'][:80]}"] if r["error"] else []))
+    return headers, out
+
+
+def plot(rows: list[dict]) -> bytes:
+    """Held-out perplexity change vs the base and exact answers, per method, for the merged model and each
+    quant: where each method's quality goes on the way to the board."""
+    from .report import png_bytes, pyplot
+
+    plt = pyplot()
+    stages = ["merged", *dict.fromkeys(q for r in rows for q in r["quants"] if q != "f16")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(len(rows), 1)
+    for i, r in enumerate(rows):
+        got = [r["merged"] or {}] + [r["quants"].get(s) or {} for s in stages[1:]]
+        change = [100 * (g["ppl"] / r["base_ppl"] - 1) if g.get("ppl") and r["base_ppl"] else 0 for g in got]
+        exact = [100 * (g.get("exact_match") or 0) for g in got]
+        xs = [j + i * width for j in range(len(stages))]
+        left.bar(xs, change, width, label=r["method"])
+        right.bar(xs, exact, width, label=r["method"])
+    for ax, label in ((left, "held-out perplexity vs base (%)"), (right, "exact answers, held-out prompts (%)")):
+        ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(stages))], [s.upper() if s != "merged"
+                                                                                      else s for s in stages])
+        ax.set_ylabel(label)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.legend(fontsize=8)
+    right.set_ylim(0, 100)
+    fig.tight_layout()
+    return png_bytes(fig, 100)

@@ -41,9 +41,9 @@ def _peft_logits(base, adapter_dir, ids):
         return model(torch.tensor([ids])).logits[0]
 
 
-@pytest.mark.parametrize("method", METHODS)
-# Qwen2: k/v biases, which IA³ scales too (slow tier: the fast one keeps one family)
-@pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])
+# Every method on the Llama; on Qwen2 the one whose fold touches its k/v biases (IA³ scales them), slow tier.
+@pytest.mark.parametrize("method,family", [*[(m, "llama") for m in METHODS],
+                                           pytest.param("ia3", "qwen2", marks=pytest.mark.slow)])
 def test_each_method_merges_and_fuses_like_peft(method, family, tiny_llama, tiny_qwen2, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -104,32 +104,31 @@ def find_adapter(arg: str | Path) -> Adapter:
     kind = config.get("peft_type", "LORA")
     if kind not in ("LORA", "IA3"):
         raise EdgeftError(f"--adapter {arg}: a {kind} adapter; edgeft merges LoRA, rsLoRA, DoRA and IA³ adapters")
-    if kind == "IA3":
-        meta_file = p / ADAPTER_META
-        adapter = Adapter(path=p, config=config, meta=read_json(meta_file, fix) if meta_file.is_file() else None,
-                          run=p.parent if (p.parent / "manifest.json").is_file() else None)
-        adapter.loras = _read_ia3(p, config, arg)
-        return adapter
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
-            raise EdgeftError(f"{p / 'adapter_config.json'}: '{key}' is {value!r}, not a positive number; {fix}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise EdgeftError(f"{p / 'adapter_config.json'}: '{key}' must be an object; {fix}")
+    if kind == "LORA":
+        for key in ("r", "lora_alpha"):
+            value = config.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+                raise EdgeftError(f"{p / 'adapter_config.json'}: '{key}' is {value!r}, not a positive number; {fix}")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(config.get(key) or {}, dict):
+                raise EdgeftError(f"{p / 'adapter_config.json'}: '{key}' must be an object; {fix}")
     meta_file = p / ADAPTER_META
     meta = read_json(meta_file, fix) if meta_file.is_file() else None
     run = p.parent if (p.parent / "manifest.json").is_file() else None
     adapter = Adapter(path=p, config=config, meta=meta, run=run)
-    adapter.loras = _read_loras(p, config, arg)
+    tensors = _tensors(p, arg)
+    adapter.loras = _read_ia3(tensors, config, arg) if kind == "IA3" else _read_loras(tensors, config, arg)
     return adapter
 
 
-def _read_loras(p: Path, config: dict, arg) -> dict[str, Lora]:
+def _tensors(p: Path, arg) -> dict:
     weights = p / "adapter_model.safetensors"
     if not weights.is_file():
         raise EdgeftError(f"--adapter {arg}: no adapter_model.safetensors in {p}")
-    tensors = load_safetensors(weights, "the adapter is damaged; copy it again or train again")
+    return load_safetensors(weights, "the adapter is damaged; copy it again or train again")
+
+
+def _read_loras(tensors: dict, config: dict, arg) -> dict[str, Lora]:
     r, alpha = config["r"], config["lora_alpha"]
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     loras: dict[str, Lora] = {}
@@ -161,15 +160,11 @@ def _read_loras(p: Path, config: dict, arg) -> dict[str, Lora]:
                                   f"{module}; the adapter is damaged")
         loras[f"{name}.weight"] = Lora(a=a, b=b, scale=scale, magnitude=magnitude)
     if not loras:
-        raise EdgeftError(f"--adapter {arg}: no LoRA tensors in {weights}")
+        raise EdgeftError(f"--adapter {arg}: no LoRA tensors in its adapter_model.safetensors")
     return loras
 
 
-def _read_ia3(p: Path, config: dict, arg) -> dict[str, Scale]:
-    weights = p / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise EdgeftError(f"--adapter {arg}: no adapter_model.safetensors in {p}")
-    tensors = load_safetensors(weights, "the adapter is damaged; copy it again or train again")
+def _read_ia3(tensors: dict, config: dict, arg) -> dict[str, Scale]:
     feedforward = config.get("feedforward_modules") or []
     feedforward = [feedforward] if isinstance(feedforward, str) else feedforward
     updates: dict[str, Scale] = {}
@@ -186,7 +181,7 @@ def _read_ia3(p: Path, config: dict, arg) -> dict[str, Scale]:
         if not ff:  # peft scales an output-side module's bias with it (Qwen2's k/v have biases)
             updates[f"{name}.bias"] = Scale(l.reshape(-1))
     if not updates:
-        raise EdgeftError(f"--adapter {arg}: no IA³ vectors in {weights}")
+        raise EdgeftError(f"--adapter {arg}: no IA³ vectors in its adapter_model.safetensors")
     return updates
 
 

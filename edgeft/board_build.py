@@ -98,13 +98,13 @@ def build(device: str, threads: int = 0, runtime: bool = True) -> Build:
     flags = cmake_flags(profile)
     # Keyed by what the binaries depend on, not the profile name: profiles with the same flags share a build.
     full = edgeft_home() / "builds" / f"{profile.arch}-{_cache_key(profile, flags)}"
-    for target, parts in ((full, BINARIES), (full.with_name(full.name + "-board"), BOARD)):
-        if all((target / "bin" / b).is_file() for b in parts):
+    # Cached builds that will do, best first; the last one is what gets built when none is there.
+    candidates = [(full, BINARIES)] + ([] if runtime else [(full.with_name(full.name + "-board"), BOARD)])
+    for target, binaries in candidates:
+        if all((target / "bin" / b).is_file() for b in binaries):
             first = read_json(target / "build.json", "delete the build folder and build again")
             return Build(profile, target, 0.0, cached=True, seconds_by_part=first.get("seconds_by_part", {}))
-        if runtime:
-            break  # only the full build will do
-    target, binaries = (full, BINARIES) if runtime else (full.with_name(full.name + "-board"), BOARD)
+    target, binaries = candidates[-1]
     source = vendored_source()
     start = time.perf_counter()
     with atomic_dir(target) as tmp:
@@ -115,7 +115,7 @@ def build(device: str, threads: int = 0, runtime: bool = True) -> Build:
                  logf, f"configure for {profile.name}")
             jobs = str(threads or os.cpu_count() or 2)
             seconds = {}
-            for part, targets in (("board", BOARD), ("runtime", RUNTIME))[:2 if runtime else 1]:
+            for part, targets in (("board", BOARD), ("runtime", RUNTIME)) if runtime else (("board", BOARD),):
                 t0 = time.perf_counter()
                 _run(["cmake", "--build", str(work), "--target", *targets, "-j", jobs], logf,
                      f"compile {', '.join(targets)} for {profile.name}", progress=True)

@@ -22,7 +22,7 @@ from .atomic import atomic_file
 from .config import read_config_file, to_dict
 from .errors import EdgeftError, GateFailed
 from .heldout import HeldOutOptions
-from .ledger import Run
+from .ledger import Run, artifact
 
 
 @dataclass
@@ -143,8 +143,6 @@ def compare(config: CompareConfig) -> CompareResult:
     root.path.mkdir(parents=True, exist_ok=True)
     with atomic_file(png) as tmp:
         tmp.write_bytes(plot(rows))
-    from .ledger import artifact
-
     entry["outputs"].append(artifact(png, root.path))
     if failures:
         entry["reason"] = "; ".join(f"{m}: {e}" for m, e in failures)

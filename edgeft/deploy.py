@@ -163,7 +163,6 @@ class Served:
     loras: list[Path]  # one per run in adapter mode, else []
     quant: str
     source: Path  # the HF folder (tokenizer, config.json)
-    entries: list[dict]  # per run: the ledger entry of what ships
 
     @property
     def adapter_mode(self) -> bool:
@@ -208,21 +207,18 @@ def what_to_serve(run: str, adapters: list[str], quant: str) -> Served:
     gguf, entry = pick_gguf(runs[0], quant)
     q = entry["inputs"]["quant"]
     if not adapters:
-        return Served(runs, gguf, [], q, export_source(runs[0], entry), [entry])
+        return Served(runs, gguf, [], q, export_source(runs[0], entry))
     if len({r.path.resolve().name for r in runs}) != len(runs):
         raise EdgeftError(f"--adapters: two runs share a folder name ({', '.join(r.path.name for r in runs)}); each "
                           f"run's ids live in a folder named after it on the board")
-    bases, loras, entries = [], [], []
-    for r in runs:
-        base, lora, e = lora_export(r, q)
-        bases.append(base)
-        loras.append(lora)
-        entries.append(e)
-    digests = {sha256_file(b) for b in bases}
+    exported = [lora_export(r, q) for r in runs]
+    # lora_export checked each base against its ledger digest: comparing those digests compares the files.
+    digests = {next(o["sha256"] for o in e["outputs"] if Path(o["path"]).name == base.name)
+               for base, _, e in exported}
     if len(digests) != 1:
         raise EdgeftError(f"--adapters: {runs[0].path.name} and the other runs were not exported from the same base "
                           f"(their {q.upper()} base GGUFs differ); serve adapters of one base together")
-    return Served(runs, bases[0], loras, q, export_source(runs[0], pick_gguf(runs[0], q)[1]), entries)
+    return Served(runs, exported[0][0], [lora for _, lora, _ in exported], q, export_source(runs[0], entry))
 
 
 def served_dest(c: SSHOptions, served: Served) -> str:
@@ -351,7 +347,13 @@ def deploy(config: DeployConfig) -> DeployResult:
 
 
 def qemu_prefix(profile, emulate: bool) -> list[str]:
+    """What runs the board's binaries when emulating: qemu-user with the board's CPU model."""
     return [f"qemu-{profile.arch}-static", "-cpu", profile.qemu_cpu or "max"] if emulate else []
+
+
+def target_threads(profile, emulate: bool, asked: int = 0) -> int:
+    """Threads on the target: --threads, else the profile's; emulated, 2 (qemu-user runs on the host's cores)."""
+    return asked or (2 if emulate else profile.threads or 2)
 
 
 def start_server(c: DeployConfig, remote, profile, served: Served, dest: str, context: int) -> dict:
@@ -359,15 +361,14 @@ def start_server(c: DeployConfig, remote, profile, served: Served, dest: str, co
     /health says the model is loaded (and, with adapters, that every one is loaded)."""
     from . import serve
 
-    threads = 2 if c.emulate else (profile.threads or 2)  # qemu-user runs on the host's cores
+    threads = target_threads(profile, c.emulate)
     spec = serve.ServeSpec(model=served.model.name, loras=[lora.name for lora in served.loras], context=context,
                            threads=threads, port=c.serve_port, listen=c.listen,
                            alias=served.runs[0].path.resolve().name if not served.adapter_mode else "adapters",
                            qemu=qemu_prefix(profile, c.emulate))
     about = ", ".join(r.path.resolve().name for r in served.runs)
     info = serve.start(remote, dest, spec, about)
-    # Loading is slow under qemu (every instruction translated): the wait scales with the model, not a guess.
-    limit = 120 + (served.model.stat().st_size / 2**20) * (2.0 if c.emulate else 0.2)
+    limit = serve.load_seconds(served.model.stat().st_size, c.emulate)
     with remote.tunnel(c.serve_port) as port:
         client = serve.Client(port)
         try:

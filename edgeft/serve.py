@@ -4,7 +4,6 @@ the host through an SSH tunnel.
 In the deployed folder on the board:
   serve.sh    the server's whole command line (model, adapters, context, threads, address); it writes its
               pid to ~/.edgeft/serve-PORT.pid and execs llama-server, so the pid is the server's
-  serve.json  what is served, for smoke and for a person reading the board
 A board with a systemd user manager gets ~/.config/systemd/user/edgeft-serve-PORT.service (enabled,
 restarted on failure); elsewhere serve.sh runs under nohup with its log in serve.log. Either way a server
 is known by its port: deploying another model to the same port replaces the one there, `deploy --stop`
@@ -29,6 +28,12 @@ from .errors import EdgeftError
 DEFAULT_PORT = 8080
 CONTEXTS = (8192, 4096, 2048, 1024, 512)  # the served context: the largest of these that fits (and was trained)
 STATE_DIR = ".edgeft"  # under the login's home: one pid file per port
+
+
+def load_seconds(gguf_bytes: int, emulate: bool) -> float:
+    """How long a server may take to load a model: scaled with its size, and slow under qemu (every
+    instruction translated)."""
+    return 120 + (gguf_bytes / 2**20) * (2.0 if emulate else 0.2)
 
 
 def pid_file(port: int) -> str:

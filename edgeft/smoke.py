@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import to_dict
-from .deploy import TASK_PIECES, TASK_PROMPTS, bundle, export_source, pick_gguf
+from .deploy import TASK_PIECES, TASK_PROMPTS, bundle, export_source, pick_gguf, qemu_prefix, target_threads
 from .errors import EdgeftError
 from .gates import BOARD_MATCH, BOARD_Z, Gate, check
 from .heldout import TOKENS_FILE, EvalTokens
@@ -71,7 +71,7 @@ def runner(c: SmokeConfig, profile, workdir: str) -> Callable[[list[str], float]
     """A function running a command (an argument list) in the target's work folder, returning stdout.
     Never through a local shell: profile fields are data (a user's profile is a YAML file anyone can hand
     over). On a board the command line is the remote shell's, so every argument is quoted."""
-    prefix = [f"qemu-{profile.arch}-static", "-cpu", profile.qemu_cpu or "max"] if c.emulate else []
+    prefix = qemu_prefix(profile, c.emulate)
     sigill = (f"the {profile.name} build died with SIGILL (illegal instruction) on the target CPU"
               + (f" (qemu -cpu {profile.qemu_cpu})" if c.emulate else "")
               + ": the profile's compiler flags use instructions that CPU lacks; pick the board's profile")
@@ -173,9 +173,7 @@ def smoke(config: SmokeConfig) -> SmokeResult:
     ids = tokens.ids[:limit]
     window = min(export_entry["config"]["window"], len(ids))
     stride = min(export_entry["config"]["stride"], window)
-    threads = c.threads or profile.threads or 2
-    if c.emulate:
-        threads = c.threads or 2  # qemu-user runs on the host's cores
+    threads = target_threads(profile, c.emulate, c.threads)
     source = export_source(run, export_entry)
     tokenizer = load_tokenizer(source)
 

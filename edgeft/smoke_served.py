@@ -24,7 +24,7 @@ import time
 
 from . import serve
 from .config import to_dict
-from .deploy import qemu_prefix, served_dest, what_to_serve
+from .deploy import qemu_prefix, served_dest, target_threads, what_to_serve
 from .errors import EdgeftError, GateFailed
 from .gates import BOARD_MATCH, BOARD_Z, EXACT_DROP_GATE_OTHER, EXACT_DROP_GATES, Gate, check
 from .heldout import TOKENS_FILE, EvalTokens
@@ -75,7 +75,7 @@ def _memory(c, remote, profile, served, dest: str, context: int, threads: int, n
                 systemd=False)
     try:
         with remote.tunnel(port) as local:
-            serve.Client(local).wait(120 + (served.model.stat().st_size / 2**20) * (2.0 if c.emulate else 0.2),
+            serve.Client(local).wait(serve.load_seconds(served.model.stat().st_size, c.emulate),
                                      lambda: serve.pid(remote, port) is not None)
         one = serve.rss_bytes(remote, port)
     finally:
@@ -92,7 +92,6 @@ def smoke_adapters(c) -> list[dict]:
     """The served adapters' checks; one smoke entry per adapter run. Raises GateFailed naming every adapter
     that failed, after all were measured."""
     from .devices import get
-    from .llamacpp import LlamaCpp
     from .models import load_tokenizer
     from .smoke import runner
 
@@ -105,7 +104,7 @@ def smoke_adapters(c) -> list[dict]:
     dest = served_dest(c, served)
     _board_manifest(remote, dest, served)
     tokenizer = load_tokenizer(served.source)
-    threads = c.threads or (2 if c.emulate else profile.threads or 2)
+    threads = target_threads(profile, c.emulate, c.threads)
     slow = 50 if c.emulate else 1
     n = len(served.runs)
     failures = []
@@ -131,7 +130,7 @@ def smoke_adapters(c) -> list[dict]:
                 with run.step("smoke", to_dict(c), inputs) as entry:
                     entry["metrics"].update({"switching": switching, "memory": memory})
                     gates = _one_adapter(c, entry, run, served, i, client, runner(c, profile, f"{dest}/"
-                                         f"{run.path.resolve().name}"), threads, slow, tokenizer, LlamaCpp, profile)
+                                         f"{run.path.resolve().name}"), threads, slow, tokenizer, profile)
                     check(entry, *gates)
             except GateFailed as e:
                 failures.append(f"{run.path.name}: {e}")
@@ -141,8 +140,9 @@ def smoke_adapters(c) -> list[dict]:
     return entries
 
 
-def _one_adapter(c, entry, run, served, i, client, target, threads, slow, tokenizer, LlamaCpp, profile) -> list[Gate]:
+def _one_adapter(c, entry, run, served, i, client, target, threads, slow, tokenizer, profile) -> list[Gate]:
     from .deploy import pick_gguf
+    from .llamacpp import LlamaCpp
     from .smoke import board_perplexity
 
     fused, export_entry = pick_gguf(run, served.quant)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,12 @@ QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6
                "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
                "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
                "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K"}
+
+
+# llama-cpp-python silences a load (verbose=False) by pointing sys.stdout/sys.stderr and the fds 1 and 2 at
+# /dev/null and back. Two loads at once in one process (the boards of a fleet smoke score the same GGUF) can
+# restore each other's /dev/null and silence the process for good, so loads take turns.
+_LOAD = threading.Lock()
 
 
 def _threads(threads: int | None) -> int:
@@ -84,9 +91,10 @@ class LlamaCpp:
             probe(Path(path), lora)
         self.path = Path(path)
         try:
-            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                             n_threads=_threads(threads), lora_path=str(lora) if lora else None, verbose=False,
-                             seed=0)
+            with _LOAD:
+                self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                                 n_threads=_threads(threads), lora_path=str(lora) if lora else None, verbose=False,
+                                 seed=0)
         except (ValueError, RuntimeError) as e:
             raise EdgeftError(f"{path}: llama.cpp cannot load it ({e})") from None
         except TemplateError as e:  # llama-cpp-python compiles the GGUF's chat template when it loads

@@ -225,3 +225,21 @@ def test_safetensors_truncated_or_with_a_damaged_header_are_refused(tmp_path):
         (tmp_path / "model.safetensors").write_bytes(data)
         with pytest.raises(EdgeftError, match=needle):
             check_safetensors(tmp_path, "copy it again")
+
+
+def test_gguf_loads_from_many_threads_leave_this_process_stdout_and_stderr_alone(tiny_gguf):
+    """llama-cpp-python silences a load by swapping sys.stdout/sys.stderr and the fds 1 and 2 for /dev/null and
+    back; two loads at once (a fleet smoke scores the same GGUF for every board) could restore the other's
+    /dev/null, and every later line of the process (the --json result) vanished."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgeft.llamacpp import LlamaCpp
+
+    def where() -> tuple:
+        return sys.stdout, sys.stderr, os.fstat(1).st_ino, os.fstat(2).st_ino
+
+    before = where()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: LlamaCpp(tiny_gguf, n_ctx=16, threads=1, trusted=True).close(), range(64)))
+    assert where() == before

@@ -71,7 +71,7 @@ def run_trl(a, base: Path, out: Path, overrides: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from edgeft.train import demo_data_path
+    from edgeft.dataset import demo_data_path
 
     meter = Meter(a.warmup)  # from here, as edgeft's starts before it loads the model
     cuda = torch.cuda.is_available()

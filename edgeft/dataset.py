@@ -37,6 +37,9 @@ IGNORE = -100
 # The fields a row may have, which --columns maps a file's own columns to.
 FIELDS = ("messages", "conversations", "tools", "system", "instruction", "input", "output", "history", "prompt",
           "completion", "text")
+DEMO_DATA = "demo"  # --data demo: the shipped demo dataset (edgeft/data/demo.jsonl)
+# --data NAME for the datasets shipped in edgeft/data/ (one per shipped task, so two adapters can share a base).
+SHIPPED_DATA = {DEMO_DATA: "demo.jsonl", "dates": "dates.jsonl"}
 SHAPES = "'messages', 'conversations' (ShareGPT), 'instruction'+'output' (Alpaca), 'prompt'+'completion' or 'text'"
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -404,6 +407,19 @@ def render(tokenizer, row: dict) -> tuple[list[int], list[int]]:
         raise TemplateRefused(f"the model's chat template ignores 'tools' ('{ignored}' is not in the rendered "
                               f"conversation); {NO_TOOLS}")
     return ids, labels
+
+
+def shipped_data_path(name: str) -> Path:
+    return Path(__file__).parent / "data" / SHIPPED_DATA[name]
+
+
+def demo_data_path() -> Path:
+    return shipped_data_path(DEMO_DATA)
+
+
+def data_file(data: str) -> Path:
+    """What --data names: a shipped dataset (demo, dates) or a file."""
+    return shipped_data_path(data) if data in SHIPPED_DATA else Path(data)
 
 
 def load_examples(path: str | Path, tokenizer, max_seq_len: int, strict: bool, columns=None

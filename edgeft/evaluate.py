@@ -27,7 +27,8 @@ class EvalConfig(HeldOutOptions):
 
     model: str = field(default=DEFAULT_BASE, metadata={"help": "model name, HF folder, hub id, or a .gguf file"})
     data: str = field(default="", metadata={
-        "help": "task JSONL (rows as for train): also score task perplexity and exact answers on all its rows"})
+        "help": "task JSONL (rows as for train; 'demo' or 'dates' = a shipped task's set): also score task "
+                "perplexity and exact answers on all its rows"})
     tokenizer: str = field(default="", metadata={
         "help": "HF tokenizer folder for a .gguf model (default: the folder beside it, or RUN/merged)"})
     task_answers: int = field(default=20, metadata={"help": "task prompts answered greedily (with --data)"})
@@ -72,9 +73,9 @@ def evaluate(config: EvalConfig) -> EvalResult:
         tokenizer.pad_token = tokenizer.eos_token
     task = None
     if c.data:
-        from .dataset import load_examples
+        from .dataset import data_file, load_examples
 
-        examples, _ = load_examples(c.data, tokenizer, c.max_seq_len, strict=False)
+        examples, _ = load_examples(data_file(c.data), tokenizer, c.max_seq_len, strict=False)
         task = read_task_set(run.path, tokenizer)
         if task is not None and task.source != str(c.data):
             raise EdgeftError(f"{run.path / TASK_FILE}: this run's task set came from {task.source}, not {c.data}; "

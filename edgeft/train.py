@@ -31,7 +31,7 @@ from .adapter import ADAPTER_META, name_base_on_hub
 from .atomic import atomic_dir, write_json
 from .checkpoint import load_state, save_state
 from .config import accepts_old_names, current_names, to_dict
-from .dataset import Example, column_map, load_examples, split
+from .dataset import Example, column_map, data_file, load_examples, split
 from .errors import EdgeftError, first_line
 from .gates import Gate, check, parse_gates
 from .heldout import TOKENS_FILE, HeldOutOptions
@@ -46,9 +46,6 @@ from .trainlog import TrainLog, check_report_to
 ADAPTER_DIR = "adapter"
 CHECKPOINTS = "checkpoints"
 TRAIN_CONFIG = "train_config.json"  # the run's record of how its adapter was trained
-DEMO_DATA = "demo"  # --data demo: the shipped demo dataset (edgeft/data/demo.jsonl)
-# --data NAME for the datasets shipped in edgeft/data/ (one per shipped task, so two adapters can share a base).
-SHIPPED_DATA = {DEMO_DATA: "demo.jsonl", "dates": "dates.jsonl"}
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 
 # The config keys that must be equal for a resumed run to continue the same training.
@@ -127,16 +124,8 @@ class TrainingInterrupted(EdgeftError):
     exit_code = 130
 
 
-def shipped_data_path(name: str) -> Path:
-    return Path(__file__).parent / "data" / SHIPPED_DATA[name]
-
-
-def demo_data_path() -> Path:
-    return shipped_data_path(DEMO_DATA)
-
-
 def data_path(c: TrainConfig) -> Path:
-    return shipped_data_path(c.data) if c.data in SHIPPED_DATA else Path(c.data)
+    return data_file(c.data)
 
 
 def split_examples(c: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], int]:

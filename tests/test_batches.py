@@ -7,7 +7,7 @@ import torch
 from edgeft.batches import collate, loss_sum, pack
 from edgeft.dataset import load_examples
 from edgeft.models import load_model, load_tokenizer
-from edgeft.train import demo_data_path
+from edgeft.dataset import demo_data_path
 
 
 def test_packed_batch_has_the_same_loss_as_the_padded_one(tiny_llama):

@@ -132,3 +132,15 @@ def test_eval_data_scores_a_model_folder_and_its_gguf_alike(tiny_llama, tmp_path
     result = CliRunner().invoke(cli, ["eval", "--model", str(tiny_llama), *common[:0], "--data", str(other), "--run",
                                       str(run)])
     assert_one_line_error(result, "task set came from", "new --run")
+
+
+def test_eval_data_takes_a_shipped_task_by_name_as_train_does(tiny_llama, tmp_path):
+    """`train --data dates` names the shipped set; eval --data must accept the same word, not look for a file."""
+    from edgeft.dataset import shipped_data_path
+
+    result = CliRunner().invoke(cli, ["eval", "--model", str(tiny_llama), "--data", "dates", "--run", str(tmp_path),
+                                      "--window", "128", "--stride", "128", "--eval-budget", "300",
+                                      "--task-answers", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = len(shipped_data_path("dates").read_text().splitlines())
+    assert 0 < json.loads(result.output.strip().splitlines()[-1])["task"]["items"] <= rows

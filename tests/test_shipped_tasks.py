@@ -10,7 +10,8 @@ import pytest
 from edgeft.data import date_task
 from edgeft.dataset import load_examples
 from edgeft.task import build_task_set, judge
-from edgeft.train import DEMO_DATA, TrainConfig, data_path, demo_data_path, shipped_data_path
+from edgeft.dataset import DEMO_DATA, demo_data_path, shipped_data_path
+from edgeft.train import TrainConfig, data_path
 
 DATES = shipped_data_path("dates")
 

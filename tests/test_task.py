@@ -11,7 +11,7 @@ from edgeft.models import load_model, load_tokenizer
 from edgeft.scoring import score_pieces, torch_logits_fn
 from edgeft.task import (TaskSet, build_task_set, judge, judge_answers, read_task_set,
                          store_task_set)
-from edgeft.train import demo_data_path
+from edgeft.dataset import demo_data_path
 
 
 def _task(tiny_llama, n=6):

@@ -70,7 +70,7 @@ def test_unknown_target_module_lists_the_valid_ones(tmp_path, tiny_llama):
 def test_demo_rows_mask_everything_but_the_answer(tiny_tokenizer):
     from edgeft.dataset import IGNORE, load_examples
     from edgeft.models import load_tokenizer
-    from edgeft.train import demo_data_path
+    from edgeft.dataset import demo_data_path
 
     tok = load_tokenizer(tiny_tokenizer)
     examples, _ = load_examples(demo_data_path(), tok, 1024, strict=True)

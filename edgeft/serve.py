@@ -106,6 +106,22 @@ def stop(remote, port: int) -> dict:
     return {"stopped": manager != "none", "manager": manager if manager != "none" else None, "port": port}
 
 
+def unit_text(script_path: str, port: int, about: str) -> str:
+    """The systemd user unit that runs `script_path`. systemd splits ExecStart at spaces and expands %
+    specifiers, so the path is quoted and its % doubled ("my models" works); it refuses a program whose path
+    holds a quote or a backslash, which is a one-line error here, before anything on the board changes."""
+    if any(ch in script_path for ch in '"\\'):
+        raise EdgeftError(f"--dest {script_path.rsplit('/', 1)[0]}: systemd cannot start a program whose path holds "
+                          f"a quote or a backslash; deploy --serve to a folder without them")
+
+    def plain(text: str) -> str:
+        return text.replace("%", "%%")
+
+    return (f"[Unit]\nDescription={plain(f'edgeft: llama-server on port {port} ({about})')}\nAfter=network.target\n\n"
+            f"[Service]\nExecStart=\"{plain(script_path)}\"\nRestart=on-failure\nRestartSec=2\n\n"
+            f"[Install]\nWantedBy=default.target\n")
+
+
 def start(remote, dest: str, spec: ServeSpec, about: str, script: str = "serve.sh", systemd: bool = True) -> dict:
     """Install the start script (and the systemd unit where there is a user manager, unless `systemd` is off)
     in `dest`, replace whatever edgeft server held the port, and start this one. Returns how it was started."""
@@ -113,13 +129,12 @@ def start(remote, dest: str, spec: ServeSpec, about: str, script: str = "serve.s
     q_script = shlex.quote(script)
     remote.run(f"cd -- {q_dest} && printf '%s' {shlex.quote(spec.script(about))} > {q_script}.tmp && "
                f"chmod +x {q_script}.tmp && mv -f {q_script}.tmp {q_script}")
+    systemd = systemd and _has_systemd(remote)
+    if systemd:
+        text = unit_text(remote.run(f"cd -- {q_dest} && pwd").strip() + "/" + script, spec.port, about)
     replaced = stop(remote, spec.port)
-    if systemd and _has_systemd(remote):
+    if systemd:
         unit = unit_name(spec.port)
-        where = remote.run(f"cd -- {q_dest} && pwd").strip()
-        text = (f"[Unit]\nDescription=edgeft: llama-server on port {spec.port} ({about})\nAfter=network.target\n\n"
-                f"[Service]\nExecStart={where}/{script}\nRestart=on-failure\nRestartSec=2\n\n"
-                f"[Install]\nWantedBy=default.target\n")
         remote.run(f"mkdir -p ~/.config/systemd/user && printf '%s' {shlex.quote(text)} > ~/.config/systemd/user/{unit}"
                    f" && systemctl --user daemon-reload && systemctl --user enable {unit} >/dev/null 2>&1; "
                    f"systemctl --user restart {unit}")

@@ -190,3 +190,26 @@ def test_fleet_files_are_checked_in_one_line(tiny_export_run, tmp_path):
         hosts.write_text(text)
         assert_one_line_error(CliRunner().invoke(cli, ["deploy", str(tiny_export_run), "--hosts", str(hosts)]),
                               "--hosts", needle)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_the_systemd_unit_runs_the_script_wherever_the_folder_is(tmp_path):
+    """systemd splits ExecStart at spaces and expands %: a --dest like "my models" or "50% off" must still name
+    the script (systemd-analyze verify fails when the program it reads is not an executable file)."""
+    import subprocess
+
+    from edgeft.errors import EdgeftError
+
+    for name in ("plain", "my models", "50% off", "cost $HOME", 'say "hi"', "back\\slash"):
+        script = tmp_path / name / "serve.sh"
+        script.parent.mkdir()
+        script.write_text("#!/bin/sh\n")
+        script.chmod(0o755)
+        if '"' in name or "\\" in name:  # systemd refuses these in a program's path: one line, before any change
+            with pytest.raises(EdgeftError, match="--dest .*quote or a backslash"):
+                serve.unit_text(str(script), 8080, name)
+            continue
+        unit = tmp_path / "edgeft-serve-8080.service"
+        unit.write_text(serve.unit_text(str(script), 8080, f"run {name}"))
+        check = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+        assert check.returncode == 0, (name, unit.read_text(), check.stderr)

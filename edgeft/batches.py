@@ -46,10 +46,14 @@ def pack(examples: list[Example], device) -> dict:
 
 def _plain_head(model) -> bool:
     """True when logits are just lm_head(hidden): then the head can be applied to the labelled positions
-    only. Models that cap or scale logits (Gemma 2's softcapping, Cohere's logit_scale) take the full path."""
+    only. Models that cap or scale logits (Gemma 2's softcapping, Cohere's logit_scale) take the full path,
+    and so does a sharded model (train --shard): it gathers its embeddings and head in its own forward, which
+    calling the decoder and the head one by one would skip."""
+    from torch.distributed.fsdp import FSDPModule
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
-    return (getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
+    return (not isinstance(base, FSDPModule) and getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
             and hasattr(base, "get_decoder") and base.get_output_embeddings() is not None)
 
 

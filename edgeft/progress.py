@@ -10,6 +10,7 @@ the last line while work goes on, and one at the end.
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -89,8 +90,9 @@ def bar(description: str, total: int | None = None, enabled: bool = True, every:
     """Yield update(done, total=None, info=""); info is shown after the bar (loss, tokens/s...). `every`,
     `unit` and `start` (the count already done: a resumed run) shape the plain lines printed when stderr is
     not a terminal ("train: step 3/60 ..." every 3 steps, the ETA from the rate since `start`).
-    Not enabled (the other processes of a data-parallel run): update does nothing."""
-    if not enabled:
+    Not enabled, or in a launched job's processes other than the first (RANK, as accelerate and torchrun
+    set it): update does nothing."""
+    if not enabled or os.environ.get("RANK", "0") != "0":
         yield lambda *args, **kwargs: None
         return
     if not console.is_terminal:

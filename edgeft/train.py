@@ -51,7 +51,7 @@ ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 # The config keys that must be equal for a resumed run to continue the same training.
 _RESUME_KEYS = ("model", "data", "eval_data", "eval_split", "base_quant", "method", "lora_r", "lora_alpha", "lora_dropout",
                 "target_modules", "max_seq_len", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay",
-                "epochs", "max_steps", "seed", "gradient_checkpointing", "packing", "attn", "columns")
+                "epochs", "max_steps", "seed", "gradient_checkpointing", "packing", "attn", "columns", "shard")
 
 
 @accepts_old_names
@@ -100,6 +100,9 @@ class TrainConfig(HeldOutOptions):
     attn: str = field(default="auto", metadata={
         "help": "attention implementation: auto|sdpa|eager|flash_attention_2|flex_attention"})
     compile: bool = field(default=False, metadata={"help": "torch.compile each decoder layer (slow first steps)"})
+    shard: bool = field(default=False, metadata={
+        "help": "split the 16-bit base and the adapter across the launched processes (FSDP2) instead of a whole "
+                "copy in each: for a base that does not fit one device"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     max_ppl_rise: str = field(default="0.1", metadata={
         "help": "forgetting gate: max held-out perplexity rise of the adapter vs the base, as in export: one "
@@ -208,13 +211,16 @@ def hardware(c: TrainConfig, acc=None) -> dict:
     import torch
 
     cuda = torch.cuda.is_available() if acc is None else acc.device.type == "cuda"
-    quant = c.base_quant if c.base_quant != "auto" else ("4bit" if cuda else "none")
+    # auto: QLoRA on CUDA, unless the base is sharded (FSDP splits 16-bit weights; each process would hold the
+    # whole 4-bit base anyway)
+    quant = c.base_quant if c.base_quant != "auto" else ("4bit" if cuda and not c.shard else "none")
     bf16 = cuda and torch.cuda.is_bf16_supported()
     # On by default: measured on the demo set (bench/train_throughput.py), it costs ~10% of the speed and
     # saves ~40% of peak RSS on CPU, and GPU memory is what limits batch size there.
     ckpt = c.gradient_checkpointing != "off"
     return {"device": "cuda" if cuda else "cpu", "quant": quant, "compute_dtype": "bfloat16" if bf16 else "float32",
             "gradient_checkpointing": ckpt, "packing": c.packing != "off", "attn": c.attn, "compile": c.compile,
+            "shard": c.shard,
             "gpu": torch.cuda.get_device_name(0) if cuda else None,
             "device_index": (acc.local_process_index if acc is not None else 0) if cuda else None}
 
@@ -289,11 +295,41 @@ def build_model(base_path: Path, c: TrainConfig, hw: dict):
     if hw["compile"]:
         # Regional compilation: the decoder layers are identical, so one compiled graph serves them all and
         # compiling takes seconds, where the whole model would take minutes and break on the loss code.
-        layer_types = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
-        for module in model.modules():
-            if type(module).__name__ in layer_types:
-                module.compile(dynamic=True)
+        for module in decoder_layers(model):
+            module.compile(dynamic=True)
     return model, targets
+
+
+def decoder_layers(model) -> list:
+    """The model's repeated blocks (transformers names their classes in _no_split_modules)."""
+    layer_types = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
+    return [module for module in model.modules() if type(module).__name__ in layer_types]
+
+
+def shard(model, acc) -> None:
+    """FSDP2 (torch's fully_shard) over the launched processes: each decoder layer is one unit, gathered for its
+    forward and backward and split again after; the HF model itself is the outer unit, so that generate (which
+    calls it, not peft's wrapper) gathers the embeddings and the head too. Gradients are averaged across the
+    processes as DDP averages them, so the loop's scaling stays the same."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
+    for module in decoder_layers(model):
+        fully_shard(module, mesh=mesh)
+    fully_shard(model.get_base_model(), mesh=mesh)
+
+
+def _full_state(model, optimizer=None) -> tuple[dict, dict | None]:
+    """A sharded model's trainable weights by parameter name, whole (the frozen base is not gathered), and the
+    optimizer's state, whole on the main process. Every process must call it: gathering is collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    weights = {name: p.full_tensor().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    if optimizer is None:
+        return weights, None
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return weights, get_optimizer_state_dict(model, optimizer, options=options)
 
 
 # --------------------------------------------------------------------------------------------- the data
@@ -317,23 +353,23 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if p.is_dir())
 
 
-def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> None:
+def _save_checkpoint(run_dir: Path, step: int, adapter: dict, optimizer: dict, scheduler, state: dict,
+                     keep: int) -> None:
     """Adapter, optimizer and schedule: all a resumed run needs, since the data order and the dropout
     masks are functions of (seed, step, rank) (see step_seed). Written by the main process only: under data
-    parallelism every rank holds the same adapter and optimizer state. Tensors go to safetensors and the
-    rest to JSON (edgeft.checkpoint): loading a checkpoint can never run code."""
-    from peft import get_peft_model_state_dict
-
+    parallelism every rank holds the same adapter and optimizer state; sharded, the main process holds them
+    gathered (_full_state, keyed by parameter name). Tensors go to safetensors and the rest to JSON
+    (edgeft.checkpoint): loading a checkpoint can never run code."""
     save_state(run_dir / CHECKPOINTS / f"step-{step:06d}", {
-        "step": step, "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), **state})
+        "step": step, "adapter": adapter, "optimizer": optimizer, "scheduler": scheduler.state_dict(), **state})
     for old in _checkpoints(run_dir)[:-max(keep, 1)]:
         shutil.rmtree(old)
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, sharded: bool) -> dict:
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     blob = load_state(path)
     fix = "it is not from this training; resume from another checkpoint or start without --resume"
@@ -344,11 +380,17 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         raise EdgeftError(f"{path}: {', '.join(bad)} missing or of the wrong kind; {fix}")
     adapter = blob["adapter"]
     tensors = all(isinstance(v, torch.Tensor) for v in adapter.values())
-    if set(adapter) != set(get_peft_model_state_dict(model)) or not tensors:
+    names = {n for n, p in model.named_parameters() if p.requires_grad} if sharded else get_peft_model_state_dict(model)
+    if set(adapter) != set(names) or not tensors:
         raise EdgeftError(f"{path}: its adapter tensors do not match the model's LoRA modules; {fix}")
     try:
-        set_peft_model_state_dict(model, adapter)
-        optimizer.load_state_dict(blob["optimizer"])
+        if sharded:  # every process reads the whole state and keeps its own shard of it
+            whole = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(model, adapter, options=whole)
+            set_optimizer_state_dict(model, optimizer, blob["optimizer"], options=whole)
+        else:
+            set_peft_model_state_dict(model, adapter)
+            optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
         raise EdgeftError(f"{path}: cannot restore the training state ({first_line(e)}); {fix}") from None
@@ -369,7 +411,7 @@ def _check_resumable(run: Run, c: TrainConfig, world_size: int) -> Path:
                                                              "use a new --run"))
         now = {**to_dict(c), "world_size": world_size}
         # What a run saved before a setting existed is that setting's default.
-        unsaved = {"world_size": 1, "columns": {}}
+        unsaved = {"world_size": 1, "columns": {}, "shard": False}
         changed = [k for k in (*_RESUME_KEYS, "world_size") if before.get(k, unsaved.get(k)) != now.get(k)]
         if changed:
             raise EdgeftError(f"--resume: {', '.join(changed)} differ from the interrupted run "
@@ -432,11 +474,17 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
     c = c.checked("eval_generate")
     acc = Accelerator(cpu=not torch.cuda.is_available())
     if acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # Evaluation and saving run on the main process with the whole model: a sharded model would hang there.
-        raise EdgeftError(f"edgeft train does not shard the model ({acc.distributed_type.value}); launch plain data "
-                          f"parallelism (accelerate launch --multi_gpu), and use --base-quant 4bit if the base does "
-                          f"not fit one GPU in 16 bits")
+        # Sharding is edgeft's own --shard (FSDP2), whose gathering, saving and evaluation the loop knows about.
+        raise EdgeftError(f"edgeft train shards with --shard, not through accelerate's {acc.distributed_type.value} "
+                          f"settings; launch plain processes (accelerate launch --multi_gpu --num_processes N -m "
+                          f"edgeft train ... --shard)")
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    if c.shard and world == 1:
+        raise EdgeftError("--shard splits the model across processes, and this is one; launch several (accelerate "
+                          "launch --multi_gpu --num_processes N -m edgeft train ... --shard) or drop --shard")
+    if c.shard and (c.base_quant in ("4bit", "8bit") or c.compile):
+        raise EdgeftError(f"--shard splits a 16-bit base; it does not combine with "
+                          f"{'--compile' if c.compile else '--base-quant ' + c.base_quant} (drop one of them)")
     base_path = resolve_model(c.model, what="--model")
     tokenizer = load_tokenizer(base_path)
     if tokenizer.pad_token_id is None:
@@ -460,6 +508,10 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
                       f"{hw['compute_dtype']}, {rows_per_step} rows per step, gradient checkpointing "
                       f"{'on' if hw['gradient_checkpointing'] else 'off'}, packing {'on' if hw['packing'] else 'off'}")
         write_json(run.path / TRAIN_CONFIG, {**to_dict(c), "world_size": world})
+    if c.shard:  # every process evaluates a sharded model, on the ids the main process has just stored
+        acc.wait_for_everyone()
+        if not main:
+            tokens = c.heldout_tokens(tokenizer, run.path)
 
     inputs = {"base": c.model, "base_path": str(base_path), "data": str(data_path(c)),
               "rows": len(train_set) + (0 if c.eval_data else len(eval_set)),
@@ -475,9 +527,13 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         device = acc.device
-        # The loss as a module, so that a data-parallel wrapper sees the whole forward (DDP synchronises
-        # gradients only for what runs through its own forward). One process: the module itself.
-        objective = acc.prepare_model(SummedLoss(model), device_placement=False)
+        if hw["shard"]:
+            shard(model, acc)
+            objective = SummedLoss(model)
+        else:
+            # The loss as a module, so that a data-parallel wrapper sees the whole forward (DDP synchronises
+            # gradients only for what runs through its own forward). One process: the module itself.
+            objective = acc.prepare_model(SummedLoss(model), device_placement=False)
 
         global_batch = c.batch_size * world
         per_epoch = math.ceil(len(train_set) / global_batch)
@@ -494,15 +550,21 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
         scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(c.warmup_ratio * steps), steps)
         start_step, curve, seen_tokens, train_seconds = 0, [], 0, 0.0
         if resume_from is not None:
-            blob = _load_checkpoint(resume_from, model, optimizer, scheduler)
+            blob = _load_checkpoint(resume_from, model, optimizer, scheduler, hw["shard"])
             start_step, curve = blob["step"], blob["curve"]
             seen_tokens, train_seconds = blob["seen_tokens"], blob["train_seconds"]
             if main:
                 console.print(f"resuming from {resume_from.name} (step {start_step}/{steps})")
 
         def checkpoint(at: int) -> None:
+            if hw["shard"]:
+                adapter, optimizer_state = _full_state(model, optimizer)  # every process takes part
+            elif main:
+                from peft import get_peft_model_state_dict
+
+                adapter, optimizer_state = get_peft_model_state_dict(model), optimizer.state_dict()
             if main:
-                _save_checkpoint(run.path, at, model, optimizer, scheduler,
+                _save_checkpoint(run.path, at, adapter, optimizer_state, scheduler,
                                  {"curve": curve, "seen_tokens": seen_tokens, "train_seconds": train_seconds,
                                   "world_size": world}, c.keep_checkpoints)
 
@@ -579,40 +641,46 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
         peak_gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None
         acc.wait_for_everyone()
         adapter_dir = run.path / ADAPTER_DIR
-        if not main:
+        # Sharded, the adapter is whole only once gathered, and every forward of the evaluation needs every
+        # process: they all take part, and the main process alone writes.
+        whole = _full_state(model)[0] if hw["shard"] else None
+        if not main and not hw["shard"]:
             return TrainResult(run=run.path, adapter=adapter_dir, entry=None)
 
-        base_fingerprint = fingerprint(base_path)
-        with atomic_dir(adapter_dir) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            base_hub_id = hub_id(c.model) or hub_id(base_path)
-            if base_hub_id:
-                name_base_on_hub(tmp, base_hub_id)
-            write_json(tmp / ADAPTER_META, {
-                "base": c.model, "base_path": str(base_path), "base_hub_id": base_hub_id,
-                "base_fingerprint": base_fingerprint,
-                "quant": hw["quant"], "compute_dtype": hw["compute_dtype"], "device": hw["device"],
-                "method": c.method, "target_modules": targets, "lora_r": c.lora_r, "lora_alpha": c.lora_alpha,
-                "steps": steps,
-                "seed": c.seed,
-            })
-        entry["outputs"].append(artifact(adapter_dir, run.path))
+        if main:
+            base_fingerprint = fingerprint(base_path)
+            with atomic_dir(adapter_dir) as tmp:
+                model.save_pretrained(tmp, state_dict=whole)
+                tokenizer.save_pretrained(tmp)
+                base_hub_id = hub_id(c.model) or hub_id(base_path)
+                if base_hub_id:
+                    name_base_on_hub(tmp, base_hub_id)
+                write_json(tmp / ADAPTER_META, {
+                    "base": c.model, "base_path": str(base_path), "base_hub_id": base_hub_id,
+                    "base_fingerprint": base_fingerprint,
+                    "quant": hw["quant"], "compute_dtype": hw["compute_dtype"], "device": hw["device"],
+                    "method": c.method, "target_modules": targets, "lora_r": c.lora_r, "lora_alpha": c.lora_alpha,
+                    "steps": steps,
+                    "seed": c.seed,
+                })
+            entry["outputs"].append(artifact(adapter_dir, run.path))
 
         # After training only (see the module docstring): the adapter's effect, then the base without it.
         model.eval()
         label = f"{c.model}+adapter"
         after_ppl = measure(model, tokens.ids, c.window, c.stride, label)
         after = score_torch(model, task, tokenizer, label, c.eval_generate) if task else None
+        with model.disable_adapter():
+            base_label = c.model if hw["quant"] == "none" else f"{c.model} ({hw['quant']})"
+            before_ppl = measure(model, tokens.ids, c.window, c.stride, base_label)
+            before = score_torch(model, task, tokenizer, base_label, c.eval_generate) if task else None
+        if not main:
+            return TrainResult(run=run.path, adapter=adapter_dir, entry=None)
         # What "after" measured, so that a later step measuring the same (merge: the unmerged base + adapter)
         # takes these numbers from the ledger (reuse.py).
         weights = torch_weights(base_fingerprint, entry["outputs"][-1]["sha256"], hw["quant"], hw["compute_dtype"],
                                 hw["device"], c.attn, c.compile)
         entry[KEY] = measurement_key(weights, tokens.ids, c.window, c.stride, task, c.eval_generate)
-        with model.disable_adapter():
-            base_label = c.model if hw["quant"] == "none" else f"{c.model} ({hw['quant']})"
-            before_ppl = measure(model, tokens.ids, c.window, c.stride, base_label)
-            before = score_torch(model, task, tokenizer, base_label, c.eval_generate) if task else None
 
         forgetting = Comparison(measured=after_ppl, reference=before_ppl)
         forgetting.record(entry, label, base_label, "base", tokens.source)

@@ -308,6 +308,24 @@ def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(
                                       "--batch-size", "4", "--resume"])
     assert_one_line_error(result, "--resume: world_size differ")
 
+    # --shard (FSDP2: the base and the adapter split across the two processes): the same adapter again, the
+    # evaluation run by both in step (answers too), one ledger entry; and a sharded run resumes bit for bit
+    _launch(2, tmp_path / "shard", tiny_llama, data, "--batch-size", "4", "--shard", "--eval-generate", "2")
+    sharded = _adapter(tmp_path / "shard")
+    assert sharded.keys() == one.keys()
+    for k in one:
+        assert torch.allclose(one[k], sharded[k], atol=1e-6, rtol=1e-4), k
+    (entry,) = json.loads((tmp_path / "shard" / "manifest.json").read_text())["steps"]
+    assert entry["metrics"]["hardware"]["shard"] and entry["metrics"]["world_size"] == 2
+    assert entry["metrics"]["exact_match_n"] == 2 and entry["perplexity"]["ppl"] > 1
+    shutil.copytree(tmp_path / "shard", tmp_path / "shard-resumed")
+    shutil.rmtree(tmp_path / "shard-resumed" / "adapter")
+    _launch(2, tmp_path / "shard-resumed", tiny_llama, data, "--batch-size", "4", "--shard", "--eval-generate", "2",
+            "--resume")
+    resumed = _adapter(tmp_path / "shard-resumed")
+    for k in sharded:
+        assert torch.equal(sharded[k], resumed[k]), k
+
 
 def test_train_stores_the_task_set_and_records_the_task_before_and_after(tiny_adapter_run):
     from edgeft.task import TASK_FILE

@@ -85,12 +85,15 @@ def _row(method: str, run: Run, error: str | None) -> dict:
     row = {"method": method, "run": str(run.path), "ok": error is None, "error": error,
            "trainable_params": None, "adapter_mb": None, "train_seconds": None, "peak_ram_mb": None,
            "base_ppl": None, "merged": None, "quants": {}, "forgetting": None}
-    if train and train["status"] == "ok":
+    if train and train["metrics"].get("trainable_params"):  # trained, even if its forgetting gate then failed
         m = train["metrics"]
         row.update(trainable_params=m.get("trainable_params"), train_seconds=train.get("wall_s"),
                    peak_ram_mb=train.get("peak_rss_mb"),
                    adapter_mb=round(train["outputs"][0]["bytes"] / 2**20, 2) if train["outputs"] else None,
                    base_ppl=(train.get("reference") or {}).get("ppl"))
+        adapter_ppl = (train.get("perplexity") or {}).get("ppl")
+        if row["base_ppl"] and adapter_ppl:  # the adapter's own, replaced by the merged model's below
+            row["forgetting"] = round(adapter_ppl / row["base_ppl"] - 1, 6)
 
     def measured(e: dict) -> dict:
         task = e.get("task") or {}

@@ -273,8 +273,10 @@ def build_model(base_path: Path, c: TrainConfig, hw: dict):
                                                            bnb_4bit_compute_dtype=dtype)
     elif hw["quant"] == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if hw["device"] == "cuda":
-        kwargs["device_map"] = {"": hw["device_index"]}  # this process's GPU under data parallelism
+    if hw["device"] == "cuda" and not hw["shard"]:
+        # This process's GPU under data parallelism. Sharded, the base is read into CPU memory and fully_shard
+        # moves each process's shard to its GPU: the whole base never has to fit one.
+        kwargs["device_map"] = {"": hw["device_index"]}
     if hw["attn"] != "auto":
         kwargs["attn_implementation"] = hw["attn"]
     model = load_model(base_path, hw["compute_dtype"], **kwargs)

@@ -131,3 +131,14 @@ def test_one_command_compares_methods_through_merge_and_quants(tiny_llama, tmp_p
     again = CliRunner().invoke(cli, [*args, "--json"])
     runs = json.loads((tmp_path / "cmp" / "lora" / "manifest.json").read_text())["steps"]
     assert again.exit_code == result.exit_code and sum(e["step"] == "train" for e in runs) == 1
+
+    # a method whose training fails its forgetting gate is still a row with what it measured (a gate no
+    # adapter can pass: perplexity must fall by 99%)
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("train:\n  max_ppl_rise: '-0.99'\n")
+    failed = CliRunner().invoke(cli, [*args[:2], "rslora", *args[3:-len(WINDOW) - 2], "--run", str(tmp_path / "strict"),
+                                      "--pipeline", str(strict), *WINDOW])
+    assert failed.exit_code == 3, failed.output
+    (row,) = json.loads((tmp_path / "strict" / "manifest.json").read_text())["steps"][-1]["metrics"]["rows"]
+    assert not row["ok"] and "--max-ppl-rise" in row["error"] and row["merged"] is None
+    assert row["trainable_params"] == lora["trainable_params"] and row["forgetting"] is not None

@@ -67,6 +67,14 @@ def test_unknown_target_module_lists_the_valid_ones(tmp_path, tiny_llama):
     assert_one_line_error(result, "qkv not found", "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
 
 
+def test_shard_in_one_process_is_refused_before_anything_loads(tmp_path, tiny_llama):
+    data = _jsonl(tmp_path / "d.jsonl", GOOD, GOOD)
+    result = CliRunner().invoke(cli, ["train", "--base", str(tiny_llama), "--data", data, "--shard", "--run",
+                                      str(tmp_path / "run")])
+    assert_one_line_error(result, "--shard", "launch several", "--num_processes")
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
 def test_demo_rows_mask_everything_but_the_answer(tiny_tokenizer):
     from edgeft.dataset import IGNORE, load_examples
     from edgeft.models import load_tokenizer

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
 ADAPTER_META = "edgeft_adapter.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's name for the adapter's tensors
 
 
 METHODS = ("lora", "rslora", "dora", "ia3")
@@ -122,9 +123,9 @@ def find_adapter(arg: str | Path) -> Adapter:
 
 
 def _tensors(p: Path, arg) -> dict:
-    weights = p / "adapter_model.safetensors"
+    weights = p / ADAPTER_WEIGHTS
     if not weights.is_file():
-        raise EdgeftError(f"--adapter {arg}: no adapter_model.safetensors in {p}")
+        raise EdgeftError(f"--adapter {arg}: no {ADAPTER_WEIGHTS} in {p}")
     return load_safetensors(weights, "the adapter is damaged; copy it again or train again")
 
 

@@ -7,9 +7,10 @@ every figure is one that chain measured and gated:
   on the task's held-out prompts for the merged model and for each quant · forgetting (merged vs base
   perplexity on the held-out text).
 RUN/manifest.json gets a `compare` entry with the rows (so `edgeft report RUN` shows the table), plus
-RUN/compare.png. A method whose chain fails (a gate, an error) is a row saying why; the others still run;
-the result carries the failure (`raise_failure()`), and the command exits with its code after the table. A method already done in RUN/METHOD (its export entries
-ok) is read, not rerun, unless --redo.
+RUN/compare.png. A method whose chain fails (a gate, an error) is a row saying why, with what it measured
+before; the others still run; the result carries the failure (`raise_failure()`), and the command exits with
+its code after the table. A method already done in RUN/METHOD (trained with the same method, data, rate,
+steps and seed; its merge and export entries ok) is read, not rerun, unless --redo.
 """
 
 from __future__ import annotations
@@ -25,6 +26,39 @@ from .heldout import HeldOutOptions
 from .ledger import Run, artifact
 
 
+# The learning rates of compare's short runs (15 steps), measured on the demo task so that each method learns it
+# and passes every gate: LoRA and DoRA at 1e-3; rsLoRA's scale alpha/sqrt(r) is sqrt(r) = 4 times LoRA's alpha/r at
+# rank 16, and at 1e-3 it forgot 16% (the 10% gate), so it takes a quarter of LoRA's rate: the same step size;
+# IA³ learns a scale per channel from 1.0 and needs ~15x LoRA's rate (T-Few trains it at 3e-3 where LoRA is usually
+# trained at 2e-4).
+DEFAULT_LR = "0.001,rslora=0.00025,ia3=0.015"
+
+
+def method_lrs(spec: str, methods: list[str]) -> dict[str, float]:
+    """--lr as a rate per method: "0.001" for all, or "0.001,ia3=0.015" (the bare number for the others)."""
+    from .adapter import METHODS
+
+    bare, named = None, {}
+    for part in str(spec).split(","):
+        name, _, value = part.strip().rpartition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = float("nan")
+        if not rate > 0 or rate == float("inf"):
+            raise EdgeftError(f"--lr {spec}: '{part.strip()}' is not a positive rate; write 0.001 or 0.001,ia3=0.015")
+        if name and name not in METHODS:
+            raise EdgeftError(f"--lr {spec}: '{name}' is not a method; name one of {', '.join(METHODS)}")
+        if name:
+            named[name] = rate
+        else:
+            bare = rate
+    if bare is None and not set(methods) <= set(named):
+        raise EdgeftError(f"--lr {spec}: no rate for {', '.join(m for m in methods if m not in named)}; add a bare "
+                          f"number for the others")
+    return {m: named.get(m, bare) for m in methods}
+
+
 @dataclass
 class CompareConfig(HeldOutOptions):
     methods: list[str] = field(default_factory=lambda: ["lora", "dora", "ia3"], metadata={
@@ -38,7 +72,9 @@ class CompareConfig(HeldOutOptions):
                 "per method); --data/--quant then override only what you pass"})
     run: str = field(default="runs/compare", metadata={"help": "folder: one run per method inside"})
     max_steps: int = field(default=15, metadata={"help": "optimizer steps for every method"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate for every method"})
+    lr: str = field(default=DEFAULT_LR, metadata={
+        "help": "peak learning rate: one for every method (0.001), or per method (0.001,ia3=0.015: the bare number "
+                "for the others)"})
     seed: int = field(default=0, metadata={"help": "the same seed for every method"})
     eval_generate: int = field(default=10, metadata={"help": "held-out prompts answered at train and merge"})
     redo: bool = field(default=False, metadata={"help": "rerun methods already done in the folder"})
@@ -55,10 +91,10 @@ class CompareResult:
             raise self.failure
 
 
-def _spec(c: CompareConfig, method: str) -> dict:
+def _spec(c: CompareConfig, method: str, lr: float) -> dict:
     """The pipeline one method runs: the file's sections (or the defaults) with this method."""
     spec = read_config_file(c.pipeline, "--pipeline") if c.pipeline else {}
-    train = {"model": c.model, "data": c.data, "max_steps": c.max_steps, "lr": c.lr, "seed": c.seed,
+    train = {"model": c.model, "data": c.data, "max_steps": c.max_steps, "lr": lr, "seed": c.seed,
              "eval_generate": c.eval_generate, "text": c.text, "eval_budget": c.eval_budget, "window": c.window,
              "stride": c.stride, **(spec.get("train") or {}), "method": method}
     if c.data:
@@ -71,10 +107,28 @@ def _spec(c: CompareConfig, method: str) -> dict:
     return {"train": train, "merge": merge, "export": exports}
 
 
-def _done(run: Run) -> bool:
+# What compare itself sets in a method's training: a finished method trained otherwise is run again.
+SAME = ("method", "data", "lr", "max_steps", "seed")
+
+
+def _done(run: Run, train: dict) -> bool:
     steps = run.steps() if run.manifest_path.is_file() else []
-    return any(e["step"] == "merge" and e["status"] == "ok" for e in steps) and \
+    trained = next((e for e in reversed(steps) if e["step"] == "train"), None)
+    return trained is not None and all(trained["config"].get(k) == train[k] for k in SAME) and \
+        any(e["step"] == "merge" and e["status"] == "ok" for e in steps) and \
         any(e["step"] == "export-gguf" and e["status"] == "ok" for e in steps)
+
+
+def _adapter_mb(train: dict, run: Run) -> float | None:
+    """The adapter's weights in MiB (the folder also holds the tokenizer); entries written before train
+    recorded adapter_bytes: the weights file in the run."""
+    from .adapter import ADAPTER_WEIGHTS
+    from .train import ADAPTER_DIR
+
+    size = train["metrics"].get("adapter_bytes")
+    if size is None and train["outputs"] and (run.path / ADAPTER_DIR / ADAPTER_WEIGHTS).is_file():
+        size = (run.path / ADAPTER_DIR / ADAPTER_WEIGHTS).stat().st_size
+    return None if size is None else round(size / 2**20, 2)
 
 
 def _row(method: str, run: Run, error: str | None) -> dict:
@@ -89,7 +143,7 @@ def _row(method: str, run: Run, error: str | None) -> dict:
         m = train["metrics"]
         row.update(trainable_params=m.get("trainable_params"), train_seconds=train.get("wall_s"),
                    peak_ram_mb=train.get("peak_rss_mb"),
-                   adapter_mb=round(train["outputs"][0]["bytes"] / 2**20, 2) if train["outputs"] else None,
+                   adapter_mb=_adapter_mb(train, run),
                    base_ppl=(train.get("reference") or {}).get("ppl"))
         adapter_ppl = (train.get("perplexity") or {}).get("ppl")
         if row["base_ppl"] and adapter_ppl:  # the adapter's own, replaced by the merged model's below
@@ -126,14 +180,16 @@ def compare(config: CompareConfig) -> CompareResult:
     if not (c.data or c.pipeline):
         raise EdgeftError("--data is required (demo, dates, or a file), or --pipeline FILE with a train section")
     c.check_heldout()
+    lrs = method_lrs(c.lr, c.methods)
     root = Run(c.run)
     rows, failures, start = [], [], time.perf_counter()
     for method in c.methods:
         run = Run(root.path / method)
         error = None
-        if c.redo or not _done(run):
+        spec = _spec(c, method, lrs[method])
+        if c.redo or not _done(run, spec["train"]):
             try:
-                run_pipeline(_spec(c, method), str(run.path))
+                run_pipeline(spec, str(run.path))
             except EdgeftError as e:  # a gate or an error: this method's row says so, the others still run
                 error = str(e)
                 failures.append((method, e))

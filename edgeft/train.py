@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from .adapter import ADAPTER_META, name_base_on_hub
+from .adapter import ADAPTER_META, ADAPTER_WEIGHTS, name_base_on_hub
 from .atomic import atomic_dir, write_json
 from .checkpoint import load_state, save_state
 from .config import accepts_old_names, current_names, to_dict
@@ -691,6 +691,8 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
         tokens_per_s = round(seen_tokens / train_seconds, 1) if train_seconds else None
         entry["metrics"].update({
             "method": c.method, "target_modules": targets, "trainable_params": trainable, "total_params": total,
+            # the weights alone (the adapter folder also holds the tokenizer)
+            "adapter_bytes": (adapter_dir / ADAPTER_WEIGHTS).stat().st_size,
             "trainable_pct": round(100 * trainable / total, 3), "steps": steps,
             "train_loss_first": curve[0] if curve else None, "train_loss_last": curve[-1] if curve else None,
             "loss_curve": curve, "eval_loss_before": before.loss if task else None,

@@ -102,6 +102,19 @@ def test_methods_no_board_can_run_are_refused_in_one_line(method, needle, tiny_l
     shutil.rmtree(tmp_path / "r", ignore_errors=True)
 
 
+def test_compare_takes_a_rate_per_method_and_refuses_a_bad_one_in_one_line(tmp_path):
+    from edgeft.compare import DEFAULT_LR, method_lrs
+
+    assert method_lrs("0.002,ia3=0.02", ["lora", "ia3"]) == {"lora": 0.002, "ia3": 0.02}
+    assert method_lrs(DEFAULT_LR, ["dora"]) == {"dora": 0.001}  # rates for methods not compared are unused
+    for spec, needle in (("fast", "'fast' is not a positive rate"), ("0.001,foo=1", "'foo' is not a method"),
+                         ("ia3=0.01", "no rate for lora")):
+        result = CliRunner().invoke(cli, ["compare", "--methods", "lora,ia3", "--data", "demo", "--lr", spec, "--run",
+                                          str(tmp_path / "cmp")])
+        assert_one_line_error(result, f"--lr {spec}", needle)
+        assert not (tmp_path / "cmp").exists()
+
+
 @pytest.mark.slow
 def test_one_command_compares_methods_through_merge_and_quants(tiny_llama, tmp_path):
     """`edgeft compare`: each method's chain in its own run, one table from their ledgers, the plot, the
@@ -124,7 +137,8 @@ def test_one_command_compares_methods_through_merge_and_quants(tiny_llama, tmp_p
     for r in (lora, ia3):
         assert r["merged"]["ppl"] > 0 and r["base_ppl"] > 0 and r["forgetting"] is not None
         assert set(r["quants"]) == {"f16", "q8_0"} and r["quants"]["f16"]["ppl"] > 0
-        assert r["adapter_mb"] > 0 and r["train_seconds"] > 0 and r["peak_ram_mb"] > 0
+        assert r["adapter_mb"] >= 0 and r["train_seconds"] > 0 and r["peak_ram_mb"] > 0
+        assert abs(r["adapter_mb"] * 2**20 - 4 * r["trainable_params"]) < 2**15  # float32 weights, not the folder
     page = CliRunner().invoke(cli, ["report", str(tmp_path / "cmp")])
     assert page.exit_code == 0, page.output
     assert "PEFT methods compared" in (tmp_path / "cmp" / "report.html").read_text()

@@ -84,7 +84,8 @@ class TrainConfig(HeldOutOptions):
     strict: bool = field(default=False, metadata={"help": "refuse rows longer than --max-seq-len"})
     batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    lr: float = field(default=0.0, metadata={
+        "help": "peak learning rate (0: the method's: 2e-4 for lora, rslora and dora, 3e-3 for ia3)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warmup"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     epochs: int = field(default=1, metadata={"help": "passes over the data (when --max-steps is 0)"})
@@ -176,8 +177,10 @@ def _validate(c: TrainConfig) -> None:
     for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_seq_len", "epochs"):
         if getattr(c, name) < 1:
             raise EdgeftError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be at least 1")
-    if c.max_steps < 0 or c.save_every < 0 or c.lr <= 0 or not 0 <= c.lora_dropout < 1:
-        raise EdgeftError("--max-steps and --save-every must be >= 0, --lr > 0, --lora-dropout in [0, 1)")
+    if c.max_steps < 0 or c.save_every < 0 or c.lr < 0 or not 0 <= c.lora_dropout < 1:
+        raise EdgeftError("--max-steps and --save-every must be >= 0, --lr > 0 (or 0 for the method's), "
+                          "--lora-dropout in [0, 1)")
+    c.lr = c.lr or METHOD_LR[c.method]  # the ledger and a resumed run see the rate that was used
     c.check_heldout()
 
 
@@ -228,6 +231,9 @@ def hardware(c: TrainConfig, acc=None) -> dict:
 # IA³'s targets as its paper and peft's defaults have them: the keys and values (Phi-3's fused qkv) and the MLP's
 # down projection, which IA³ scales on its input side (a "feedforward" module).
 IA3_TARGETS = ("k_proj", "v_proj", "qkv_proj", "down_proj")
+# Each method's default learning rate: LoRA's usual 2e-4 for the LoRA family (rsLoRA's and DoRA's papers keep
+# LoRA's settings); IA³ learns a scale per channel starting from 1 and is trained at 3e-3 in its paper (T-Few).
+METHOD_LR = {"lora": 2e-4, "rslora": 2e-4, "dora": 2e-4, "ia3": 3e-3}
 IA3_FEEDFORWARD = ("down_proj",)
 NOT_DEPLOYABLE = {"prompt": "prompt tuning", "prefix": "prefix tuning", "p_tuning": "p-tuning"}
 

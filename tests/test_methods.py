@@ -102,6 +102,18 @@ def test_methods_no_board_can_run_are_refused_in_one_line(method, needle, tiny_l
     shutil.rmtree(tmp_path / "r", ignore_errors=True)
 
 
+def test_each_method_trains_at_its_own_default_rate_which_the_ledger_records(tiny_llama, tmp_path):
+    """--lr 0 (the default): LoRA's 2e-4 would leave IA³'s scales almost where they start."""
+    from edgeft.train import METHOD_LR, TrainConfig
+
+    assert TrainConfig().lr == 0 and set(METHOD_LR) == set(METHODS)
+    for method in ("lora", "ia3"):
+        train_tiny(tiny_llama, tmp_path / method, method=method, lr=0.0, max_steps=1, save_every=0)
+        (entry,) = json.loads((tmp_path / method / "manifest.json").read_text())["steps"]
+        saved = json.loads((tmp_path / method / "train_config.json").read_text())
+        assert entry["config"]["lr"] == saved["lr"] == METHOD_LR[method]
+
+
 def test_compare_takes_a_rate_per_method_and_refuses_a_bad_one_in_one_line(tmp_path):
     from edgeft.compare import DEFAULT_LR, method_lrs
 

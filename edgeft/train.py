@@ -231,10 +231,10 @@ def hardware(c: TrainConfig, acc=None) -> dict:
 # IA³'s targets as its paper and peft's defaults have them: the keys and values (Phi-3's fused qkv) and the MLP's
 # down projection, which IA³ scales on its input side (a "feedforward" module).
 IA3_TARGETS = ("k_proj", "v_proj", "qkv_proj", "down_proj")
+IA3_FEEDFORWARD = ("down_proj",)
 # Each method's default learning rate: LoRA's usual 2e-4 for the LoRA family (rsLoRA's and DoRA's papers keep
 # LoRA's settings); IA³ learns a scale per channel starting from 1 and is trained at 3e-3 in its paper (T-Few).
 METHOD_LR = {"lora": 2e-4, "rslora": 2e-4, "dora": 2e-4, "ia3": 3e-3}
-IA3_FEEDFORWARD = ("down_proj",)
 NOT_DEPLOYABLE = {"prompt": "prompt tuning", "prefix": "prefix tuning", "p_tuning": "p-tuning"}
 
 

@@ -10,6 +10,7 @@ the training steps.
 
     python bench/train_throughput.py                                      # the embedded default model
     python bench/train_throughput.py --shape llama-3.2-1b --tokenizer DIR  # a config-built Llama 3.2 1B
+    python bench/train_throughput.py --shape llama-3.2-1b,llama-3.2-3b    # both GPU shapes in one command
     python bench/train_throughput.py --sides trl edgeft edgeft:packing=off,compile=true
 
 A side named `edgeft:key=value,...` is edgeft train with those TrainConfig fields changed.
@@ -137,22 +138,23 @@ def parse_side(spec: str) -> tuple[str, dict]:
     return name, dict(kv.split("=", 1) for kv in rest.split(",") if kv)
 
 
-def resolve_base(a) -> Path:
+def resolve_base(a, shape: str | None) -> Path:
     from edgeft.models import resolve_model
 
-    if not a.shape:
+    if not shape:
         return resolve_model(a.base)
     from edgeft.models import edgeft_home
     from edgeft.shapes import build_checkpoint
 
     tokenizer = a.tokenizer or resolve_model("smollm2-135m")
-    return build_checkpoint(a.shape, tokenizer, Path(a.models_dir or edgeft_home() / "shapes") / a.shape)
+    return build_checkpoint(shape, tokenizer, Path(a.models_dir or edgeft_home() / "shapes") / shape)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="smollm2-135m", help="model name or HF folder (ignored with --shape)")
-    ap.add_argument("--shape", help="build a random-weight checkpoint of a published shape (edgeft.shapes)")
+    ap.add_argument("--shape", help="build a random-weight checkpoint of a published shape (edgeft.shapes); "
+                                    "several, comma-separated, are measured one after the other")
     ap.add_argument("--tokenizer", help="tokenizer folder for --shape (default: the default model's)")
     ap.add_argument("--models-dir", help="where --shape checkpoints are kept (default: $EDGEFT_HOME/shapes)")
     ap.add_argument("--steps", type=int, default=30)
@@ -174,7 +176,14 @@ def main() -> None:
     sides = a.sides
     for side in sides:
         parse_side(side)
-    base = resolve_base(a)
+    blobs = [measure_shape(a, shape, sides) for shape in (a.shape.split(",") if a.shape else [None])]
+    if a.json:
+        Path(a.json).write_text(json.dumps(blobs[0] if len(blobs) == 1 else blobs, indent=1) + "\n")
+
+
+def measure_shape(a, shape: str | None, sides: list[str]) -> dict:
+    """Every side on one base, each in its own process; prints the table, returns the results."""
+    base = resolve_base(a, shape)
     results = {}
     for side in sides:
         print(f"running {side} ({a.steps} steps, batch {a.batch_size}) on {base} ...", file=sys.stderr, flush=True)
@@ -188,10 +197,10 @@ def main() -> None:
             results[side] = {"failed": proc.stderr.strip().splitlines()[-1:] or ["no output"]}
             continue
         results[side] = json.loads(line[-1][7:])
-    report(results, base, a)
+    return report(results, base, a, shape)
 
 
-def report(results: dict, base: Path, a) -> None:
+def report(results: dict, base: Path, a, shape: str | None) -> dict:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
@@ -208,11 +217,10 @@ def report(results: dict, base: Path, a) -> None:
                  if ref else "")
         print(f"{name:44}{r['tokens_per_s']:>9.0f}{r['peak_mb']:>10.0f}{r['first_step_s']:>12.1f}  "
               f"{str(r['gradient_checkpointing'])[0]:5}{ratio}")
-    blob = {"base": str(base), "shape": a.shape, "device": device, "steps": a.steps, "warmup": a.warmup,
+    blob = {"base": str(base), "shape": shape, "device": device, "steps": a.steps, "warmup": a.warmup,
             "batch_size": a.batch_size, "max_seq_len": a.max_seq_len, "targets": a.targets, "results": results}
     print("RESULTS " + json.dumps(blob))
-    if a.json:
-        Path(a.json).write_text(json.dumps(blob, indent=1) + "\n")
+    return blob
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ def _plain_head(model) -> bool:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
-    return (not isinstance(base, FSDPModule) and getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
-            and hasattr(base, "get_decoder") and base.get_output_embeddings() is not None)
+    return (not isinstance(base, FSDPModule) and getattr(cfg, "final_logit_softcapping", None) is None
+            and getattr(cfg, "logit_scale", None) is None and hasattr(base, "get_decoder")
+            and base.get_output_embeddings() is not None)
 
 
 def loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:

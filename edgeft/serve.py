@@ -40,6 +40,12 @@ def pid_file(port: int) -> str:
     return f"$HOME/{STATE_DIR}/serve-{port}.pid"
 
 
+def _running(port: int) -> str:
+    """A shell test that sets $pid to edgeft's server on `port`. A pid file can outlive its process and the pid
+    be reused: only a process running llama-server counts."""
+    return f'pid=$(cat "{pid_file(port)}" 2>/dev/null) && grep -q llama-server "/proc/$pid/cmdline" 2>/dev/null'
+
+
 def unit_name(port: int) -> str:
     return f"edgeft-serve-{port}.service"
 
@@ -93,14 +99,12 @@ def _has_systemd(remote) -> bool:
 def stop(remote, port: int) -> dict:
     """Stop edgeft's server on `port` (systemd unit or nohup'd script); {"stopped": bool, "manager": ...}."""
     unit = unit_name(port)
-    pidf = pid_file(port)
-    # A pid file can outlive its process and the pid be reused: only a process running llama-server is killed.
     out = remote.run(
         f"if command -v systemctl >/dev/null 2>&1 && systemctl --user is-active --quiet {unit} 2>/dev/null; then "
         f"systemctl --user stop {unit} && echo systemd; "
-        f'elif [ -f "{pidf}" ] && pid=$(cat "{pidf}") && grep -q llama-server "/proc/$pid/cmdline" 2>/dev/null; then '
+        f'elif {_running(port)}; then '
         f'kill "$pid"; for i in $(seq 50); do [ -d "/proc/$pid" ] || break; sleep 0.2; done; '
-        f'[ -d "/proc/$pid" ] && kill -9 "$pid"; rm -f "{pidf}"; echo nohup; '
+        f'[ -d "/proc/$pid" ] && kill -9 "$pid"; rm -f "{pid_file(port)}"; echo nohup; '
         f"else echo none; fi", timeout=remote.connect_timeout + 30).strip().splitlines()
     manager = out[-1] if out else "none"
     return {"stopped": manager != "none", "manager": manager if manager != "none" else None, "port": port}
@@ -149,8 +153,7 @@ def start(remote, dest: str, spec: ServeSpec, about: str, script: str = "serve.s
 
 
 def pid(remote, port: int) -> int | None:
-    out = remote.run(f'p=$(cat "{pid_file(port)}" 2>/dev/null) && grep -q llama-server "/proc/$p/cmdline" 2>/dev/null '
-                     f'&& echo "$p" || true').strip()
+    out = remote.run(f'{_running(port)} && echo "$pid" || true').strip()
     return int(out) if out.isdigit() else None
 
 

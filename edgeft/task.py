@@ -98,8 +98,8 @@ def _as_json_object(text: str):
     return value if isinstance(value, dict) else None
 
 
-def _prompt_ids(tokenizer, example: Example) -> tuple[list[int], str]:
-    messages = as_messages(example.row)
+def _prompt_ids(tokenizer, example: Example, messages: list[dict] | None) -> tuple[list[int], str]:
+    """The generation prompt of the last answer and its text; `messages`: the example's row as a chat."""
     if not _answerable(messages):
         return [], ""  # no text answer to compare (a last turn that calls a tool is scored by perplexity only)
     if tokenizer.chat_template:
@@ -122,9 +122,9 @@ def build_task_set(tokenizer, examples: list[Example], source: str) -> TaskSet |
         return None
     items = []
     for e in examples:
-        prompt, expected = _prompt_ids(tokenizer, e)
-        targets = [t for t in range(1, len(e.input_ids)) if e.labels[t] != IGNORE]
         messages = as_messages(e.row)
+        prompt, expected = _prompt_ids(tokenizer, e, messages)
+        targets = [t for t in range(1, len(e.input_ids)) if e.labels[t] != IGNORE]
         chat = prompt and tokenizer.chat_template and _answerable(messages)
         items.append(TaskItem(ids=list(e.input_ids), targets=targets, prompt=prompt, expected=expected,
                               messages=messages[:-1] if chat else None, tools=tools_of(e.row) if chat else None))

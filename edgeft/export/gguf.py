@@ -390,11 +390,16 @@ def adapter_only(c: GGUFExportConfig, source: Source, paths: dict, fused: LlamaC
             convert(source.path, tmp, paths["base"].name.rsplit("-", 1)[-1].split(".")[0].lower(), progress=update,
                     name=source.path.name)
         entry["outputs"] += [artifact(paths["lora"], run.path), artifact(paths["base"], run.path)]
-        applied = LlamaCpp(paths["base"], n_ctx=fused.n_ctx, threads=c.threads, lora=paths["lora"], trusted=True)
-        with bar("llama.cpp base + LoRA GGUF vs fused") as update:
-            cmp = compare(fused, applied, tokens.ids, c.window, c.stride, progress=update,
-                          backends=("llama.cpp", "llama.cpp"))
-        applied.close()
+
+        def vs_fused(base: Path):  # the base GGUF with the LoRA GGUF applied at load, scored against the fused one
+            applied = LlamaCpp(base, n_ctx=fused.n_ctx, threads=c.threads, lora=paths["lora"], trusted=True)
+            with bar(f"llama.cpp {base.name} + LoRA vs fused") as update:
+                result = compare(fused, applied, tokens.ids, c.window, c.stride, progress=update,
+                                 backends=("llama.cpp", "llama.cpp"))
+            applied.close()
+            return result
+
+        cmp = vs_fused(paths["base"])
         cmp.record(entry, "base GGUF + LoRA GGUF", "fused GGUF", "fused", tokens.source)
         checks = [Gate("adapter GGUF vs fused GGUF perplexity", cmp.change, LORA_MATCH,
                        f"base + LoRA GGUF perplexity {cmp.measured.ppl:.4f} differs {100 * cmp.change:+.2f}% from "
@@ -406,11 +411,7 @@ def adapter_only(c: GGUFExportConfig, source: Source, paths: dict, fused: LlamaC
                 quiet_llama_cpp_log()
                 quantize(paths["base"], tmp, q, c.threads)
             entry["outputs"].append(artifact(base_q, run.path))
-            applied = LlamaCpp(base_q, n_ctx=fused.n_ctx, threads=c.threads, lora=paths["lora"], trusted=True)
-            with bar(f"llama.cpp {base_q.name} + LoRA vs fused") as update:
-                q_cmp = compare(fused, applied, tokens.ids, c.window, c.stride, progress=update,
-                                backends=("llama.cpp", "llama.cpp"))
-            applied.close()
+            q_cmp = vs_fused(base_q)
             served[q] = {"path": base_q.name, "ppl": round(q_cmp.measured.ppl, 6),
                          "fused_reference_ppl": round(q_cmp.reference.ppl, 6), "change": round(q_cmp.change, 6),
                          "gate": gates[q]}

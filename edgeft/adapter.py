@@ -2,71 +2,24 @@
 
 Reading the adapter's safetensors directly (instead of through a PeftModel) lets `merge` stream the base
 tensor by tensor without holding two copies of the model; the GGUF exporter applies the same updates while
-converting. Each update folds one method into a weight, W' = update.apply(W), as peft's own merge does:
-  - LoRA and rsLoRA: W + s·B·A (s = alpha/r, or alpha/sqrt(r) for rsLoRA);
-  - DoRA: m ⊙ (W + s·B·A) / ‖W + s·B·A‖, the norm taken per output row, m the learned magnitude;
-  - IA³: W scaled by the learned vector l, per output row (k, v: and their bias) or per input column (the
-    MLP down projection, a "feedforward" module).
-Every update works on a block of the weight's rows (`rows`): the GGUF converter streams large weights that way.
+converting. Each update folds its method into a weight, W' = update.apply(W), as peft's own merge does; how
+each method reads and folds its update lives in its module of edgeft/methods/. Every update works on a block of
+the weight's rows (`rows`): the GGUF converter streams large weights that way.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import EdgeftError
 from .inputs import check_safetensors, load_safetensors, read_json
+from .methods import Update, of_adapter
 from .models import fingerprint
 from .progress import console
 
-if TYPE_CHECKING:
-    import torch
-
 ADAPTER_META = "edgeft_adapter.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's name for the adapter's tensors
-
-
-METHODS = ("lora", "rslora", "dora", "ia3")
-
-
-@dataclass
-class Lora:
-    a: "torch.Tensor"  # [r, in]
-    b: "torch.Tensor"  # [out, r]
-    scale: float
-    magnitude: "torch.Tensor | None" = None  # DoRA: [out]
-
-    def shape(self) -> list[int | None]:
-        return [self.b.shape[0], self.a.shape[1]]
-
-    def apply(self, w: "torch.Tensor", rows: slice = slice(None)) -> "torch.Tensor":
-        """The updated float32 rows `rows` of the weight whose rows `w` holds."""
-        w = w.float() + self.scale * (self.b[rows].float() @ self.a.float())
-        if self.magnitude is not None:  # DoRA: each output row rescaled to its learned norm
-            w = w * (self.magnitude[rows].float() / w.norm(p=2, dim=1)).unsqueeze(1)
-        return w
-
-
-@dataclass
-class Scale:
-    """IA³: a learned vector multiplying the weight's output rows ([out, 1]), its input columns ([1, in], the
-    feedforward modules), or a bias ([out])."""
-    l: "torch.Tensor"
-
-    def shape(self) -> list[int | None]:
-        if self.l.dim() == 1:
-            return [self.l.shape[0]]
-        return [self.l.shape[0], None] if self.l.shape[1] == 1 else [None, self.l.shape[1]]
-
-    def apply(self, w: "torch.Tensor", rows: slice = slice(None)) -> "torch.Tensor":
-        l = self.l.float()
-        if l.dim() == 1 or l.shape[1] == 1:  # per output row (or bias entry): only these rows' factors
-            l = l.reshape(-1)[rows]
-            return w.float() * (l.unsqueeze(1) if w.dim() == 2 else l)
-        return w.float() * l  # per input column: the same for every row
 
 
 @dataclass
@@ -75,7 +28,7 @@ class Adapter:
     config: dict  # adapter_config.json
     meta: dict | None  # edgeft_adapter.json: base, fingerprint, quant; None for a plain PEFT adapter
     run: Path | None  # the run folder it was trained in, when it came from `edgeft train`
-    loras: dict[str, "Lora | Scale"] = field(default_factory=dict)  # base tensor name -> its update (any method)
+    loras: dict[str, Update] = field(default_factory=dict)  # base tensor name -> its update (any method)
 
     @property
     def base(self) -> str | None:
@@ -83,9 +36,7 @@ class Adapter:
 
     @property
     def method(self) -> str:
-        if self.config.get("peft_type") == "IA3":
-            return "ia3"
-        return "dora" if self.config.get("use_dora") else "rslora" if self.config.get("use_rslora") else "lora"
+        return of_adapter(self.config, self.path / "adapter_config.json").name
 
     @property
     def trained_quant(self) -> str:
@@ -102,23 +53,14 @@ def find_adapter(arg: str | Path) -> Adapter:
                           f"folder from `edgeft train` or a PEFT adapter folder")
     fix = "the adapter folder is damaged; copy it again or train again"
     config = read_json(p / "adapter_config.json", fix)
-    kind = config.get("peft_type", "LORA")
-    if kind not in ("LORA", "IA3"):
-        raise EdgeftError(f"--adapter {arg}: a {kind} adapter; edgeft merges LoRA, rsLoRA, DoRA and IA³ adapters")
-    if kind == "LORA":
-        for key in ("r", "lora_alpha"):
-            value = config.get(key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
-                raise EdgeftError(f"{p / 'adapter_config.json'}: '{key}' is {value!r}, not a positive number; {fix}")
-        for key in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(config.get(key) or {}, dict):
-                raise EdgeftError(f"{p / 'adapter_config.json'}: '{key}' must be an object; {fix}")
+    method = of_adapter(config, f"--adapter {arg}")
+    method.check_config(config, p / "adapter_config.json")
     meta_file = p / ADAPTER_META
     meta = read_json(meta_file, fix) if meta_file.is_file() else None
     run = p.parent if (p.parent / "manifest.json").is_file() else None
     adapter = Adapter(path=p, config=config, meta=meta, run=run)
     tensors = _tensors(p, arg)
-    adapter.loras = _read_ia3(tensors, config, arg) if kind == "IA3" else _read_loras(tensors, config, arg)
+    adapter.loras = method.read(tensors, config, arg)
     return adapter
 
 
@@ -127,63 +69,6 @@ def _tensors(p: Path, arg) -> dict:
     if not weights.is_file():
         raise EdgeftError(f"--adapter {arg}: no {ADAPTER_WEIGHTS} in {p}")
     return load_safetensors(weights, "the adapter is damaged; copy it again or train again")
-
-
-def _read_loras(tensors: dict, config: dict, arg) -> dict[str, Lora]:
-    r, alpha = config["r"], config["lora_alpha"]
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    loras: dict[str, Lora] = {}
-    for key in tensors:
-        if ".lora_A." not in key:
-            continue
-        module = key.split(".lora_A.")[0]
-        name = module.removeprefix("base_model.model.")
-        b_key = key.replace(".lora_A.", ".lora_B.")
-        if b_key not in tensors:
-            raise EdgeftError(f"--adapter {arg}: {key} has no matching lora_B tensor; the adapter is damaged")
-        short = module.rsplit(".", 1)[-1]
-        mr = next((v for k, v in rank_pattern.items() if module.endswith(k)), r)
-        ma = next((v for k, v in alpha_pattern.items() if module.endswith(k)), alpha)
-        scale = ma / math.sqrt(mr) if config.get("use_rslora") else ma / mr
-        a, b = tensors[key], tensors[b_key]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise EdgeftError(f"--adapter {arg}: {key} is {list(a.shape)} and its lora_B {list(b.shape)}; they do "
-                              f"not multiply, the adapter is damaged")
-        if config.get("fan_in_fan_out"):
-            raise EdgeftError(f"--adapter {arg}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported; "
-                              f"module {short}")
-        magnitude = None
-        if config.get("use_dora"):  # peft names it with or without a .weight suffix across versions
-            magnitude = next((tensors[k] for k in (f"{module}.lora_magnitude_vector",
-                                                   f"{module}.lora_magnitude_vector.weight") if k in tensors), None)
-            if magnitude is None or magnitude.shape != (b.shape[0],):
-                raise EdgeftError(f"--adapter {arg}: a DoRA adapter without a magnitude vector of {b.shape[0]} for "
-                                  f"{module}; the adapter is damaged")
-        loras[f"{name}.weight"] = Lora(a=a, b=b, scale=scale, magnitude=magnitude)
-    if not loras:
-        raise EdgeftError(f"--adapter {arg}: no LoRA tensors in its adapter_model.safetensors")
-    return loras
-
-
-def _read_ia3(tensors: dict, config: dict, arg) -> dict[str, Scale]:
-    feedforward = config.get("feedforward_modules") or []
-    feedforward = [feedforward] if isinstance(feedforward, str) else feedforward
-    updates: dict[str, Scale] = {}
-    for key, l in tensors.items():
-        if not key.endswith(".ia3_l"):
-            continue
-        module = key.removesuffix(".ia3_l")
-        name = module.removeprefix("base_model.model.")
-        ff = any(module.endswith(f) for f in feedforward)
-        if l.dim() != 2 or (l.shape[0] != 1 if ff else l.shape[1] != 1):
-            raise EdgeftError(f"--adapter {arg}: {key} is {list(l.shape)}, not an IA³ vector for a "
-                              f"{'feedforward' if ff else 'attention'} module; the adapter is damaged")
-        updates[f"{name}.weight"] = Scale(l)
-        if not ff:  # peft scales an output-side module's bias with it (Qwen2's k/v have biases)
-            updates[f"{name}.bias"] = Scale(l.reshape(-1))
-    if not updates:
-        raise EdgeftError(f"--adapter {arg}: no IA³ vectors in its adapter_model.safetensors")
-    return updates
 
 
 # ------------------------------------------------------------------- does it belong to this base?

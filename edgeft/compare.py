@@ -22,21 +22,25 @@ from pathlib import Path
 from .atomic import atomic_file
 from .config import read_config_file, to_dict
 from .errors import EdgeftError, GateFailed
+from . import methods
 from .heldout import HeldOutOptions
 from .ledger import Run, artifact
 
 
-# The learning rates of compare's short runs (15 steps), measured on the demo task so that each method learns it
-# and passes every gate: LoRA and DoRA at 1e-3; rsLoRA's scale alpha/sqrt(r) is sqrt(r) = 4 times LoRA's alpha/r at
-# rank 16, and at 1e-3 it forgot 16% (the 10% gate), so it takes a quarter of LoRA's rate: the same step size;
-# IA³ learns a scale per channel from 1.0 and needs ~15x LoRA's rate (T-Few trains it at 3e-3 where LoRA is usually
-# trained at 2e-4).
-DEFAULT_LR = "0.001,rslora=0.00025,ia3=0.015"
+def default_lrs() -> str:
+    """--lr's default: each method's rate for compare's short runs (15 steps), measured on the demo task so that
+    each learns it and passes every gate (methods/*.py say why): LoRA's as the bare number, the others named."""
+    rates = methods.lr_defaults("compare_lr")
+    bare = rates["lora"]
+    return ",".join([f"{bare:g}", *(f"{m}={r:g}" for m, r in rates.items() if r != bare)])
 
 
-def method_lrs(spec: str, methods: list[str]) -> dict[str, float]:
+DEFAULT_LR = default_lrs()
+
+
+def method_lrs(spec: str, wanted: list[str]) -> dict[str, float]:
     """--lr as a rate per method: "0.001" for all, or "0.001,ia3=0.015" (the bare number for the others)."""
-    from .adapter import METHODS
+    known = methods.names()
 
     bare, named = None, {}
     for part in str(spec).split(","):
@@ -47,16 +51,16 @@ def method_lrs(spec: str, methods: list[str]) -> dict[str, float]:
             rate = float("nan")
         if not rate > 0 or rate == float("inf"):
             raise EdgeftError(f"--lr {spec}: '{part.strip()}' is not a positive rate; write 0.001 or 0.001,ia3=0.015")
-        if name and name not in METHODS:
-            raise EdgeftError(f"--lr {spec}: '{name}' is not a method; name one of {', '.join(METHODS)}")
+        if name and name not in known:
+            raise EdgeftError(f"--lr {spec}: '{name}' is not a method; name one of {', '.join(known)}")
         if name:
             named[name] = rate
         else:
             bare = rate
-    if bare is None and not set(methods) <= set(named):
-        raise EdgeftError(f"--lr {spec}: no rate for {', '.join(m for m in methods if m not in named)}; add a bare "
+    if bare is None and not set(wanted) <= set(named):
+        raise EdgeftError(f"--lr {spec}: no rate for {', '.join(m for m in wanted if m not in named)}; add a bare "
                           f"number for the others")
-    return {m: named.get(m, bare) for m in methods}
+    return {m: named.get(m, bare) for m in wanted}
 
 
 @dataclass
@@ -166,15 +170,13 @@ def _row(method: str, run: Run, error: str | None) -> dict:
 
 
 def compare(config: CompareConfig) -> CompareResult:
-    from .adapter import METHODS
     from .pipeline import run_pipeline
-    from .train import check_method
 
     c = config
     if not c.methods:
-        raise EdgeftError("--methods: give at least one of " + ", ".join(METHODS))
+        raise EdgeftError("--methods: give at least one of " + ", ".join(methods.names()))
     for m in c.methods:
-        check_method(m)
+        methods.get(m)
     if len(set(c.methods)) != len(c.methods):
         raise EdgeftError(f"--methods {','.join(c.methods)}: a method is listed twice")
     if not (c.data or c.pipeline):

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
+from . import methods
 from .adapter import ADAPTER_META, ADAPTER_WEIGHTS, name_base_on_hub
 from .atomic import atomic_dir, write_json
 from .checkpoint import load_state, save_state
@@ -80,8 +81,7 @@ class TrainConfig(HeldOutOptions):
     base_quant: str = field(default="auto", metadata={
         "help": "the base while training: auto|4bit|8bit|none (auto: 4bit NF4 on CUDA, none on CPU)"})
     method: str = field(default="lora", metadata={
-        "help": "lora|rslora|dora|ia3 (peft's; rslora scales by alpha/sqrt(r); ia3 learns scales on k, v and the MLP "
-                "down projection)"})
+        "help": "PEFT method: " + "; ".join(f"{m.name} ({m.summary})" for m in map(methods.get, methods.names()))})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -92,7 +92,8 @@ class TrainConfig(HeldOutOptions):
     batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=0.0, metadata={
-        "help": "peak learning rate (0: the method's: 2e-4 for lora, rslora and dora, 3e-3 for ia3)"})
+        "help": "peak learning rate (0: the method's: "
+                + ", ".join(f"{m} {r:g}" for m, r in methods.lr_defaults("lr").items()) + ")"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warmup"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     epochs: int = field(default=1, metadata={"help": "passes over the data (when --max-steps is 0)"})
@@ -190,14 +191,14 @@ def _validate(c: TrainConfig) -> None:
         raise EdgeftError(f"--attn {c.attn}: use one of {', '.join(ATTENTION)}")
     if c.compute_dtype not in ("auto", *COMPUTE_DTYPES):
         raise EdgeftError(f"--compute-dtype {c.compute_dtype}: use auto, {', '.join(COMPUTE_DTYPES)}")
-    check_method(c.method)
+    methods.get(c.method)
     for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_seq_len", "epochs"):
         if getattr(c, name) < 1:
             raise EdgeftError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be at least 1")
     if c.max_steps < 0 or c.save_every < 0 or c.lr < 0 or not 0 <= c.lora_dropout < 1:
         raise EdgeftError("--max-steps and --save-every must be >= 0, --lr > 0 (or 0 for the method's), "
                           "--lora-dropout in [0, 1)")
-    c.lr = c.lr or METHOD_LR[c.method]  # the ledger and a resumed run see the rate that was used
+    c.lr = c.lr or methods.get(c.method).lr  # the ledger and a resumed run see the rate that was used
     c.check_heldout()
 
 
@@ -270,43 +271,6 @@ def hardware(c: TrainConfig, acc=None, model_type: str = "", softcapped: bool = 
             "capability": f"{capability[0]}.{capability[1]}" if capability else None, "device_index": index}
 
 
-# IA³'s targets as its paper and peft's defaults have them: the keys and values (Phi-3's fused qkv) and the MLP's
-# down projection, which IA³ scales on its input side (a "feedforward" module).
-IA3_TARGETS = ("k_proj", "v_proj", "qkv_proj", "down_proj")
-IA3_FEEDFORWARD = ("down_proj",)
-# Each method's default learning rate: LoRA's usual 2e-4 for the LoRA family (rsLoRA's and DoRA's papers keep
-# LoRA's settings); IA³ learns a scale per channel starting from 1 and is trained at 3e-3 in its paper (T-Few).
-METHOD_LR = {"lora": 2e-4, "rslora": 2e-4, "dora": 2e-4, "ia3": 3e-3}
-NOT_DEPLOYABLE = {"prompt": "prompt tuning", "prefix": "prefix tuning", "p_tuning": "p-tuning"}
-
-
-def check_method(method: str) -> str:
-    from .adapter import METHODS
-
-    if method in NOT_DEPLOYABLE:
-        raise EdgeftError(f"--method {method}: {NOT_DEPLOYABLE[method]} adds virtual tokens that no GGUF or ONNX runtime "
-                          f"carries, so it cannot reach a board; use lora, rslora, dora or ia3")
-    if method not in METHODS:
-        raise EdgeftError(f"--method {method}: unknown; use {', '.join(METHODS)}")
-    return method
-
-
-def method_targets(method: str, projections: list[str]) -> list[str]:
-    """The default targets of a method: every projection for the LoRA family, IA3_TARGETS for IA³."""
-    return [p for p in projections if p in IA3_TARGETS] if method == "ia3" else []
-
-
-def peft_config(c: TrainConfig, targets: list[str]):
-    from peft import IA3Config, LoraConfig
-
-    if c.method == "ia3":
-        return IA3Config(target_modules=targets, feedforward_modules=[t for t in targets if t in IA3_FEEDFORWARD],
-                         task_type="CAUSAL_LM")
-    # DoRA and rsLoRA are LoRA with one switch each, with LoRA's defaults (as their papers compare them).
-    return LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=targets,
-                      bias="none", task_type="CAUSAL_LM", use_dora=c.method == "dora", use_rslora=c.method == "rslora")
-
-
 def build_model(base_path: Path, c: TrainConfig, hw: dict):
     """The base (quantized or not) with a fresh LoRA adapter on it, ready to train."""
     import torch
@@ -332,7 +296,8 @@ def build_model(base_path: Path, c: TrainConfig, hw: dict):
             register()
         kwargs["attn_implementation"] = hw["attn"]
     model = load_model(base_path, hw["compute_dtype"], **kwargs)
-    targets = _resolve_targets(model, c.target_modules or method_targets(c.method, find_projections(model)))
+    method = methods.get(c.method)
+    targets = _resolve_targets(model, c.target_modules or method.default_targets(find_projections(model)))
     # Not peft's prepare_model_for_kbit_training: it casts every weight that is not quantized to float32
     # (Llama 3.2 1B's embedding alone becomes 1 GB). bf16 autocast in the loop gives the stability it is
     # for; the norms already compute in float32 inside.
@@ -345,7 +310,7 @@ def build_model(base_path: Path, c: TrainConfig, hw: dict):
         model.enable_input_require_grads()
     model.config.use_cache = False
     torch.manual_seed(c.seed)  # LoRA A init
-    model = get_peft_model(model, peft_config(c, targets))
+    model = get_peft_model(model, method.peft_config(c, targets))
     if hw["compile"]:
         # Regional compilation: the decoder layers are identical, so one compiled graph serves them all and
         # compiling takes seconds, where the whole model would take minutes and break on the loss code.

@@ -222,7 +222,7 @@ def test_lora_adapter_and_fused_conversion_agree_with_transformers(arch, variant
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgeft.adapter import Lora
+    from edgeft.methods.lora import Lora
     from edgeft.converters.lora_to_gguf import convert_lora
     from edgeft.llamacpp import LlamaCpp
     from edgeft.train import find_projections

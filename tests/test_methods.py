@@ -104,8 +104,10 @@ def test_methods_no_board_can_run_are_refused_in_one_line(method, needle, tiny_l
 
 def test_each_method_trains_at_its_own_default_rate_which_the_ledger_records(tiny_llama, tmp_path):
     """--lr 0 (the default): LoRA's 2e-4 would leave IA³'s scales almost where they start."""
-    from edgeft.train import METHOD_LR, TrainConfig
+    from edgeft.methods import lr_defaults
+    from edgeft.train import TrainConfig
 
+    METHOD_LR = lr_defaults("lr")
     assert TrainConfig().lr == 0 and set(METHOD_LR) == set(METHODS)
     for method in ("lora", "ia3"):
         train_tiny(tiny_llama, tmp_path / method, method=method, lr=0.0, max_steps=1, save_every=0)

@@ -22,6 +22,7 @@ import json
 import re
 from pathlib import Path
 
+from .. import methods
 from ..atomic import atomic_file
 from ..config import to_dict
 from ..errors import EdgeftError, GateFailed
@@ -90,10 +91,11 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
     if c.adapter_only:
         if source.adapter is None:
             raise EdgeftError("--adapter-only needs --adapter (the LoRA to write as a GGUF adapter)")
-        if source.adapter.method not in ("lora", "rslora"):
+        if not methods.get(source.adapter.method).adapter_gguf:
+            carried = [m for m in methods.names() if methods.get(m).adapter_gguf]
             raise EdgeftError(f"--adapter-only: llama.cpp's adapter GGUF holds LoRA only, and {c.adapter} is a "
                               f"{source.adapter.method} adapter; export it fused (drop --adapter-only) or train with "
-                              f"--method lora or rslora to serve it as an adapter")
+                              f"--method {' or '.join(carried)} to serve it as an adapter")
         paths["lora"] = out_dir / f"{stem}-LoRA-F16.gguf"
         paths["base"] = out_dir / f"{source.path.name}-base-{reference_type.upper()}.gguf"
         paths.update({f"base-{q}": out_dir / f"{source.path.name}-base-{q.upper()}.gguf" for q in made})

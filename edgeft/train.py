@@ -17,23 +17,22 @@ bench/train_throughput.py compares this loop with a plain PEFT+TRL script on the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
-import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, ClassVar
 
 from . import methods
 from .adapter import ADAPTER_META, ADAPTER_WEIGHTS, name_base_on_hub
 from .atomic import atomic_dir, write_json
-from .checkpoint import load_state, save_state
+from .checkpoint import CHECKPOINTS, StopAtStepBoundary, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import accepts_old_names, current_names, to_dict
 from .dataset import Example, column_map, data_file, load_examples, split
-from .errors import EdgeftError, first_line
+from .errors import EdgeftError
 from .gates import Gate, check, parse_gates
 from .heldout import TOKENS_FILE, HeldOutOptions
 from .inputs import read_json
@@ -45,7 +44,6 @@ from .scoring import Comparison, measure
 from .trainlog import TrainLog, check_report_to
 
 ADAPTER_DIR = "adapter"
-CHECKPOINTS = "checkpoints"
 TRAIN_CONFIG = "train_config.json"  # the run's record of how its adapter was trained
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention", "edgeft_packed_sdpa")
 # Steps left out of tokens/s: the first step of a process pays for CUDA init, kernel autotuning and compilation.
@@ -173,11 +171,14 @@ def read_train_config(run_dir: Path) -> TrainConfig | None:
         raise EdgeftError(f"{path}: {e}") from None
 
 
-def _validate(c: TrainConfig) -> None:
+def resolve(config: TrainConfig) -> TrainConfig:
+    """The config validated, with what train decides filled in (the column mapping parsed, the method's rate where
+    --lr is 0), as a new copy: the caller's config is left as given, and nothing changes it after this."""
+    c = config
     if not c.data:
         raise EdgeftError("--data is required: a JSONL, JSON, CSV or Parquet file of chat (messages, ShareGPT), "
                           "Alpaca, prompt/completion or text rows (or 'demo' or 'dates' for a shipped task's set)")
-    c.columns = column_map(c.columns)  # --columns arrives as text; the config and the ledger keep the mapping
+    columns = column_map(c.columns)  # --columns arrives as text; the config and the ledger keep the mapping
     if c.base_quant not in ("auto", "4bit", "8bit", "none"):
         raise EdgeftError(f"--base-quant {c.base_quant}: use auto, 4bit, 8bit or none")
     rise_limit(c)
@@ -191,15 +192,16 @@ def _validate(c: TrainConfig) -> None:
         raise EdgeftError(f"--attn {c.attn}: use one of {', '.join(ATTENTION)}")
     if c.compute_dtype not in ("auto", *COMPUTE_DTYPES):
         raise EdgeftError(f"--compute-dtype {c.compute_dtype}: use auto, {', '.join(COMPUTE_DTYPES)}")
-    methods.get(c.method)
+    method = methods.get(c.method)
     for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_seq_len", "epochs"):
         if getattr(c, name) < 1:
             raise EdgeftError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be at least 1")
     if c.max_steps < 0 or c.save_every < 0 or c.lr < 0 or not 0 <= c.lora_dropout < 1:
         raise EdgeftError("--max-steps and --save-every must be >= 0, --lr > 0 (or 0 for the method's), "
                           "--lora-dropout in [0, 1)")
-    c.lr = c.lr or methods.get(c.method).lr  # the ledger and a resumed run see the rate that was used
     c.check_heldout()
+    # the ledger and a resumed run see the rate that was used
+    return dataclasses.replace(c, columns=columns, lr=c.lr or method.lr).checked("eval_generate")
 
 
 def rise_limit(c: TrainConfig) -> float:
@@ -367,103 +369,14 @@ def batch_plan(examples: list[Example], batch_size: int, seed: int, epoch: int) 
     return batches
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
-def _checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if p.is_dir())
-
-
-def _save_checkpoint(run_dir: Path, step: int, adapter: dict, optimizer: dict, scheduler, state: dict,
-                     keep: int) -> None:
-    """Adapter, optimizer and schedule: all a resumed run needs, since the data order and the dropout
-    masks are functions of (seed, step, rank) (see step_seed). Written by the main process only: under data
-    parallelism every rank holds the same adapter and optimizer state; sharded, the main process holds them
-    gathered (_full_state, keyed by parameter name). Tensors go to safetensors and the rest to JSON
-    (edgeft.checkpoint): loading a checkpoint can never run code."""
-    save_state(run_dir / CHECKPOINTS / f"step-{step:06d}", {
-        "step": step, "adapter": adapter, "optimizer": optimizer, "scheduler": scheduler.state_dict(), **state})
-    for old in _checkpoints(run_dir)[:-max(keep, 1)]:
-        shutil.rmtree(old)
-
-
-def _load_checkpoint(path: Path, model, optimizer, scheduler, sharded: bool) -> dict:
-    import torch
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    blob = load_state(path)
-    fix = "it is not from this training; resume from another checkpoint or start without --resume"
-    kinds = {"step": int, "adapter": dict, "optimizer": dict, "scheduler": dict, "curve": list, "seen_tokens": int,
-             "train_seconds": (int, float)}
-    bad = [k for k, kind in kinds.items() if not isinstance(blob.get(k), kind)]
-    if bad:
-        raise EdgeftError(f"{path}: {', '.join(bad)} missing or of the wrong kind; {fix}")
-    adapter = blob["adapter"]
-    tensors = all(isinstance(v, torch.Tensor) for v in adapter.values())
-    names = {n for n, p in model.named_parameters() if p.requires_grad} if sharded else get_peft_model_state_dict(model)
-    if set(adapter) != set(names) or not tensors:
-        raise EdgeftError(f"{path}: its adapter tensors do not match the model's LoRA modules; {fix}")
-    try:
-        if sharded:  # every process reads the whole state and keeps its own shard of it
-            whole = StateDictOptions(full_state_dict=True, strict=False)
-            set_model_state_dict(model, adapter, options=whole)
-            set_optimizer_state_dict(model, optimizer, blob["optimizer"], options=whole)
-        else:
-            set_peft_model_state_dict(model, adapter)
-            optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
-        raise EdgeftError(f"{path}: cannot restore the training state ({first_line(e)}); {fix}") from None
-    return blob
-
-
-def _check_resumable(run: Run, c: TrainConfig, world_size: int) -> Path:
-    found = _checkpoints(run.path)
-    if not found:
-        pickled = sorted((run.path / CHECKPOINTS).glob("step-*.pt"))
-        if pickled:
-            raise EdgeftError(f"--resume: {pickled[-1]} is an old pickle checkpoint, which runs code when loaded; "
-                              f"edgeft no longer reads them: start without --resume")
-        raise EdgeftError(f"--resume: no checkpoint in {run.path / CHECKPOINTS}; start without --resume")
+def _resume_point(run: Run, c: TrainConfig, world_size: int) -> Path:
     saved = run.path / TRAIN_CONFIG
-    if saved.is_file():
-        before = current_names(TrainConfig, read_json(saved, "delete it to resume without the settings check, or "
-                                                             "use a new --run"))
-        now = {**to_dict(c), "world_size": world_size}
-        # What a run saved before a setting existed is that setting's default.
-        unsaved = {"world_size": 1, "columns": {}, "shard": False, "compute_dtype": "auto"}
-        changed = [k for k in (*_RESUME_KEYS, "world_size") if before.get(k, unsaved.get(k)) != now.get(k)]
-        if changed:
-            raise EdgeftError(f"--resume: {', '.join(changed)} differ from the interrupted run "
-                              f"({saved}); resume with the same settings or use a new --run")
-    return found[-1]
-
-
-class StopAtStepBoundary:
-    """Ctrl-C during training: the first asks the loop to stop after the optimizer step it is in (the loop
-    saves a checkpoint there, so resuming gives exactly the adapter an uninterrupted run would); a second
-    raises KeyboardInterrupt at once, saving nothing. A KeyboardInterrupt anywhere else in a step would
-    leave a state that is half one step and half the next (parameters updated, schedule not yet), which a
-    checkpoint must never record. Installed only in the main thread (Python delivers signals there)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        console.print("[yellow]Ctrl-C: stopping at the end of this step, where a checkpoint is saved (Ctrl-C again: "
-                      "stop at once, saving nothing of this step)")
-
-    def __enter__(self) -> "StopAtStepBoundary":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+    before = (current_names(TrainConfig, read_json(saved, "delete it to resume without the settings check, or use a "
+                                                          "new --run")) if saved.is_file() else None)
+    # What a run saved before a setting existed is that setting's default.
+    unsaved = {"world_size": 1, "columns": {}, "shard": False, "compute_dtype": "auto"}
+    return latest_checkpoint(run.path, saved, before, {**to_dict(c), "world_size": world_size},
+                             (*_RESUME_KEYS, "world_size"), unsaved)
 
 
 def deterministic_cuda() -> None:
@@ -486,44 +399,117 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- train
+@dataclass
+class Setup:
+    """What training needs before the model exists: the processes, the base and its tokenizer, the data split,
+    the run folder, the hardware settings, the held-out ids and task set."""
+    c: TrainConfig
+    acc: object  # accelerate.Accelerator
+    base_path: Path
+    tokenizer: object
+    train_set: list[Example]
+    eval_set: list[Example]
+    truncated: int
+    run: Run
+    resume_from: Path | None
+    hw: dict
+    task: object  # task.TaskSet or None
+    tokens: object  # heldout.HeldOutTokens; None in the processes that do not evaluate
+
+    @cached_property
+    def fingerprint(self) -> dict:  # hashes every weight file: once
+        return fingerprint(self.base_path)
+
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+
+@dataclass
+class Trainer:
+    """The model being trained and what updates it."""
+    model: object
+    targets: list[str]
+    objective: object  # SummedLoss, wrapped for data parallelism
+    optimizer: object
+    scheduler: object
+    scaler: object  # torch.amp.GradScaler, enabled for fp16 compute
+    steps: int
+    per_epoch: int  # global batches per epoch
+    trainable: int
+    total: int
+
+
+@dataclass
+class Progress:
+    """What the loop has done so far; a checkpoint holds it, so a resumed run carries on from it."""
+    step: int = 0
+    curve: list[float] = field(default_factory=list)
+    seen_tokens: int = 0
+    train_seconds: float = 0.0
+    # tokens/s as recorded: the steps after each process start's warm-up (WARMUP_STEPS), summed over resumes
+    timed: dict = field(default_factory=lambda: {"tokens": 0, "seconds": 0.0, "warmup_steps": 0})
+    started_at: int = 0  # the step this process started from
+
+
 def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None = None) -> TrainResult:
-    """Fine-tune a LoRA adapter on `config.data`, write it to RUN/adapter and a ledger entry.
+    """Fine-tune an adapter on `config.data`, write it to RUN/adapter and a ledger entry: setup -> train -> save ->
+    evaluate, each a function below.
 
     Data-parallel when started by a launcher (`accelerate launch --num_processes N -m edgeft train ...`,
     `torchrun`): `batch_size` rows per process, so a step trains on batch_size x processes x grad_accum
-    rows; the main process alone writes the adapter, checkpoints and the ledger, and evaluates.
+    rows; the main process alone writes the adapter, checkpoints and the ledger, and evaluates (sharded, every
+    process takes part in the evaluation and the main one writes).
 
     `on_step(step, loss, tokens)` is called after every optimizer step, `tokens` counting every token
     trained on so far by all processes (logging hooks, benchmarks, tests)."""
+    c = resolve(config)
+    s = setup(c)
+    # Only the main process keeps the ledger; the others fill a throwaway entry.
+    ledger = s.run.step("train", to_dict(c), ledger_inputs(s)) if s.main else contextlib.nullcontext(
+        {"metrics": {}, "outputs": []})
+    adapter_dir = s.run.path / ADAPTER_DIR
+    with ledger as entry:
+        entry["metrics"]["hardware"] = s.hw
+        t, p = prepare(s)
+        train_steps(s, t, p, on_step)
+        peak_gpu = training_peak_gpu(s)
+        s.acc.wait_for_everyone()
+        # Sharded, the adapter is whole only once gathered, and every forward of the evaluation needs every
+        # process: they all take part, and the main process alone writes.
+        whole = _full_state(t.model)[0] if s.hw["shard"] else None
+        if not s.main and not s.hw["shard"]:
+            return TrainResult(run=s.run.path, adapter=adapter_dir, entry=None)
+        if s.main:
+            entry["outputs"].append(save_adapter(s, t, whole, adapter_dir))
+        evaluated = evaluate(s, t)
+        if not s.main:
+            return TrainResult(run=s.run.path, adapter=adapter_dir, entry=None)
+        record(s, t, p, entry, evaluated, peak_gpu, adapter_dir)
+        gate(c, entry, evaluated["forgetting"], adapter_dir)
+    return TrainResult(run=s.run.path, adapter=adapter_dir, entry=entry)
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def setup(c: TrainConfig) -> Setup:
     import torch
     from accelerate import Accelerator
 
-    from .batches import SummedLoss, collate, pack
-    from .task import build_task_set, score_torch, store_task_set
+    from .task import build_task_set, store_task_set
 
-    c = config
-    _validate(c)
-    c = c.checked("eval_generate")
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    if acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # Sharding is edgeft's own --shard (FSDP2), whose gathering, saving and evaluation the loop knows about.
-        raise EdgeftError(f"edgeft train shards with --shard, not through accelerate's {acc.distributed_type.value} "
-                          f"settings; launch plain processes (accelerate launch --multi_gpu --num_processes N -m "
-                          f"edgeft train ... --shard)")
-    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
-    if c.shard and world == 1:
-        raise EdgeftError("--shard splits the model across processes, and this is one; launch several (accelerate "
-                          "launch --multi_gpu --num_processes N -m edgeft train ... --shard) or drop --shard")
-    if c.shard and (c.base_quant in ("4bit", "8bit") or c.compile):
-        raise EdgeftError(f"--shard splits a 16-bit base; it does not combine with "
-                          f"{'--compile' if c.compile else '--base-quant ' + c.base_quant} (drop one of them)")
+    check_processes(c, acc)
     base_path = resolve_model(c.model, what="--model")
     tokenizer = load_tokenizer(base_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels mask padding, so sharing EOS costs nothing
     train_set, eval_set, truncated = split_examples(c, tokenizer)
     run = Run(c.run or default_run_dir("train"))
-    resume_from = _check_resumable(run, c, world) if c.resume else None
+    resume_from = _resume_point(run, c, acc.num_processes) if c.resume else None
     config_json = read_json(base_path / "config.json", "the model folder needs its config.json")
     text_config = config_json.get("text_config") or config_json
     hw = hardware(c, acc, str(config_json.get("model_type", "")),
@@ -535,254 +521,295 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
         deterministic_cuda()
     if c.threads:
         torch.set_num_threads(c.threads)
-    rows_per_step = c.batch_size * world * c.grad_accum
     task = build_task_set(tokenizer, eval_set, c.eval_data or f"held-out split of {c.data} "
                                                         f"({c.eval_split:.0%}, seed {c.seed})")
-    if main:
-        tokens = c.heldout_tokens(tokenizer, run.path)
+    s = Setup(c, acc, base_path, tokenizer, train_set, eval_set, truncated, run, resume_from, hw, task, None)
+    if s.main:
+        s.tokens = c.heldout_tokens(tokenizer, run.path)
         if task:
             store_task_set(run.path, task)
-        console.print(f"train: {len(train_set)} rows ({truncated} truncated to {c.max_seq_len} tokens), "
-                      f"{len(eval_set)} held out; {hw['device']}"
-                      f"{f' x {world} processes' if world > 1 else ''}, quant {hw['quant']}, compute "
-                      f"{hw['compute_dtype']} ({hw['compute_dtype_why']}), {rows_per_step} rows per step, "
-                      f"gradient checkpointing "
-                      f"{'on' if hw['gradient_checkpointing'] else 'off'}, packing "
-                      f"{hw['packing_attention'] if hw['packing'] else 'off'}")
-        write_json(run.path / TRAIN_CONFIG, {**to_dict(c), "world_size": world})
+        console.print(start_line(s))
+        write_json(run.path / TRAIN_CONFIG, {**to_dict(c), "world_size": s.world})
     if c.shard:  # every process evaluates a sharded model, on the ids the main process has just stored
         acc.wait_for_everyone()
-        if not main:
-            tokens = c.heldout_tokens(tokenizer, run.path)
+        if not s.main:
+            s.tokens = c.heldout_tokens(tokenizer, run.path)
+    return s
 
-    inputs = {"base": c.model, "base_path": str(base_path), "data": str(data_path(c)),
-              "rows": len(train_set) + (0 if c.eval_data else len(eval_set)),
-              "train_rows": len(train_set), "eval_rows": len(eval_set), "truncated_rows": truncated,
-              "eval_tokens": TOKENS_FILE, "resumed_from": resume_from.name if resume_from else None}
-    # Only the main process keeps the ledger; the others fill a throwaway entry.
-    ledger_step = run.step("train", to_dict(c), inputs) if main else contextlib.nullcontext(
-        {"metrics": {}, "outputs": []})
-    with ledger_step as entry:
-        entry["metrics"]["hardware"] = hw
-        torch.manual_seed(c.seed)
-        model, targets = build_model(base_path, c, hw)
-        # peft's own count: a 4-bit Params4bit holds two weights per stored byte, which numel() does not see
-        trainable, total = model.get_nb_trainable_parameters()
-        device = acc.device
-        if hw["shard"]:
-            shard(model, acc)
-            objective = SummedLoss(model)
-        else:
-            # The loss as a module, so that a data-parallel wrapper sees the whole forward (DDP synchronises
-            # gradients only for what runs through its own forward). One process: the module itself.
-            objective = acc.prepare_model(SummedLoss(model), device_placement=False)
 
-        global_batch = c.batch_size * world
-        per_epoch = math.ceil(len(train_set) / global_batch)
-        steps = c.max_steps or math.ceil(c.epochs * per_epoch / c.grad_accum)
-        trainable_params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable_params, lr=c.lr, weight_decay=c.weight_decay,
-                                      fused=device.type == "cuda")
-        if hw["compute_dtype"] != "float32":  # LoRA weights stay float32 (the optimizer's master copy)
-            autocast = lambda: torch.autocast(device.type, dtype=getattr(torch, hw["compute_dtype"]))  # noqa: E731
-        else:
-            autocast = contextlib.nullcontext
-        # fp16 gradients underflow without loss scaling; the scale is part of a checkpoint (a resumed run scales
-        # as the uninterrupted one would)
-        scaler = torch.amp.GradScaler(device.type, enabled=hw["loss_scaling"])
-        from transformers import get_cosine_schedule_with_warmup
+def check_processes(c: TrainConfig, acc) -> None:
+    if acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # Sharding is edgeft's own --shard (FSDP2), whose gathering, saving and evaluation the loop knows about.
+        raise EdgeftError(f"edgeft train shards with --shard, not through accelerate's {acc.distributed_type.value} "
+                          f"settings; launch plain processes (accelerate launch --multi_gpu --num_processes N -m "
+                          f"edgeft train ... --shard)")
+    if c.shard and acc.num_processes == 1:
+        raise EdgeftError("--shard splits the model across processes, and this is one; launch several (accelerate "
+                          "launch --multi_gpu --num_processes N -m edgeft train ... --shard) or drop --shard")
+    if c.shard and (c.base_quant in ("4bit", "8bit") or c.compile):
+        raise EdgeftError(f"--shard splits a 16-bit base; it does not combine with "
+                          f"{'--compile' if c.compile else '--base-quant ' + c.base_quant} (drop one of them)")
 
-        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(c.warmup_ratio * steps), steps)
-        start_step, curve, seen_tokens, train_seconds = 0, [], 0, 0.0
-        # tokens/s as recorded: the steps after each process start's warm-up (WARMUP_STEPS), summed over resumes
-        timed = {"tokens": 0, "seconds": 0.0, "warmup_steps": 0}
-        if resume_from is not None:
-            blob = _load_checkpoint(resume_from, model, optimizer, scheduler, hw["shard"])
-            start_step, curve = blob["step"], blob["curve"]
-            seen_tokens, train_seconds = blob["seen_tokens"], blob["train_seconds"]
-            timed.update(blob.get("timed") or {})
-            if blob.get("scaler"):
-                scaler.load_state_dict(blob["scaler"])
-            if main:
-                console.print(f"resuming from {resume_from.name} (step {start_step}/{steps})")
 
-        def checkpoint(at: int) -> None:
-            if hw["shard"]:
-                adapter, optimizer_state = _full_state(model, optimizer)  # every process takes part
-            elif main:
-                from peft import get_peft_model_state_dict
+def start_line(s: Setup) -> str:
+    c, hw = s.c, s.hw
+    return (f"train: {len(s.train_set)} rows ({s.truncated} truncated to {c.max_seq_len} tokens), "
+            f"{len(s.eval_set)} held out; {hw['device']}{f' x {s.world} processes' if s.world > 1 else ''}, quant "
+            f"{hw['quant']}, compute {hw['compute_dtype']} ({hw['compute_dtype_why']}), "
+            f"{c.batch_size * s.world * c.grad_accum} rows per step, gradient checkpointing "
+            f"{'on' if hw['gradient_checkpointing'] else 'off'}, packing "
+            f"{hw['packing_attention'] if hw['packing'] else 'off'}")
 
-                adapter, optimizer_state = get_peft_model_state_dict(model), optimizer.state_dict()
-            if main:
-                _save_checkpoint(run.path, at, adapter, optimizer_state, scheduler,
-                                 {"curve": curve, "seen_tokens": seen_tokens, "train_seconds": train_seconds,
-                                  "world_size": world, "timed": timed,
-                                  "scaler": scaler.state_dict() if scaler.is_enabled() else None},
-                                 c.keep_checkpoints)
 
-        plans: dict[int, list[list[int]]] = {}
-        model.train()
-        step = start_step
-        saved_at = start_step
-        if device.type == "cuda":  # the training loop's own peak: loading and quantizing the base are not in it
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            with bar("train", steps, enabled=main, every=c.log_every or None, unit="step", start=step) as update, \
-                    StopAtStepBoundary() as ctrl_c, \
-                    TrainLog(run.path, start_step, c.report_to) if main else contextlib.nullcontext() as log:
-                update(step, steps)
-                while step < steps:
-                    t0 = time.perf_counter()
-                    torch.manual_seed(step_seed(c.seed, step, rank))
-                    micro = []  # this step's global micro-batches: the same plan on every process
-                    for k in range(c.grad_accum):
-                        m = step * c.grad_accum + k  # global micro-batch index: the data order is fixed
-                        epoch, pos = divmod(m, per_epoch)
-                        if epoch not in plans:
-                            plans[epoch] = batch_plan(train_set, global_batch, c.seed, epoch)
-                        micro.append([train_set[j] for j in plans[epoch][pos]])
-                    n_labels = sum(e.n_trained for b in micro for e in b)  # of the whole step, all processes
-                    step_loss = torch.zeros((), device=device)
-                    for k, global_rows in enumerate(micro):
-                        rows = global_rows[rank::world]
-                        if not rows:  # the epoch's last batch can be smaller than the number of processes
-                            rows = global_rows[:1]
-                            weight = 0.0
-                        else:
-                            weight = 1.0
-                        if hw["packing"]:
-                            batch = pack(rows, device)
-                        else:
-                            batch = collate(rows, tokenizer.pad_token_id, device)
-                        sync = acc.no_sync(objective) if k < len(micro) - 1 else contextlib.nullcontext()
-                        with sync:
-                            with autocast():
-                                loss = objective(batch) * weight
-                            # DDP averages gradients over processes; scaling by their number makes the
-                            # result the gradient of (all processes' summed loss) / (the step's labels).
-                            acc.backward(scaler.scale(loss * (world / n_labels)))
-                        step_loss += loss.detach()
-                    step_tokens = sum(len(e.input_ids) for b in micro for e in b)
-                    seen_tokens += step_tokens
-                    scaler.unscale_(optimizer)  # clip the true gradients (a no-op without loss scaling)
-                    torch.nn.utils.clip_grad_norm_(trainable_params, 1.0)
-                    lr = scheduler.get_last_lr()[0]  # this step's, before the schedule moves on
-                    scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
-                    scaler.update()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    stop = ctrl_c.requested
-                    if world > 1:  # one collective per step carries the loss and whether any process stops
-                        both = acc.reduce(torch.stack([step_loss, torch.tensor(float(stop), device=device)]), "sum")
-                        step_loss, stop = both[0], bool(both[1] > 0)
-                    curve.append(round(float(step_loss) / n_labels, 5))  # the step's one wait for the device
-                    seconds = time.perf_counter() - t0
-                    train_seconds += seconds
-                    if step - start_step > WARMUP_STEPS:
-                        timed["tokens"] += step_tokens
-                        timed["seconds"] += seconds
-                    else:
-                        timed["warmup_steps"] += 1
-                    update(step, steps, f"loss {curve[-1]:.4f}  lr {lr:.2e}  {seen_tokens / train_seconds:,.0f} tok/s")
-                    if log:
-                        log.log(step, curve[-1], lr, seen_tokens, train_seconds)
-                    if on_step:
-                        on_step(step, curve[-1], seen_tokens)
-                    if (stop or c.save_every and step % c.save_every == 0) and step < steps:
-                        checkpoint(step)
-                        saved_at = step
-                    if stop and step < steps:
-                        raise TrainingInterrupted(
-                            f"interrupted at step {step}/{steps}; checkpoint saved in {run.path / CHECKPOINTS}; "
-                            f"continue with --resume --run {run.path}")
-        except KeyboardInterrupt:
-            # A second Ctrl-C: it landed anywhere in a step, so this state is not saved.
-            raise TrainingInterrupted(
-                f"aborted during step {step + 1}/{steps} by a second Ctrl-C; nothing saved for it"
-                + (f"; continue from step {saved_at} with --resume --run {run.path}" if saved_at else "")) from None
-        if device.type == "cuda":
-            peak_gpu = {"allocated": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-                        "reserved": round(torch.cuda.max_memory_reserved() / 2**20, 1)}
-        else:
-            peak_gpu = {"allocated": None, "reserved": None}
-        if hw["attn"] == "edgeft_packed_sdpa":  # evaluation and generation run as users will run the model
-            model.get_base_model().set_attn_implementation("sdpa")
-        acc.wait_for_everyone()
-        adapter_dir = run.path / ADAPTER_DIR
-        # Sharded, the adapter is whole only once gathered, and every forward of the evaluation needs every
-        # process: they all take part, and the main process alone writes.
-        whole = _full_state(model)[0] if hw["shard"] else None
-        if not main and not hw["shard"]:
-            return TrainResult(run=run.path, adapter=adapter_dir, entry=None)
+def ledger_inputs(s: Setup) -> dict:
+    c = s.c
+    return {"base": c.model, "base_path": str(s.base_path), "data": str(data_path(c)),
+            "rows": len(s.train_set) + (0 if c.eval_data else len(s.eval_set)),
+            "train_rows": len(s.train_set), "eval_rows": len(s.eval_set), "truncated_rows": s.truncated,
+            "eval_tokens": TOKENS_FILE, "resumed_from": s.resume_from.name if s.resume_from else None}
 
-        if main:
-            base_fingerprint = fingerprint(base_path)
-            with atomic_dir(adapter_dir) as tmp:
-                model.save_pretrained(tmp, state_dict=whole)
-                tokenizer.save_pretrained(tmp)
-                base_hub_id = hub_id(c.model) or hub_id(base_path)
-                if base_hub_id:
-                    name_base_on_hub(tmp, base_hub_id)
-                write_json(tmp / ADAPTER_META, {
-                    "base": c.model, "base_path": str(base_path), "base_hub_id": base_hub_id,
-                    "base_fingerprint": base_fingerprint,
-                    "quant": hw["quant"], "compute_dtype": hw["compute_dtype"], "device": hw["device"],
-                    "method": c.method, "target_modules": targets, "lora_r": c.lora_r, "lora_alpha": c.lora_alpha,
-                    "steps": steps,
-                    "seed": c.seed,
-                })
-            entry["outputs"].append(artifact(adapter_dir, run.path))
 
-        # After training only (see the module docstring): the adapter's effect, then the base without it.
-        model.eval()
-        label = f"{c.model}+adapter"
-        after_ppl = measure(model, tokens.ids, c.window, c.stride, label)
-        after = score_torch(model, task, tokenizer, label, c.eval_generate) if task else None
-        with model.disable_adapter():
-            base_label = c.model if hw["quant"] == "none" else f"{c.model} ({hw['quant']})"
-            before_ppl = measure(model, tokens.ids, c.window, c.stride, base_label)
-            before = score_torch(model, task, tokenizer, base_label, c.eval_generate) if task else None
-        if not main:
-            return TrainResult(run=run.path, adapter=adapter_dir, entry=None)
-        # What "after" measured, so that a later step measuring the same (merge: the unmerged base + adapter)
-        # takes these numbers from the ledger (reuse.py).
-        weights = torch_weights(base_fingerprint, entry["outputs"][-1]["sha256"], hw["quant"], hw["compute_dtype"],
-                                hw["device"], c.attn, c.compile)
-        entry[KEY] = measurement_key(weights, tokens.ids, c.window, c.stride, task, c.eval_generate)
+def prepare(s: Setup) -> tuple[Trainer, Progress]:
+    """The model with its adapter, the optimizer, schedule and loss scale, restored from a checkpoint on --resume."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
 
-        forgetting = Comparison(measured=after_ppl, reference=before_ppl)
-        forgetting.record(entry, label, base_label, "base", tokens.source)
-        if task:
-            after.record(entry, label, task.source, before.entry(base_label, task.source), "base")
-        if timed["seconds"]:
-            tokens_per_s, warmup_excluded = round(timed["tokens"] / timed["seconds"], 1), timed["warmup_steps"]
-        else:  # every step was a warm-up step: the only figure there is includes it
-            tokens_per_s, warmup_excluded = (round(seen_tokens / train_seconds, 1) if train_seconds else None), 0
-        entry["metrics"].update({
-            "method": c.method, "target_modules": targets, "trainable_params": trainable, "total_params": total,
-            # the weights alone (the adapter folder also holds the tokenizer)
-            "adapter_bytes": (adapter_dir / ADAPTER_WEIGHTS).stat().st_size,
-            "trainable_pct": round(100 * trainable / total, 3), "steps": steps,
-            "train_loss_first": curve[0] if curve else None, "train_loss_last": curve[-1] if curve else None,
-            "loss_curve": curve, "eval_loss_before": before.loss if task else None,
-            "eval_loss_after": after.loss if task else None,
-            "exact_match_before": before.exact_match if task else None,
-            "exact_match_after": after.exact_match if task else None,
-            "exact_match_n": after.answered if task else 0,
-            "exact_match_samples": after.samples if task else [],
-            "world_size": world, "rows_per_step": rows_per_step,
-            "train_tokens": seen_tokens, "train_seconds": round(train_seconds, 2),
-            "tokens_per_s": tokens_per_s, "tokens_per_s_warmup_steps": warmup_excluded,
-            "tokens_per_s_per_device": round(tokens_per_s / world, 1) if tokens_per_s else None,
-            # main process, the training loop alone (peak_gpu_mb: the whole step, loading and evaluation too)
-            "peak_gpu_mb_training": peak_gpu["allocated"], "peak_gpu_mb_training_allocated": peak_gpu["allocated"],
-            "peak_gpu_mb_training_reserved": peak_gpu["reserved"],
+    from .batches import SummedLoss
+
+    c, hw = s.c, s.hw
+    torch.manual_seed(c.seed)
+    model, targets = build_model(s.base_path, c, hw)
+    # peft's own count: a 4-bit Params4bit holds two weights per stored byte, which numel() does not see
+    trainable, total = model.get_nb_trainable_parameters()
+    if hw["shard"]:
+        shard(model, s.acc)
+        objective = SummedLoss(model)
+    else:
+        # The loss as a module, so that a data-parallel wrapper sees the whole forward (DDP synchronises
+        # gradients only for what runs through its own forward). One process: the module itself.
+        objective = s.acc.prepare_model(SummedLoss(model), device_placement=False)
+    per_epoch = math.ceil(len(s.train_set) / (c.batch_size * s.world))
+    steps = c.max_steps or math.ceil(c.epochs * per_epoch / c.grad_accum)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr,
+                                  weight_decay=c.weight_decay, fused=s.acc.device.type == "cuda")
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(c.warmup_ratio * steps), steps)
+    # fp16 gradients underflow without loss scaling; the scale is part of a checkpoint (a resumed run scales
+    # as the uninterrupted one would)
+    scaler = torch.amp.GradScaler(s.acc.device.type, enabled=hw["loss_scaling"])
+    t = Trainer(model, targets, objective, optimizer, scheduler, scaler, steps, per_epoch, trainable, total)
+    p = Progress()
+    if s.resume_from is not None:
+        blob = load_checkpoint(s.resume_from, model, optimizer, scheduler, hw["shard"])
+        p = Progress(blob["step"], blob["curve"], blob["seen_tokens"], blob["train_seconds"],
+                     {**p.timed, **(blob.get("timed") or {})}, blob["step"])
+        if blob.get("scaler"):
+            scaler.load_state_dict(blob["scaler"])
+        if s.main:
+            console.print(f"resuming from {s.resume_from.name} (step {p.step}/{steps})")
+    return t, p
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train_steps(s: Setup, t: Trainer, p: Progress, on_step) -> None:
+    """Optimizer steps until t.steps, a checkpoint every --save-every steps; Ctrl-C stops at a step boundary
+    with a checkpoint (checkpoint.StopAtStepBoundary)."""
+    import torch
+
+    c = s.c
+    plans: dict[int, list[list[int]]] = {}
+    t.model.train()
+    saved_at = p.step
+    if s.acc.device.type == "cuda":  # the training loop's own peak: loading and quantizing the base are not in it
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with bar("train", t.steps, enabled=s.main, every=c.log_every or None, unit="step", start=p.step) as update, \
+                StopAtStepBoundary() as ctrl_c, \
+                TrainLog(s.run.path, p.step, c.report_to) if s.main else contextlib.nullcontext() as log:
+            update(p.step, t.steps)
+            while p.step < t.steps:
+                t0 = time.perf_counter()
+                loss, lr, step_tokens, stop = one_step(s, t, p.step, plans, ctrl_c)
+                p.step += 1
+                p.seen_tokens += step_tokens
+                p.curve.append(loss)
+                seconds = time.perf_counter() - t0
+                p.train_seconds += seconds
+                if p.step - p.started_at > WARMUP_STEPS:
+                    p.timed["tokens"] += step_tokens
+                    p.timed["seconds"] += seconds
+                else:
+                    p.timed["warmup_steps"] += 1
+                update(p.step, t.steps, f"loss {loss:.4f}  lr {lr:.2e}  {p.seen_tokens / p.train_seconds:,.0f} tok/s")
+                if log:
+                    log.log(p.step, loss, lr, p.seen_tokens, p.train_seconds)
+                if on_step:
+                    on_step(p.step, loss, p.seen_tokens)
+                if (stop or c.save_every and p.step % c.save_every == 0) and p.step < t.steps:
+                    checkpoint_now(s, t, p)
+                    saved_at = p.step
+                if stop and p.step < t.steps:
+                    raise TrainingInterrupted(
+                        f"interrupted at step {p.step}/{t.steps}; checkpoint saved in {s.run.path / CHECKPOINTS}; "
+                        f"continue with --resume --run {s.run.path}")
+    except KeyboardInterrupt:
+        # A second Ctrl-C: it landed anywhere in a step, so this state is not saved.
+        raise TrainingInterrupted(
+            f"aborted during step {p.step + 1}/{t.steps} by a second Ctrl-C; nothing saved for it"
+            + (f"; continue from step {saved_at} with --resume --run {s.run.path}" if saved_at else "")) from None
+
+
+def one_step(s: Setup, t: Trainer, step: int, plans: dict, ctrl_c) -> tuple[float, float, int, bool]:
+    """One optimizer step over --grad-accum micro-batches: (loss per labelled token, the step's lr, tokens trained
+    on by all processes, whether any process was asked to stop)."""
+    import torch
+
+    from .batches import collate, pack
+
+    c, acc, world, rank, device = s.c, s.acc, s.world, s.acc.process_index, s.acc.device
+    torch.manual_seed(step_seed(c.seed, step, rank))
+    micro = []  # this step's global micro-batches: the same plan on every process
+    for k in range(c.grad_accum):
+        epoch, pos = divmod(step * c.grad_accum + k, t.per_epoch)  # global micro-batch index: a fixed data order
+        if epoch not in plans:
+            plans[epoch] = batch_plan(s.train_set, c.batch_size * world, c.seed, epoch)
+        micro.append([s.train_set[j] for j in plans[epoch][pos]])
+    n_labels = sum(e.n_trained for b in micro for e in b)  # of the whole step, all processes
+    autocast = (torch.autocast(device.type, dtype=getattr(torch, s.hw["compute_dtype"]))
+                if s.hw["compute_dtype"] != "float32" else contextlib.nullcontext())  # LoRA weights stay float32
+    step_loss = torch.zeros((), device=device)
+    for k, global_rows in enumerate(micro):
+        rows = global_rows[rank::world]
+        # the epoch's last batch can be smaller than the number of processes: a row weighted 0 keeps them in step
+        weight = 1.0 if rows else 0.0
+        rows = rows or global_rows[:1]
+        batch = pack(rows, device) if s.hw["packing"] else collate(rows, s.tokenizer.pad_token_id, device)
+        with acc.no_sync(t.objective) if k < len(micro) - 1 else contextlib.nullcontext():
+            with autocast:
+                loss = t.objective(batch) * weight
+            # DDP averages gradients over processes; scaling by their number makes the result the gradient of
+            # (all processes' summed loss) / (the step's labels).
+            acc.backward(t.scaler.scale(loss * (world / n_labels)))
+        step_loss += loss.detach()
+    t.scaler.unscale_(t.optimizer)  # clip the true gradients (a no-op without loss scaling)
+    torch.nn.utils.clip_grad_norm_([q for q in t.model.parameters() if q.requires_grad], 1.0)
+    lr = t.scheduler.get_last_lr()[0]  # this step's, before the schedule moves on
+    t.scaler.step(t.optimizer)  # skipped by the scaler when fp16 gradients overflowed
+    t.scaler.update()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    stop = ctrl_c.requested
+    if world > 1:  # one collective per step carries the loss and whether any process stops
+        both = acc.reduce(torch.stack([step_loss, torch.tensor(float(stop), device=device)]), "sum")
+        step_loss, stop = both[0], bool(both[1] > 0)
+    tokens = sum(len(e.input_ids) for b in micro for e in b)
+    return round(float(step_loss) / n_labels, 5), lr, tokens, stop  # float(): the step's one wait for the device
+
+
+def checkpoint_now(s: Setup, t: Trainer, p: Progress) -> None:
+    if s.hw["shard"]:
+        adapter, optimizer_state = _full_state(t.model, t.optimizer)  # every process takes part
+    elif s.main:
+        from peft import get_peft_model_state_dict
+
+        adapter, optimizer_state = get_peft_model_state_dict(t.model), t.optimizer.state_dict()
+    if s.main:
+        save_checkpoint(s.run.path, p.step, adapter, optimizer_state, t.scheduler,
+                        {"curve": p.curve, "seen_tokens": p.seen_tokens, "train_seconds": p.train_seconds,
+                         "world_size": s.world, "timed": p.timed,
+                         "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None},
+                        s.c.keep_checkpoints)
+
+
+def training_peak_gpu(s: Setup) -> dict:
+    import torch
+
+    if s.acc.device.type != "cuda":
+        return {"allocated": None, "reserved": None}
+    return {"allocated": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+            "reserved": round(torch.cuda.max_memory_reserved() / 2**20, 1)}
+
+
+# ----------------------------------------------------------------------------------------------- save
+def save_adapter(s: Setup, t: Trainer, whole: dict | None, adapter_dir: Path) -> dict:
+    """RUN/adapter in PEFT's format with edgeft's record of its base; the ledger's artifact record of it."""
+    c, hw = s.c, s.hw
+    with atomic_dir(adapter_dir) as tmp:
+        t.model.save_pretrained(tmp, state_dict=whole)
+        s.tokenizer.save_pretrained(tmp)
+        base_hub_id = hub_id(c.model) or hub_id(s.base_path)
+        if base_hub_id:
+            name_base_on_hub(tmp, base_hub_id)
+        write_json(tmp / ADAPTER_META, {
+            "base": c.model, "base_path": str(s.base_path), "base_hub_id": base_hub_id,
+            "base_fingerprint": s.fingerprint,
+            "quant": hw["quant"], "compute_dtype": hw["compute_dtype"], "device": hw["device"],
+            "method": c.method, "target_modules": t.targets, "lora_r": c.lora_r, "lora_alpha": c.lora_alpha,
+            "steps": t.steps, "seed": c.seed,
         })
-        rise = forgetting.change
-        limit = rise_limit(c)
-        check(entry, Gate("held-out perplexity rise", rise, limit,
-                          f"held-out perplexity rose {100 * rise:.1f}% ({before_ppl.ppl:.4f} -> {after_ppl.ppl:.4f}), "
-                          f"more than --max-ppl-rise {100 * limit:.0f}%; the adapter is kept in {adapter_dir}"))
-    return TrainResult(run=run.path, adapter=adapter_dir, entry=entry)
+    return artifact(adapter_dir, s.run.path)
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+def evaluate(s: Setup, t: Trainer) -> dict:
+    """After training only (see the module docstring): the adapter's effect, then the base without it."""
+    from .task import score_torch
+
+    c, model = s.c, t.model
+    if s.hw["attn"] == "edgeft_packed_sdpa":  # evaluation and generation run as users will run the model
+        model.get_base_model().set_attn_implementation("sdpa")
+    model.eval()
+    label = f"{c.model}+adapter"
+    after_ppl = measure(model, s.tokens.ids, c.window, c.stride, label)
+    after = score_torch(model, s.task, s.tokenizer, label, c.eval_generate) if s.task else None
+    with model.disable_adapter():
+        base_label = c.model if s.hw["quant"] == "none" else f"{c.model} ({s.hw['quant']})"
+        before_ppl = measure(model, s.tokens.ids, c.window, c.stride, base_label)
+        before = score_torch(model, s.task, s.tokenizer, base_label, c.eval_generate) if s.task else None
+    return {"label": label, "base_label": base_label, "after": after, "before": before,
+            "forgetting": Comparison(measured=after_ppl, reference=before_ppl)}
+
+
+def record(s: Setup, t: Trainer, p: Progress, entry: dict, evaluated: dict, peak_gpu: dict, adapter_dir: Path) -> None:
+    c, hw, task = s.c, s.hw, s.task
+    after, before = evaluated["after"], evaluated["before"]
+    # What "after" measured, so that a later step measuring the same (merge: the unmerged base + adapter)
+    # takes these numbers from the ledger (reuse.py).
+    weights = torch_weights(s.fingerprint, entry["outputs"][-1]["sha256"], hw["quant"],
+                            hw["compute_dtype"], hw["device"], c.attn, c.compile)
+    entry[KEY] = measurement_key(weights, s.tokens.ids, c.window, c.stride, task, c.eval_generate)
+    evaluated["forgetting"].record(entry, evaluated["label"], evaluated["base_label"], "base", s.tokens.source)
+    if task:
+        after.record(entry, evaluated["label"], task.source, before.entry(evaluated["base_label"], task.source), "base")
+    if p.timed["seconds"]:
+        tokens_per_s, warmup_excluded = round(p.timed["tokens"] / p.timed["seconds"], 1), p.timed["warmup_steps"]
+    else:  # every step was a warm-up step: the only figure there is includes it
+        tokens_per_s, warmup_excluded = (round(p.seen_tokens / p.train_seconds, 1) if p.train_seconds else None), 0
+    entry["metrics"].update({
+        "method": c.method, "target_modules": t.targets, "trainable_params": t.trainable, "total_params": t.total,
+        # the weights alone (the adapter folder also holds the tokenizer)
+        "adapter_bytes": (adapter_dir / ADAPTER_WEIGHTS).stat().st_size,
+        "trainable_pct": round(100 * t.trainable / t.total, 3), "steps": t.steps,
+        "train_loss_first": p.curve[0] if p.curve else None, "train_loss_last": p.curve[-1] if p.curve else None,
+        "loss_curve": p.curve, "eval_loss_before": before.loss if task else None,
+        "eval_loss_after": after.loss if task else None,
+        "exact_match_before": before.exact_match if task else None,
+        "exact_match_after": after.exact_match if task else None,
+        "exact_match_n": after.answered if task else 0,
+        "exact_match_samples": after.samples if task else [],
+        "world_size": s.world, "rows_per_step": c.batch_size * s.world * c.grad_accum,
+        "train_tokens": p.seen_tokens, "train_seconds": round(p.train_seconds, 2),
+        "tokens_per_s": tokens_per_s, "tokens_per_s_warmup_steps": warmup_excluded,
+        "tokens_per_s_per_device": round(tokens_per_s / s.world, 1) if tokens_per_s else None,
+        # main process, the training loop alone (peak_gpu_mb: the whole step, loading and evaluation too)
+        "peak_gpu_mb_training": peak_gpu["allocated"], "peak_gpu_mb_training_allocated": peak_gpu["allocated"],
+        "peak_gpu_mb_training_reserved": peak_gpu["reserved"],
+    })
+
+
+def gate(c: TrainConfig, entry: dict, forgetting: Comparison, adapter_dir: Path) -> None:
+    rise, limit = forgetting.change, rise_limit(c)
+    check(entry, Gate("held-out perplexity rise", rise, limit,
+                      f"held-out perplexity rose {100 * rise:.1f}% ({forgetting.reference.ppl:.4f} -> "
+                      f"{forgetting.measured.ppl:.4f}), more than --max-ppl-rise {100 * limit:.0f}%; the adapter is "
+                      f"kept in {adapter_dir}"))

@@ -49,7 +49,9 @@ PARTS = ("setup", "env", "race_1b", "race_3b", "chain", "shard")
 # lent while this was written): a race run is ~20 s at 1B (start, 4-bit load, 20 steps, edgeft's evaluation)
 # and ~30 s at 3B, six runs each plus building the checkpoint. Time a part leaves unused is not passed on, so
 # each part's figures stay comparable between calls; the JSON records each part's seconds to re-balance these.
-GPU_BUDGETS = {"setup": 30, "env": 30, "race_1b": 140, "race_3b": 180, "chain": 140, "shard": 20}
+# The whole check stops at 540 s (--total-s) whatever the parts' budgets: shard (a 2-GPU box only; skipped at once
+# on one GPU) gets what is left of it.
+GPU_BUDGETS = {"setup": 30, "env": 30, "race_1b": 140, "race_3b": 180, "chain": 140, "shard": 90}
 TOY_BUDGETS = {"setup": 60, "env": 60, "race_1b": 420, "race_3b": 420, "chain": 420, "shard": 300}
 SKIP_REASONS = {
     "no_llama_cpp": "llama-cpp-python not installed",
@@ -58,6 +60,7 @@ SKIP_REASONS = {
     "no_cuda": "no CUDA device; this part measures a GPU",
     "not_asked": "not in --parts",
     "no_time": "the whole check's time budget was spent",
+    "no_env": "the env part did not say how many GPUs there are",
 }
 # What the device machine lacks for these parts (its image has torch, transformers, peft, accelerate, pandas,
 # pyarrow, xxhash, ...): trl and its datasets (+ dill, multiprocess), bitsandbytes, gguf (our converter), and
@@ -125,18 +128,6 @@ def run_cmd(cmd: list[str], timeout: float, env: dict, cwd: Path, log: Path) -> 
             "stdout": stdout or "", "stderr_tail": tail(stderr)}
 
 
-def json_lines(text: str) -> list:
-    found = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line[:1] in "[{":
-            try:
-                found.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return found
-
-
 class Check:
     """The JSON being built: parts in order, each timed against its budget and the whole deadline."""
 
@@ -190,6 +181,10 @@ class Check:
               file=sys.stderr, flush=True)
         self.save()
         return rec
+
+    def no_cuda(self) -> bool:
+        """True when the env part found no CUDA device (not when it could not tell: then the part tries)."""
+        return not self.a.toy and self.facts.get("cuda") is False
 
     def python(self, code: str, timeout: float, log: str) -> dict:
         return run_cmd([sys.executable, "-c", code], timeout, self.env, self.work, self.work / "logs" / log)
@@ -367,7 +362,7 @@ def model_for(c: Check, part: str, left: float) -> tuple[str, Path]:
 
 def part_race(part: str):
     def run(c: Check, left: float) -> dict:
-        if not c.a.toy and not c.facts.get("cuda"):
+        if c.no_cuda():
             return {"status": "skipped", "reason": SKIP_REASONS["no_cuda"]}
         t0 = time.time()
         shape, base = model_for(c, part, left)
@@ -431,6 +426,8 @@ def against_defaults(entries: list[dict]) -> list[dict]:
 
 
 def part_chain(c: Check, left: float) -> dict:
+    if c.no_cuda():
+        return {"status": "skipped", "reason": SKIP_REASONS["no_cuda"]}
     deadline = time.time() + left
     t0 = time.time()
     shape, base = model_for(c, "race_1b", left)  # the 1B shape (built once, shared with race_1b)
@@ -484,8 +481,11 @@ def part_chain(c: Check, left: float) -> dict:
 
 def part_shard(c: Check, left: float) -> dict:
     facts = c.facts
+    if c.no_cuda():
+        return {"status": "skipped", "reason": SKIP_REASONS["no_cuda"]}
     if not c.a.toy and facts.get("gpu_count", 0) < 2:
-        return {"status": "skipped", "reason": SKIP_REASONS["one_gpu"], "gpu_count": facts.get("gpu_count")}
+        return {"status": "skipped", "reason": SKIP_REASONS["one_gpu"] if "gpu_count" in facts
+                else SKIP_REASONS["no_env"], "gpu_count": facts.get("gpu_count")}
     t0 = time.time()
     shape, base = model_for(c, "race_1b", left)
     left -= time.time() - t0

@@ -188,8 +188,8 @@ def run_trl(s: dict, base: Path, out: Path, overrides: dict) -> dict:
         if key not in config:
             raise SystemExit(f"trl:{key}: not an SFTConfig field")
         settings[key] = coerce(value, config[key] if config[key] is not dataclasses.MISSING else None)
-    if not settings["padding_free"] and settings.get("max_length") is None:
-        settings["max_length"] = s["max_seq_len"]
+    if (not settings["padding_free"] or settings.get("packing")) and settings.get("max_length") is None:
+        settings["max_length"] = s["max_seq_len"]  # padding or packing: trl needs (and enforces) a length
     args = SFTConfig(**settings)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=s["targets"].split(","), bias="none",
                       task_type="CAUSAL_LM")

@@ -164,3 +164,17 @@ def test_gpu_check_toy_runs_every_part_on_cpu_and_writes_one_json(tmp_path, tiny
         if s["status"] == "ok":
             assert s["entries"] and all(g["passed"] for e in s["entries"] for g in e["gates"]), step
     assert blob["parts"]["shard"]["world_size"] == 2
+
+
+def test_gpu_mode_on_a_box_without_a_gpu_records_why_each_gpu_part_is_skipped(tmp_path, tiny_tokenizer):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), str(out), "--tokenizer",
+                           str(tiny_tokenizer), "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=300)
+    blob = json.loads(out.read_text())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parts = blob["parts"]
+    assert blob["mode"] == "gpu" and blob["budget_s"] == 540
+    assert parts["setup"]["status"] == parts["env"]["status"] == "ok" and parts["env"]["result"]["cuda"] is False
+    for name in ("race_1b", "race_3b", "chain", "shard"):
+        assert parts[name] == {**parts[name], "status": "skipped", "reason": gc.SKIP_REASONS["no_cuda"]}, name

@@ -53,7 +53,7 @@ WARMUP_STEPS = 1
 _RESUME_KEYS = ("model", "data", "eval_data", "eval_split", "base_quant", "method", "lora_r", "lora_alpha", "lora_dropout",
                 "target_modules", "max_seq_len", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay",
                 "epochs", "max_steps", "seed", "gradient_checkpointing", "packing", "attn", "columns", "shard",
-                "compute_dtype")
+                "compute_dtype", "eval_every", "select")
 COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Families whose activations overflow float16 (Gemma's large embedding scale and residuals, as transformers' and
 # Gemma's own notes say): on a GPU without native bf16, auto trains them in float32 rather than fp16.
@@ -123,6 +123,14 @@ class TrainConfig(HeldOutOptions):
         "help": "forgetting gate: max held-out perplexity rise of the adapter vs the base, as in export: one "
                 "number ('0.1') or per artifact ('adapter=0.1')"})
     eval_generate: int = field(default=20, metadata={"help": "held-out prompts answered greedily for exact match"})
+    eval_every: int = field(default=0, metadata={
+        "help": "every N optimizer steps (and at the last), score the held-out text (all its ids up to 4 windows, "
+                "else the first quarter) and the task's perplexity; in train_log.csv, TensorBoard and the progress "
+                "line (0: only after training)"})
+    select: str = field(default="last", metadata={
+        "help": "last|best: the adapter the run keeps: the last step's, or (with --eval-every) the evaluated step "
+                "with the lowest task perplexity among those within --max-ppl-rise; best also stops early once the "
+                "gate is crossed and the task has not improved for 2 evaluations"})
     report_to: list[str] = field(default_factory=list, metadata={
         "help": "also log the training metrics to: tensorboard (RUN/tensorboard/) or none; RUN/train_log.csv is "
                 "always written"})
@@ -196,6 +204,15 @@ def resolve(config: TrainConfig) -> TrainConfig:
     for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_seq_len", "epochs"):
         if getattr(c, name) < 1:
             raise EdgeftError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be at least 1")
+    if c.eval_every < 0:
+        raise EdgeftError(f"--eval-every {c.eval_every}: must be >= 0 (0: evaluate only after training)")
+    if c.select not in ("last", "best"):
+        raise EdgeftError(f"--select {c.select}: use last or best")
+    if c.select == "best" and not c.eval_every:
+        raise EdgeftError("--select best chooses among the steps evaluated during training; add --eval-every N")
+    if c.eval_every and c.shard:
+        raise EdgeftError("--eval-every does not combine with --shard yet (a sharded evaluation needs every process); "
+                          "drop one of them")
     if c.max_steps < 0 or c.save_every < 0 or c.lr < 0 or not 0 <= c.lora_dropout < 1:
         raise EdgeftError("--max-steps and --save-every must be >= 0, --lr > 0 (or 0 for the method's), "
                           "--lora-dropout in [0, 1)")
@@ -374,7 +391,8 @@ def _resume_point(run: Run, c: TrainConfig, world_size: int) -> Path:
     before = (current_names(TrainConfig, read_json(saved, "delete it to resume without the settings check, or use a "
                                                           "new --run")) if saved.is_file() else None)
     # What a run saved before a setting existed is that setting's default.
-    unsaved = {"world_size": 1, "columns": {}, "shard": False, "compute_dtype": "auto"}
+    unsaved = {"world_size": 1, "columns": {}, "shard": False, "compute_dtype": "auto", "eval_every": 0,
+               "select": "last"}
     return latest_checkpoint(run.path, saved, before, {**to_dict(c), "world_size": world_size},
                              (*_RESUME_KEYS, "world_size"), unsaved)
 
@@ -454,6 +472,12 @@ class Progress:
     # tokens/s as recorded: the steps after each process start's warm-up (WARMUP_STEPS), summed over resumes
     timed: dict = field(default_factory=lambda: {"tokens": 0, "seconds": 0.0, "warmup_steps": 0})
     started_at: int = 0  # the step this process started from
+    # --eval-every: the evaluations so far, the base's quick perplexity, and for --select best the best step
+    evals: list[dict] = field(default_factory=list)
+    base_quick_ppl: float | None = None
+    best: dict | None = None
+    best_adapter: dict | None = None
+    stopped_early_at: int | None = None
 
 
 def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None = None) -> TrainResult:
@@ -478,6 +502,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
         t, p = prepare(s)
         train_steps(s, t, p, on_step)
         peak_gpu = training_peak_gpu(s)
+        selected = keep_selected(s, t, p)
         s.acc.wait_for_everyone()
         # Sharded, the adapter is whole only once gathered, and every forward of the evaluation needs every
         # process: they all take part, and the main process alone writes.
@@ -489,7 +514,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
         evaluated = evaluate(s, t)
         if not s.main:
             return TrainResult(run=s.run.path, adapter=adapter_dir, entry=None)
-        record(s, t, p, entry, evaluated, peak_gpu, adapter_dir)
+        record(s, t, p, entry, evaluated, peak_gpu, adapter_dir, selected)
         gate(c, entry, evaluated["forgetting"], adapter_dir)
     return TrainResult(run=s.run.path, adapter=adapter_dir, entry=entry)
 
@@ -519,6 +544,11 @@ def setup(c: TrainConfig) -> Setup:
                           "--compute-dtype fp32 (or bf16 on a GPU that has it)")
     if hw["deterministic"]:
         deterministic_cuda()
+    if c.eval_every and hw["quant"] == "4bit" and hw["device"] == "cpu":
+        # the measured pitfall (module docstring): a forward on the 4-bit base on CPU, then training, can leave
+        # LoRA-B gradients at zero without a word
+        raise EdgeftError("--eval-every on a 4-bit base runs on CUDA only (on CPU an evaluation between steps can "
+                          "silently stop LoRA-B from learning); drop --eval-every or train with --base-quant none")
     if c.threads:
         torch.set_num_threads(c.threads)
     task = build_task_set(tokenizer, eval_set, c.eval_data or f"held-out split of {c.data} "
@@ -601,7 +631,8 @@ def prepare(s: Setup) -> tuple[Trainer, Progress]:
     if s.resume_from is not None:
         blob = load_checkpoint(s.resume_from, model, optimizer, scheduler, hw["shard"])
         p = Progress(blob["step"], blob["curve"], blob["seen_tokens"], blob["train_seconds"],
-                     {**p.timed, **(blob.get("timed") or {})}, blob["step"])
+                     {**p.timed, **(blob.get("timed") or {})}, blob["step"], blob.get("evals") or [],
+                     blob.get("base_quick_ppl"), blob.get("best"), blob.get("best_adapter"))
         if blob.get("scaler"):
             scaler.load_state_dict(blob["scaler"])
         if s.main:
@@ -640,14 +671,19 @@ def train_steps(s: Setup, t: Trainer, p: Progress, on_step) -> None:
                     p.timed["seconds"] += seconds
                 else:
                     p.timed["warmup_steps"] += 1
-                update(p.step, t.steps, f"loss {loss:.4f}  lr {lr:.2e}  {p.seen_tokens / p.train_seconds:,.0f} tok/s")
+                looked = look(s, t, p) if c.eval_every and (p.step % c.eval_every == 0 or p.step == t.steps) else None
+                update(p.step, t.steps, f"loss {loss:.4f}  lr {lr:.2e}  {p.seen_tokens / p.train_seconds:,.0f} tok/s"
+                       + (f"  {looked['text']}" if looked and looked["text"] else ""))
                 if log:
-                    log.log(p.step, loss, lr, p.seen_tokens, p.train_seconds)
+                    log.log(p.step, loss, lr, p.seen_tokens, p.train_seconds, looked and looked["row"])
                 if on_step:
                     on_step(p.step, loss, p.seen_tokens)
                 if (stop or c.save_every and p.step % c.save_every == 0) and p.step < t.steps:
                     checkpoint_now(s, t, p)
                     saved_at = p.step
+                if looked and looked["stop"]:
+                    p.stopped_early_at = p.step
+                    break
                 if stop and p.step < t.steps:
                     raise TrainingInterrupted(
                         f"interrupted at step {p.step}/{t.steps}; checkpoint saved in {s.run.path / CHECKPOINTS}; "
@@ -706,6 +742,83 @@ def one_step(s: Setup, t: Trainer, step: int, plans: dict, ctrl_c) -> tuple[floa
     return round(float(step_loss) / n_labels, 5), lr, tokens, stop  # float(): the step's one wait for the device
 
 
+def quick_ids(ids: list[int], window: int) -> list[int]:
+    """What --eval-every scores of the held-out ids: all of them up to 4 windows, else the first quarter."""
+    return list(ids) if len(ids) <= 4 * window else list(ids[:max(4 * window, len(ids) // 4)])
+
+
+def look(s: Setup, t: Trainer, p: Progress) -> dict:
+    """--eval-every: the held-out text (quick_ids) and the task's perplexity now, on the main process; with
+    --select best the best step within the gate so far, and whether to stop early. {"row", "text", "stop"}."""
+    import torch
+
+    row, stop = None, False
+    if s.main:
+        row = probe(s, t, p)
+        stop = s.c.select == "best" and consider(s, t, p, row)
+    if s.world > 1:  # every process stops at the same step
+        stop = bool(s.acc.reduce(torch.tensor(float(stop), device=s.acc.device), "sum") > 0)
+    text = row and (f"held-out {100 * row['heldout_rise']:+.1f}%"
+                    + (f"  task ppl {row['task_ppl']:.3f}" if row["task_ppl"] is not None else ""))
+    return {"row": row, "text": text, "stop": stop}
+
+
+def probe(s: Setup, t: Trainer, p: Progress) -> dict:
+    from .task import score_torch
+
+    c, model = s.c, t.model
+    ids = quick_ids(s.tokens.ids, c.window)
+    model.eval()
+    try:
+        ppl = measure(model, ids, c.window, c.stride, f"step {p.step}").ppl
+        if p.base_quick_ppl is None:
+            with model.disable_adapter():
+                p.base_quick_ppl = measure(model, ids, c.window, c.stride, "base").ppl
+        task = score_torch(model, s.task, s.tokenizer, f"step {p.step}", answer_limit=0) if s.task else None
+    finally:
+        model.train()
+    rise = ppl / p.base_quick_ppl - 1
+    row = {"step": p.step, "heldout_ppl": round(ppl, 6), "heldout_rise": round(rise, 6),
+           "task_ppl": round(task.ppl.ppl, 6) if task and task.ppl else None,
+           "within_gate": bool(rise <= rise_limit(c)), "heldout_ids": len(ids)}
+    p.evals.append(row)
+    return row
+
+
+def consider(s: Setup, t: Trainer, p: Progress, row: dict) -> bool:
+    """--select best: keep this step's adapter if it is the best within the gate so far (task perplexity, else
+    held-out perplexity); True to stop early: the gate is crossed now and the task has not improved for the
+    last 2 evaluations."""
+    from peft import get_peft_model_state_dict
+
+    metric = row["task_ppl"] if row["task_ppl"] is not None else row["heldout_ppl"]
+    if row["within_gate"] and (p.best is None or metric < p.best["metric"]):
+        p.best = {"step": row["step"], "metric": metric, "heldout_rise": row["heldout_rise"]}
+        p.best_adapter = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(t.model).items()}
+    since = [r for r in p.evals if p.best and r["step"] > p.best["step"]]
+    return not row["within_gate"] and p.best is not None and len(since) >= 2
+
+
+def keep_selected(s: Setup, t: Trainer, p: Progress) -> dict:
+    """The adapter the run keeps (--select) and why, for the ledger; with best, the best step's weights are put
+    back into the model before it is saved and evaluated."""
+    if s.c.select != "best":
+        return {"rule": "last", "step": p.step, "reason": "the last step's adapter (--select last)"}
+    if p.best is None:
+        return {"rule": "best", "step": p.step, "reason": "no evaluated step was within the gate; the last step's "
+                                                          "adapter is kept"}
+    crossed = [r["step"] for r in p.evals if not r["within_gate"]]
+    reason = (f"step {p.best['step']}: the lowest task perplexity ({p.best['metric']:.4f}) of the evaluated steps "
+              f"within --max-ppl-rise (held-out {100 * p.best['heldout_rise']:+.1f}%)"
+              + (f"; steps {', '.join(map(str, crossed))} crossed the gate" if crossed else ""))
+    if p.best["step"] != p.step and s.main:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(t.model, p.best_adapter)
+        console.print(f"keeping the adapter of {reason}")
+    return {"rule": "best", "step": p.best["step"], "reason": reason}
+
+
 def checkpoint_now(s: Setup, t: Trainer, p: Progress) -> None:
     if s.hw["shard"]:
         adapter, optimizer_state = _full_state(t.model, t.optimizer)  # every process takes part
@@ -716,7 +829,8 @@ def checkpoint_now(s: Setup, t: Trainer, p: Progress) -> None:
     if s.main:
         save_checkpoint(s.run.path, p.step, adapter, optimizer_state, t.scheduler,
                         {"curve": p.curve, "seen_tokens": p.seen_tokens, "train_seconds": p.train_seconds,
-                         "world_size": s.world, "timed": p.timed,
+                         "world_size": s.world, "timed": p.timed, "evals": p.evals,
+                         "base_quick_ppl": p.base_quick_ppl, "best": p.best, "best_adapter": p.best_adapter,
                          "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None},
                         s.c.keep_checkpoints)
 
@@ -770,7 +884,8 @@ def evaluate(s: Setup, t: Trainer) -> dict:
             "forgetting": Comparison(measured=after_ppl, reference=before_ppl)}
 
 
-def record(s: Setup, t: Trainer, p: Progress, entry: dict, evaluated: dict, peak_gpu: dict, adapter_dir: Path) -> None:
+def record(s: Setup, t: Trainer, p: Progress, entry: dict, evaluated: dict, peak_gpu: dict, adapter_dir: Path,
+           selected: dict) -> None:
     c, hw, task = s.c, s.hw, s.task
     after, before = evaluated["after"], evaluated["before"]
     # What "after" measured, so that a later step measuring the same (merge: the unmerged base + adapter)
@@ -804,6 +919,8 @@ def record(s: Setup, t: Trainer, p: Progress, entry: dict, evaluated: dict, peak
         # main process, the training loop alone (peak_gpu_mb: the whole step, loading and evaluation too)
         "peak_gpu_mb_training": peak_gpu["allocated"], "peak_gpu_mb_training_allocated": peak_gpu["allocated"],
         "peak_gpu_mb_training_reserved": peak_gpu["reserved"],
+        # --eval-every and --select: what was looked at during training, and which step's adapter this is
+        "evaluations": p.evals, "selected": selected, "stopped_early_at": p.stopped_early_at,
     })
 
 

@@ -20,7 +20,8 @@ from .errors import EdgeftError
 
 CSV_FILE = "train_log.csv"
 TENSORBOARD_DIR = "tensorboard"
-COLUMNS = ("step", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s")
+COLUMNS = ("step", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s", "heldout_ppl", "heldout_rise", "task_ppl")
+EVAL_COLUMNS = COLUMNS[6:]  # filled on the steps --eval-every evaluates, empty on the others
 REPORT_TO = ("none", "tensorboard")
 
 
@@ -39,7 +40,9 @@ def rows_until(path: Path, step: int) -> list[str]:
         return []
     lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
     # lines[-1] is "" after the final newline, or a row cut by a crash: never kept.
-    return [line for line in lines[1:-1] if line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) <= step]
+    rows = [line for line in lines[1:-1] if line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) <= step]
+    # a log written before the evaluation columns existed: its rows get them empty
+    return [row + "," * (len(COLUMNS) - 1 - row.count(",")) for row in rows]
 
 
 class TrainLog:
@@ -63,13 +66,19 @@ class TrainLog:
             self._tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR),
                                               purge_step=start_step + 1)
 
-    def log(self, step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
-        """`tokens` and `seconds`: all trained so far (a resumed run counts its earlier part too)."""
+    def log(self, step: int, loss: float, lr: float, tokens: int, seconds: float,
+            evaluation: dict | None = None) -> None:
+        """`tokens` and `seconds`: all trained so far (a resumed run counts its earlier part too); `evaluation`:
+        train --eval-every's figures at this step (heldout_ppl, heldout_rise, task_ppl)."""
         tokens_per_s = tokens / seconds if seconds else 0.0
-        os.write(self._fd, f"{step},{loss:.6g},{lr:.6g},{tokens},{tokens_per_s:.1f},{seconds:.3f}\n".encode())
+        looked = ["" if (evaluation or {}).get(k) is None else f"{evaluation[k]:.6g}" for k in EVAL_COLUMNS]
+        os.write(self._fd, (f"{step},{loss:.6g},{lr:.6g},{tokens},{tokens_per_s:.1f},{seconds:.3f},"
+                            + ",".join(looked) + "\n").encode())
         if self._tensorboard is not None:
-            for tag, value in (("train/loss", loss), ("train/learning_rate", lr), ("train/tokens_per_s", tokens_per_s),
-                               ("train/tokens", tokens)):
+            scalars = [("train/loss", loss), ("train/learning_rate", lr), ("train/tokens_per_s", tokens_per_s),
+                       ("train/tokens", tokens)]
+            scalars += [(f"eval/{k}", evaluation[k]) for k in EVAL_COLUMNS if (evaluation or {}).get(k) is not None]
+            for tag, value in scalars:
                 self._tensorboard.add_scalar(tag, value, step)
 
     def close(self) -> None:

@@ -67,7 +67,9 @@ def test_train_logs_plain_step_lines_a_csv_row_per_step_and_tensorboard(tiny_lla
 
     # the CSV: one row per optimizer step, the loss the ledger has, the schedule's lr, growing counts
     rows = _rows(run)
-    assert list(rows[0]) == ["step", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s"]
+    assert list(rows[0]) == ["step", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s", "heldout_ppl",
+                             "heldout_rise", "task_ppl"]
+    assert all(r["heldout_ppl"] == r["task_ppl"] == "" for r in rows)  # filled only on --eval-every steps
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [float(r["loss"]) for r in rows] == pytest.approx(curve, rel=1e-5)
     lrs = [float(r["lr"]) for r in rows]  # cosine after one warmup step: the peak at step 2, then down
@@ -113,3 +115,14 @@ def test_report_to_is_checked_before_any_model_is_loaded(tmp_path):
                                       "--run", str(tmp_path / "r")])
     assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == \
         "error: --report-to wandb: use tensorboard or none"
+
+
+def test_a_log_written_before_the_evaluation_columns_is_continued_with_them(tiny_llama, tmp_path):
+    first = train_tiny(tiny_llama, tmp_path / "run")  # checkpoints at steps 2 and 4
+    log = first.run / CSV_FILE
+    old = [",".join(line.split(",")[:6]) for line in log.read_text().splitlines()]  # the six columns of before
+    log.write_text("\n".join(old) + "\n")
+    resumed = train_tiny(tiny_llama, tmp_path / "run", resume=True)
+    rows = _rows(resumed.run)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(len(r) == 9 and None not in r.values() for r in rows)

@@ -24,6 +24,10 @@ def apply_template(tokenizer, messages: list[dict], generation_prompt: bool, tok
     folder's fault, a raise_exception() in it refuses the conversation."""
     from jinja2 import TemplateError, TemplateSyntaxError
 
+    from .templates import NO_TEMPLATE
+
+    if not tokenizer.chat_template:
+        raise EdgeftError(f"{tokenizer.name_or_path}: {NO_TEMPLATE}")
     try:
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=tokenize,
                                             **({"return_dict": True} if tokenize else {}),
@@ -40,6 +44,12 @@ def apply_template(tokenizer, messages: list[dict], generation_prompt: bool, tok
 
 
 def prompt_ids(tokenizer) -> list[int]:
+    """The fixed prompt's ids: with the model's chat template, or plainly for a base model without one (as train
+    renders its rows, templates.plain_prompt)."""
+    from .templates import plain_prompt
+
+    if not tokenizer.chat_template:
+        return plain_prompt(tokenizer, CHAT_PROMPT)
     return list(apply_template(tokenizer, CHAT_PROMPT, generation_prompt=True, tokenize=True))
 
 

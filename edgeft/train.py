@@ -26,7 +26,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from . import methods
+from . import methods, templates
 from .adapter import ADAPTER_META, ADAPTER_WEIGHTS, name_base_on_hub
 from .atomic import atomic_dir, write_json
 from .checkpoint import CHECKPOINTS, StopAtStepBoundary, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -53,7 +53,7 @@ WARMUP_STEPS = 1
 _RESUME_KEYS = ("model", "data", "eval_data", "eval_split", "base_quant", "method", "lora_r", "lora_alpha", "lora_dropout",
                 "target_modules", "max_seq_len", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay",
                 "epochs", "max_steps", "seed", "gradient_checkpointing", "packing", "attn", "columns", "shard",
-                "compute_dtype", "eval_every", "select")
+                "compute_dtype", "eval_every", "select", "chat_template")
 COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Families whose activations overflow float16 (Gemma's large embedding scale and residuals, as transformers' and
 # Gemma's own notes say): on a GPU without native bf16, auto trains them in float32 rather than fp16.
@@ -85,6 +85,11 @@ class TrainConfig(HeldOutOptions):
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     target_modules: list[str] = field(default_factory=list, metadata={
         "help": "comma-separated module names (default: every attention and MLP projection)"})
+    chat_template: str = field(default="", metadata={
+        "metavar": "NAME|FILE",
+        "help": "a chat template for a base model without one (chatml, or a Jinja file), or to replace the base's: "
+                "used to render the rows, stored with the adapter, and from there in merge, export (the GGUF's "
+                "tokenizer.chat_template, the Modelfile) and chat. Without any, rows are rendered plainly"})
     max_seq_len: int = field(default=1024, metadata={"help": "longer rows are truncated (or refused with --strict)"})
     strict: bool = field(default=False, metadata={"help": "refuse rows longer than --max-seq-len"})
     batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
@@ -201,6 +206,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.compute_dtype not in ("auto", *COMPUTE_DTYPES):
         raise EdgeftError(f"--compute-dtype {c.compute_dtype}: use auto, {', '.join(COMPUTE_DTYPES)}")
     method = methods.get(c.method)
+    if c.chat_template:
+        templates.load(c.chat_template)  # a bad template is refused before anything loads
     for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_seq_len", "epochs"):
         if getattr(c, name) < 1:
             raise EdgeftError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be at least 1")
@@ -392,7 +399,7 @@ def _resume_point(run: Run, c: TrainConfig, world_size: int) -> Path:
                                                           "new --run")) if saved.is_file() else None)
     # What a run saved before a setting existed is that setting's default.
     unsaved = {"world_size": 1, "columns": {}, "shard": False, "compute_dtype": "auto", "eval_every": 0,
-               "select": "last"}
+               "select": "last", "chat_template": ""}
     return latest_checkpoint(run.path, saved, before, {**to_dict(c), "world_size": world_size},
                              (*_RESUME_KEYS, "world_size"), unsaved)
 
@@ -532,6 +539,8 @@ def setup(c: TrainConfig) -> Setup:
     tokenizer = load_tokenizer(base_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels mask padding, so sharing EOS costs nothing
+    if c.chat_template:  # saved with the adapter's tokenizer: merge, export and chat take it from there
+        tokenizer.chat_template = templates.load(c.chat_template)
     train_set, eval_set, truncated = split_examples(c, tokenizer)
     run = Run(c.run or default_run_dir("train"))
     resume_from = _resume_point(run, c, acc.num_processes) if c.resume else None

@@ -33,6 +33,7 @@ def test_every_evaluation_is_logged_in_the_csv_and_the_ledger(tiny_llama, tmp_pa
     assert result.entry["metrics"]["selected"]["rule"] == "last"
 
 
+@pytest.mark.slow
 def test_a_run_whose_last_step_forgets_too_much_keeps_its_best_earlier_adapter(tiny_llama, tmp_path,
                                                                               looked_at_every_step):
     rises = [e["heldout_rise"] for e in looked_at_every_step]
@@ -62,6 +63,7 @@ def test_a_run_whose_last_step_forgets_too_much_keeps_its_best_earlier_adapter(t
         assert m["stopped_early_at"] < 8 and len(m["loss_curve"]) == m["stopped_early_at"]
 
 
+@pytest.mark.slow
 def test_the_kept_adapter_is_that_steps_weights(tiny_llama, tmp_path, looked_at_every_step):
     from edgeft.checkpoint import load_state
 

@@ -187,10 +187,22 @@ def _stops(fmt: ChatFormat, tokenizer) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+# Ollama's view of templates.plain_prompt: every message that is not the assistant's, then a newline; the
+# assistant's own earlier answers as they were.
+PLAIN_TEMPLATE = ('{{ if .System }}{{ .System }}\n{{ end }}{{ range .Messages }}{{ if eq .Role "assistant" }}'
+                  '{{ .Content }}{{ else }}{{ .Content }}\n{{ end }}{{ end }}')
+
+
 def modelfile(gguf_name: str, tokenizer, bos_added: bool) -> str:
     """The Modelfile: the GGUF, its chat template in Ollama's Go template syntax, the default system prompt,
     stop tokens. `bos_added`: the GGUF makes the runtime add BOS (tokenizer.ggml.add_bos_token)."""
     lines = [f"FROM ./{gguf_name}"]
+    if not tokenizer.chat_template:  # a base model: the plain rendering train used (templates.plain_prompt)
+        lines += ["# the model has no chat template: each prompt turn followed by a newline, as edgeft trained it",
+                  f'TEMPLATE """{PLAIN_TEMPLATE}"""']
+        lines += [f'PARAMETER stop "{tokenizer.eos_token}"'] if tokenizer.eos_token else []
+        lines.append("PARAMETER temperature 0.2")
+        return "\n".join(lines) + "\n"
     try:
         fmt = chat_format(tokenizer, bos_added)
         template = go_template(fmt)

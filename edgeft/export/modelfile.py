@@ -18,6 +18,7 @@ GGUF says so (tokenizer.ggml.add_bos_token), so a BOS the HF template writes is 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,14 +194,33 @@ PLAIN_TEMPLATE = ('{{ if .System }}{{ .System }}\n{{ end }}{{ range .Messages }}
                   '{{ .Content }}{{ else }}{{ .Content }}\n{{ end }}{{ end }}')
 
 
+def value(text: str) -> str | None:
+    """`text` as a Modelfile value that Ollama's parser (parser/parser.go) reads back unchanged, or None where none
+    does. The parser has no escapes: a value is a bare word, "..." or \"\"\"...\"\"\"\", and it ends at the first
+    newline (or space) after which the text so far is a closed quote. So a stop token holding a quote and a
+    newline, written in plain quotes, would end early and start a line of its own (another ADAPTER or SYSTEM):
+    anything with a quote or a line break goes between triple quotes, which only \"\"\" itself can close; text
+    holding \"\"\", or control characters the parser drops, is not written at all."""
+    if '"""' in text or any(ord(ch) < 32 and ch not in "\n\t" for ch in text) or "\x7f" in text:
+        return None
+    if '"' in text or "\n" in text:
+        return '"""' + text + '"""'
+    return '"' + text + '"'
+
+
 def modelfile(gguf_name: str, tokenizer, bos_added: bool) -> str:
     """The Modelfile: the GGUF, its chat template in Ollama's Go template syntax, the default system prompt,
     stop tokens. `bos_added`: the GGUF makes the runtime add BOS (tokenizer.ggml.add_bos_token)."""
-    lines = [f"FROM ./{gguf_name}"]
+    source = f"./{gguf_name}"
+    source = source if re.fullmatch(r"[\w./+-]+", source) else value(source)  # a plain path stays bare
+    if source is None or "\n" in source:
+        raise EdgeftError(f"{gguf_name!r}: a GGUF name a Modelfile cannot hold (control characters or \"\"\"); "
+                          f"rename the run or --out")
+    lines = [f"FROM {source}"]
     if not tokenizer.chat_template:  # a base model: the plain rendering train used (templates.plain_prompt)
         lines += ["# the model has no chat template: each prompt turn followed by a newline, as edgeft trained it",
                   f'TEMPLATE """{PLAIN_TEMPLATE}"""']
-        lines += [f'PARAMETER stop "{tokenizer.eos_token}"'] if tokenizer.eos_token else []
+        lines += _stop_lines([tokenizer.eos_token] if tokenizer.eos_token else [])
         lines.append("PARAMETER temperature 0.2")
         return "\n".join(lines) + "\n"
     try:
@@ -218,9 +238,18 @@ def modelfile(gguf_name: str, tokenizer, bos_added: bool) -> str:
         if fmt.extra_bos:
             lines.append("# note: Ollama adds BOS (the GGUF asks for it) where the HF chat template writes none")
         stops = _stops(fmt, tokenizer)
-    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    lines += _stop_lines(stops)
     lines.append("PARAMETER temperature 0.2")
     return "\n".join(lines) + "\n"
+
+
+def _stop_lines(stops: list[str]) -> list[str]:
+    out = []
+    for stop in stops:
+        quoted = value(stop)
+        # ascii(): the comment itself must stay on one line
+        out.append(f"PARAMETER stop {quoted}" if quoted else f"# stop {ascii(stop)} left out: no Modelfile value holds it")
+    return out
 
 
 def gguf_adds_bos(gguf_path: Path) -> bool:

@@ -37,6 +37,7 @@ from .gates import Gate, check, parse_gates
 from .heldout import TOKENS_FILE, HeldOutOptions
 from .inputs import read_json
 from .ledger import Run, artifact, default_run_dir
+from .locks import writing
 from .models import DEFAULT_BASE, fingerprint, hub_id, load_model, load_tokenizer, resolve_model
 from .progress import bar, console
 from .reuse import KEY, measurement_key, torch_weights
@@ -225,7 +226,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
                           "--lora-dropout in [0, 1)")
     c.check_heldout()
     # the ledger and a resumed run see the rate that was used
-    return dataclasses.replace(c, columns=columns, lr=c.lr or method.lr).checked("eval_generate")
+    return dataclasses.replace(c, columns=columns, lr=c.lr or method.lr,
+                               run=c.run or str(default_run_dir("train"))).checked("eval_generate")
 
 
 def rise_limit(c: TrainConfig) -> float:
@@ -499,7 +501,11 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
     `on_step(step, loss, tokens)` is called after every optimizer step, `tokens` counting every token
     trained on so far by all processes (logging hooks, benchmarks, tests)."""
     c = resolve(config)
-    s = setup(c)
+    with contextlib.ExitStack() as held:
+        return recipe(c, setup(c, held), on_step)
+
+
+def recipe(c: TrainConfig, s: Setup, on_step) -> TrainResult:
     # Only the main process keeps the ledger; the others fill a throwaway entry.
     ledger = s.run.step("train", to_dict(c), ledger_inputs(s)) if s.main else contextlib.nullcontext(
         {"metrics": {}, "outputs": []})
@@ -527,7 +533,8 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def setup(c: TrainConfig) -> Setup:
+def setup(c: TrainConfig, held: contextlib.ExitStack) -> Setup:
+    """Everything before the model; `held` keeps the run's adapter lock until training ends."""
     import torch
     from accelerate import Accelerator
 
@@ -542,7 +549,9 @@ def setup(c: TrainConfig) -> Setup:
     if c.chat_template:  # saved with the adapter's tokenizer: merge, export and chat take it from there
         tokenizer.chat_template = templates.load(c.chat_template)
     train_set, eval_set, truncated = split_examples(c, tokenizer)
-    run = Run(c.run or default_run_dir("train"))
+    if acc.is_main_process:  # one train at a time writes a run's adapter, checkpoints, logs and train_config.json
+        held.enter_context(writing(Path(c.run), "adapter", "train"))
+    run = Run(c.run)
     resume_from = _resume_point(run, c, acc.num_processes) if c.resume else None
     config_json = read_json(base_path / "config.json", "the model folder needs its config.json")
     text_config = config_json.get("text_config") or config_json

@@ -1,0 +1,45 @@
+"""One writer per artifact of a run: a second `train` into a run whose adapter another is writing (or a second
+merge, or an export of the same file) is refused in one line instead of overwriting the first's work unseen.
+
+Each artifact has a lock file RUN/.locks/NAME.lock held (flock, through filelock) for as long as the command
+writes it; the operating system drops it when the process ends, however it ends, so a crash leaves no stale lock.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import EdgeftError
+
+LOCKS = ".locks"
+
+
+@contextmanager
+def writing(run_dir: Path, artifact: str, command: str) -> Iterator[None]:
+    """Hold the lock of `artifact` (a name within the run: "adapter", "merged", a GGUF's file name) or refuse."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(run_dir) / LOCKS
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgeftError(f"{run_dir}: cannot write in the run folder ({e.strerror}); give a --run you can write") \
+            from None
+    name = re.sub(r"[^\w.-]", "_", artifact)
+    holder = folder / f"{name}.pid"
+    lock = FileLock(folder / f"{name}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        who = holder.read_text().strip() if holder.is_file() else "another process"
+        raise EdgeftError(f"{run_dir}: {artifact} is being written by {who}; wait for it to finish, or {command} "
+                          f"into another --run") from None
+    try:
+        holder.write_text(f"edgeft {command} (pid {os.getpid()})\n")
+        yield
+    finally:
+        lock.release()

@@ -20,7 +20,8 @@ from .deploy import DeployConfig
 from .errors import EdgeftError, GateFailed
 from .evaluate import EvalConfig
 from .export import ExportConfig, GGUFExportConfig, OnnxExportConfig, load_export_config
-from .ledger import Run, ledger_rows
+from .ledger import Run
+from .tables import ledger_rows, methods_columns
 from .merge import MergeConfig
 from .smoke import SmokeConfig
 from .train import TrainConfig
@@ -454,13 +455,13 @@ def compare_cmd(config_file, as_json, **flags):
     merged model and each quant, forgetting vs the base. RUN/compare.png has the plot; `edgeft report RUN`
     shows the table.
     """
-    from .compare import columns, compare
+    from .compare import compare
 
     result = compare(load_config(CompareConfig, config_file, flags))
     if as_json:
         click.echo(json_text(result.entry, indent=None))
         return result.raise_failure()
-    headers, rows = columns(result.entry["metrics"]["rows"])
+    headers, rows = methods_columns(result.entry["metrics"]["rows"])
     table = Table(title=f"PEFT methods on {result.entry['inputs']['data'] or result.entry['inputs']['pipeline']} "
                         f"({result.run})")
     for h in headers:

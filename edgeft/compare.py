@@ -212,41 +212,10 @@ def compare(config: CompareConfig) -> CompareResult:
     return CompareResult(run=root.path, entry=entry, failure=failure)
 
 
-def columns(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """The comparison as headers and text cells: one table for the CLI, the report and the README."""
-    quants = list(dict.fromkeys(q for r in rows for q in r["quants"]))
-
-    def pct(x):
-        return "" if x is None else f"{100 * x:.0f}%"
-
-    def ppl(x):
-        return "" if x is None else f"{x:.4f}"
-
-    headers = ["method", "trainable params", "adapter MB", "train s", "peak RAM MiB", "forgetting",
-               "merged ppl", "merged exact"]
-    for q in quants:
-        headers += [f"{q.upper()} ppl", f"{q.upper()} exact"]
-    out = []
-    for r in rows:
-        merged = r["merged"] or {}
-        cells = [r["method"], "" if r["trainable_params"] is None else f"{r['trainable_params']:,}",
-                 "" if r["adapter_mb"] is None else f"{r['adapter_mb']:.2f}",
-                 "" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}",
-                 "" if r["peak_ram_mb"] is None else f"{r['peak_ram_mb']:.0f}",
-                 "" if r["forgetting"] is None else f"{100 * r['forgetting']:+.2f}%",
-                 ppl(merged.get("ppl")), pct(merged.get("exact_match"))]
-        for q in quants:
-            m = r["quants"].get(q) or {}
-            cells += [ppl(m.get("ppl")) + ("" if m.get("status") in (None, "ok") else " (failed)"),
-                      pct(m.get("exact_match"))]
-        out.append(cells + ([f"failed: {r['error'][:80]}"] if r["error"] else []))
-    return headers, out
-
-
 def plot(rows: list[dict]) -> bytes:
     """Held-out perplexity change vs the base and exact answers, per method, for the merged model and each
     quant: where each method's quality goes on the way to the board."""
-    from .report import png_bytes, pyplot
+    from .report import png_bytes, pyplot  # compare draws with the report's matplotlib setup
 
     plt = pyplot()
     stages = ["merged", *dict.fromkeys(q for r in rows for q in r["quants"] if q != "f16")]

@@ -29,6 +29,7 @@ from .ledger import Run
 from .progress import bar
 from .prompt import prompt_ids
 from .ssh import SSHOptions
+from .target import qemu_prefix, target_threads
 
 
 @dataclass
@@ -344,16 +345,6 @@ def deploy(config: DeployConfig) -> DeployResult:
     for other in served.runs[1:]:  # every served run's ledger says where it now runs
         other.append({**entry, "inputs": {**inputs, "served_with": str(run.path.resolve())}})
     return DeployResult(run=run.path, dest=dest, files=hashes, entry=entry)
-
-
-def qemu_prefix(profile, emulate: bool) -> list[str]:
-    """What runs the board's binaries when emulating: qemu-user with the board's CPU model."""
-    return [f"qemu-{profile.arch}-static", "-cpu", profile.qemu_cpu or "max"] if emulate else []
-
-
-def target_threads(profile, emulate: bool, asked: int = 0) -> int:
-    """Threads on the target: --threads, else the profile's; emulated, 2 (qemu-user runs on the host's cores)."""
-    return asked or (2 if emulate else profile.threads or 2)
 
 
 def start_server(c: DeployConfig, remote, profile, served: Served, dest: str, context: int) -> dict:

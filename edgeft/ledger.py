@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -169,15 +170,13 @@ class Run:
     def step(self, name: str, config: dict, inputs: dict) -> Iterator[dict]:
         """Time a step and append its ledger entry, also when it fails. The body fills in the entry's
         outputs, perplexity, metrics; raising GateFailed marks it failed with that reason."""
-        import torch
-
         self.path.mkdir(parents=True, exist_ok=True)
         entry: dict = {"step": name, "status": "running", "started": _now(), "inputs": inputs, "outputs": [],
                        "perplexity": None, "metrics": {}, "config": config, "versions": versions()}
         _reset_peak_rss()
         entry["rss_at_start_mb"] = current_rss_mb()  # peak minus this is what the step itself added
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        if _cuda():
+            sys.modules["torch"].cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
             yield entry
@@ -195,9 +194,17 @@ class Run:
         finally:
             entry["wall_s"] = round(time.perf_counter() - start, 2)
             entry["peak_rss_mb"] = read_peak_rss_mb()
-            if torch.cuda.is_available():
-                entry["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            if _cuda():
+                entry["peak_gpu_mb"] = round(sys.modules["torch"].cuda.max_memory_allocated() / 2**20, 1)
             self.append(entry)
+
+
+def _cuda() -> bool:
+    """Whether this process uses CUDA, asked of torch only if something already imported it: a step that never
+    imports torch (deploy, smoke) allocated no GPU memory, and the ledger stays importable without torch. A step
+    that imports torch during its body has a peak since that import, which is its own."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_available()
 
 
 def read_manifest(path: Path) -> dict:
@@ -234,47 +241,3 @@ def _check_fields(obj: dict, fields: dict, where: str) -> None:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def ledger_rows(manifest: dict) -> list[dict]:
-    """One row per measured model, in the order a person reads the chain. A step that compares against a
-    reference (train: the base without the adapter) gets the reference's row first; Δ is against the
-    step's reference, else against the run's first perplexity. Task columns (the fine-tune's held-out
-    answers: their perplexity and the exact-answer rate) come from the entry's `task`, when the run has one."""
-    rows = []
-    first_ppl = None
-    for entry in manifest.get("steps", []):
-        ref = entry.get("reference")
-        task = entry.get("task") or {}
-        # A reference already on the ledger (the F16 GGUF that every quant compares with) is not repeated.
-        if ref and ref.get("ppl") is not None and not any(r["ppl"] == ref["ppl"] for r in rows):
-            rows.append(_row(entry, ref, task.get("reference") or {}, status="ref", delta_to=None))
-            first_ppl = first_ppl or ref["ppl"]
-        ppl = (entry.get("perplexity") or {}).get("ppl")
-        rows.append(_row(entry, entry.get("perplexity") or {}, task, status=entry["status"],
-                         delta_to=(ref or {}).get("ppl", first_ppl)))
-        if first_ppl is None and ppl is not None:
-            first_ppl = ppl
-    return rows
-
-
-def _row(entry: dict, measured: dict, task: dict, status: str, delta_to: float | None) -> dict:
-    ppl = measured.get("ppl")
-    own = status != "ref"  # sizes, times and notes belong to the step's own row
-    return {
-        "step": entry["step"],
-        "checks": (entry.get("config") or {}).get("checks") or "full",  # quick: part of the ids, no answers
-        "model": measured.get("model", ""),
-        "status": status,
-        "ppl": ppl,
-        "delta_pct": None if ppl is None or not delta_to else round(100 * (ppl / delta_to - 1), 2),
-        "tokens": measured.get("tokens"),
-        "task_ppl": task.get("ppl"),
-        "task_delta_pct": None if task.get("ppl_change") is None or not own else round(100 * task["ppl_change"], 2),
-        "exact_match": task.get("exact_match"),
-        "task_items": task.get("items") if own else None,
-        "bytes": (sum(o.get("bytes", 0) for o in entry.get("outputs", [])) or None) if own else None,
-        "wall_s": entry.get("wall_s") if own else None,
-        "peak_rss_mb": entry.get("peak_rss_mb") if own else None,
-        "reason": (entry.get("reason") or entry.get("note") or task.get("note") or "") if own else "",
-    }

@@ -35,7 +35,7 @@ from .models import add_adapter, copy_tokenizer, load_for_scoring, load_tokenize
 from .progress import bar
 from .reuse import find_measurement, measurement_key, torch_weights
 from .scoring import Comparison, PerplexityResult, measure
-from .task import TaskScore, score_torch, store_task_set, task_set_for_run
+from .task import TaskScore, TaskSet, build_task_set, read_task_set, score_torch, store_task_set
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -211,6 +211,24 @@ def _score(model, tokenizer, tokens, task, c: MergeConfig, label: str) -> dict:
             "exact_match_n": scored.answered if scored else 0}
 
 
+def _task_set_for_run(run_dir: Path, tokenizer) -> TaskSet | None:
+    """The run's task set; for a run whose training predates task_tokens.json, rebuilt from its training
+    record (the same seeded held-out split) and stored."""
+    task = read_task_set(run_dir, tokenizer)
+    if task is not None:
+        return task
+    # Here, not in task.py: the training record is train's (task.py is what train itself scores with).
+    from .train import data_path, read_train_config, split_examples
+
+    trained = read_train_config(run_dir)
+    if trained is None or not (trained.eval_data or data_path(trained).is_file()):
+        return None
+    trained.strict = False
+    held_out = split_examples(trained, tokenizer)[1]
+    task = build_task_set(tokenizer, held_out, f"held-out split of {trained.data}")
+    return store_task_set(run_dir, task) if task else None
+
+
 def merge(config: MergeConfig) -> MergeResult:
     c = config
     if not c.adapter:
@@ -244,7 +262,7 @@ def merge(config: MergeConfig) -> MergeResult:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokens = c.heldout_tokens(tokenizer, run.path)
-    task = task_set_for_run(adapter.run, tokenizer) if adapter.run else None
+    task = _task_set_for_run(adapter.run, tokenizer) if adapter.run else None
     if task and adapter.run != run.path:
         store_task_set(run.path, task)
 

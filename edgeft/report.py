@@ -31,7 +31,8 @@ from typing import Callable
 
 from .atomic import atomic_file
 from .errors import EdgeftError
-from .ledger import Run, ledger_rows
+from .ledger import Run
+from .tables import ledger_rows, methods_columns
 
 MiB = 2**20
 GREY, GREEN, RED, BLUE = "#999999", "#2b8a3e", "#c92a2a", "#1c7ed6"
@@ -357,12 +358,10 @@ def _boards_table(manifest: dict) -> str:
 
 
 def _methods_table(manifest: dict) -> str:
-    from .compare import columns
-
     e = next((x for x in reversed(manifest["steps"]) if x["step"] == "compare"), None)
     if e is None:
         return ""
-    headers, rows = columns(e["metrics"]["rows"])
+    headers, rows = methods_columns(e["metrics"]["rows"])
     width = max(len(r) for r in rows)
     return "<h2>PEFT methods compared</h2>" + _table(headers + [""] * (width - len(headers)), rows, "compare")
 

@@ -16,17 +16,12 @@ SIGILL, a free check. llama.cpp is 20-50x slower there, so emulated runs score -
 
 from __future__ import annotations
 
-import math
-import shlex
-import signal
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .config import to_dict
-from .deploy import TASK_PIECES, TASK_PROMPTS, bundle, export_source, pick_gguf, qemu_prefix, target_threads
+from .deploy import TASK_PIECES, TASK_PROMPTS, bundle, export_source, pick_gguf
 from .errors import EdgeftError
 from .gates import BOARD_MATCH, BOARD_Z, Gate, check
 from .heldout import TOKENS_FILE, EvalTokens
@@ -36,9 +31,8 @@ from .progress import console
 from .prompt import answer_ok, prompt_ids, prompt_text
 from .scoring import Comparison, PerplexityResult, score, token_difference
 from .ssh import SSHOptions
+from .target import board_perplexity, runner, target_threads
 from .task import TaskScore, changes, judge_answers, read_task_set, score_task
-
-SIGILL = 132
 
 
 @dataclass
@@ -65,56 +59,6 @@ class SmokeResult:
     run: Path
     entry: dict  # the first run's
     entries: list[dict] = field(default_factory=list)  # every adapter's, with --adapters
-
-
-def runner(c: SmokeConfig, profile, workdir: str) -> Callable[[list[str], float], str]:
-    """A function running a command (an argument list) in the target's work folder, returning stdout.
-    Never through a local shell: profile fields are data (a user's profile is a YAML file anyone can hand
-    over). On a board the command line is the remote shell's, so every argument is quoted."""
-    prefix = qemu_prefix(profile, c.emulate)
-    sigill = (f"the {profile.name} build died with SIGILL (illegal instruction) on the target CPU"
-              + (f" (qemu -cpu {profile.qemu_cpu})" if c.emulate else "")
-              + ": the profile's compiler flags use instructions that CPU lacks; pick the board's profile")
-
-    if c.host:
-        remote = c.remote()
-
-        def run(argv: list[str], timeout: float) -> str:
-            try:
-                return remote.run(f"cd -- {shlex.quote(workdir)} && {shlex.join(prefix + argv)}", timeout=timeout)
-            except EdgeftError as e:
-                if f"(exit {SIGILL})" in str(e):
-                    raise EdgeftError(sigill) from None
-                raise
-        return run
-
-    def run_local(argv: list[str], timeout: float) -> str:
-        try:
-            proc = subprocess.run(prefix + argv, cwd=workdir, capture_output=True, text=True, timeout=timeout)
-        except FileNotFoundError:
-            raise EdgeftError(f"{(prefix + argv)[0]}: not found on this machine"
-                              + ("; apt-get install qemu-user-static" if prefix else "")) from None
-        except subprocess.TimeoutExpired:
-            raise EdgeftError(f"`{shlex.join(argv)[:60]}` took longer than {timeout:.0f} s on the target") from None
-        if proc.returncode in (SIGILL, -signal.SIGILL):
-            raise EdgeftError(sigill)
-        if proc.returncode != 0:
-            raise EdgeftError(f"`{shlex.join(argv)[:60]}` failed on the target (exit {proc.returncode}): "
-                              f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
-        return proc.stdout
-    return run_local
-
-
-def board_perplexity(out: dict, host: PerplexityResult, backend: str) -> PerplexityResult:
-    """edgeft-board's perplexity output as a result over the same tokens as the host's (per token, so the two
-    can be compared token by token)."""
-    token_nll = [math.nan if x is None else x for x in out["token_nll"]]  # the board prints NaN as null
-    if len(token_nll) != host.tokens:
-        raise EdgeftError(f"edgeft-board scored {len(token_nll)} tokens where the host scored {host.tokens}: "
-                          f"another version's build; run `edgeft deploy` again")
-    return PerplexityResult(ppl=math.exp(sum(token_nll) / len(token_nll)), nll_sum=sum(token_nll),
-                            tokens=len(token_nll), windows=out["windows"], window=host.window, stride=host.stride,
-                            seconds=out["seconds"], backend=backend, token_nll=token_nll, token_top1=out["top1"])
 
 
 def _task_on_target(entry: dict, task, c: SmokeConfig, board_json, model_file: str, threads: int, host_model,

@@ -24,13 +24,14 @@ import time
 
 from . import serve
 from .config import to_dict
-from .deploy import qemu_prefix, served_dest, target_threads, what_to_serve
+from .deploy import served_dest, what_to_serve
 from .errors import EdgeftError, GateFailed
 from .gates import BOARD_MATCH, BOARD_Z, EXACT_DROP_GATE_OTHER, EXACT_DROP_GATES, Gate, check
 from .heldout import TOKENS_FILE, EvalTokens
 from .inputs import parse_json
 from .prompt import prompt_ids
 from .scoring import Comparison, score, token_difference
+from .target import board_perplexity, qemu_prefix, runner, target_threads
 from .task import answer_budget, judge, read_task_set
 
 SWITCH_ROUNDS = 3  # per adapter: a request after another adapter's, then one after its own
@@ -93,7 +94,6 @@ def smoke_adapters(c) -> list[dict]:
     that failed, after all were measured."""
     from .devices import get
     from .models import load_tokenizer
-    from .smoke import runner
 
     if not c.host:
         raise EdgeftError("--adapters: smoke checks the served adapters on a board: pass --host (the board that "
@@ -143,7 +143,6 @@ def smoke_adapters(c) -> list[dict]:
 def _one_adapter(c, entry, run, served, i, client, target, threads, slow, tokenizer, profile) -> list[Gate]:
     from .deploy import pick_gguf
     from .llamacpp import LlamaCpp
-    from .smoke import board_perplexity
 
     fused, export_entry = pick_gguf(run, served.quant)
     tokens = EvalTokens.read(run.path / TOKENS_FILE)

@@ -153,23 +153,6 @@ def store_task_set(run_dir: Path, task: TaskSet) -> TaskSet:
     return task
 
 
-def task_set_for_run(run_dir: Path, tokenizer) -> TaskSet | None:
-    """The run's task set; for a run whose training predates task_tokens.json, rebuilt from its training
-    record (the same seeded held-out split) and stored."""
-    task = read_task_set(run_dir, tokenizer)
-    if task is not None:
-        return task
-    from .train import data_path, read_train_config, split_examples
-
-    trained = read_train_config(run_dir)
-    if trained is None or not (trained.eval_data or data_path(trained).is_file()):
-        return None
-    trained.strict = False
-    held_out = split_examples(trained, tokenizer)[1]
-    task = build_task_set(tokenizer, held_out, f"held-out split of {trained.data}")
-    return store_task_set(run_dir, task) if task else None
-
-
 # --------------------------------------------------------------------------------------------- answers
 def judge(got: str, expected: str, kind: str) -> tuple[bool, float | None]:
     """(exact, share of correct fields or None). JSON answers are compared as JSON: whitespace and key order

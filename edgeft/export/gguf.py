@@ -28,13 +28,13 @@ from ..errors import EdgeftError, GateFailed
 from ..gates import GGUF_GATE_OTHER, GGUF_GATES, HF_MATCH, LORA_MATCH, Gate, check, parse_gates, passed
 from ..heldout import TOKENS_FILE, read_text
 from ..ledger import Run, artifact
-from ..llamacpp import QUANT_TYPES, LlamaCpp, quantize
+from ..llamacpp import QUANT_TYPES, LlamaCpp, quantize, reference_tree
 from ..models import EMBEDDED_MODELS, hub_id, load_model
 from ..noise import quiet_llama_cpp_log
 from ..progress import bar, console
 from ..prompt import answer_ok, prompt_ids, prompt_text
 from ..scoring import Comparison, compare, score
-from . import ExportResult, GGUFExportConfig
+from .config import ExportResult, GGUFExportConfig
 from .checks import record_quant_task, record_reference_task, task_gate_limits
 from .modelfile import write_modelfile
 from .source import Source, hf_reference, load_inputs, resolve_source
@@ -114,7 +114,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
         with atomic_file(ref_path) as tmp, bar(f"convert → {ref_path.name}") as update:
             try:
                 if converter == "llamacpp":
-                    convert_metrics = llamacpp_convert(source.path, tmp, reference_type)
+                    convert_metrics = llamacpp_convert(reference_tree(), source.path, tmp, reference_type)
                 else:
                     result = convert(source.path, tmp, reference_type, loras=source.loras, progress=update, name=stem)
                     convert_metrics = {"converter": "edgeft", "arch": result.arch, "tensors": result.tensors,
@@ -342,13 +342,26 @@ def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entr
     return entry, None
 
 
+def _training_rows(run_dir: Path, tokenizer) -> list[list[int]]:
+    """The token ids of the run's training rows (--imatrix train)."""
+    from ..dataset import load_examples
+    from ..train import data_path, read_train_config
+
+    trained = read_train_config(run_dir)
+    if trained is None:
+        raise EdgeftError(f"--imatrix train: {run_dir} has no train_config.json (nothing was trained in this "
+                          f"run); pass --imatrix FILE (a text)")
+    return [e.input_ids for e in load_examples(data_path(trained), tokenizer, trained.max_seq_len, False,
+                                               trained.columns)[0]]
+
+
 def _imatrix(c: GGUFExportConfig, run: Run, source: Source, tokenizer) -> dict:
     """The importance matrix of the model being exported (adapter fused when there is one), its entries
     named after the GGUF tensors by the architecture's converter family."""
     from ..converters.families import imatrix_name_map
     from ..imatrix import calibration_ids, compute
 
-    chunks = calibration_ids(c.imatrix, run.path, tokenizer, c.imatrix_tokens)
+    chunks = calibration_ids(c.imatrix, tokenizer, c.imatrix_tokens, lambda: _training_rows(run.path, tokenizer))
     model = load_model(source.path, "float32")
     if source.loras:
         from peft import PeftModel

@@ -27,7 +27,7 @@ from ..onnx_runtime import REBUILD_CACHE_AT, OnnxLM
 from ..progress import bar, console
 from ..prompt import answer_ok, prompt_ids, prompt_text
 from ..scoring import Comparison, compare, score
-from . import ExportResult, OnnxExportConfig
+from .config import ExportResult, OnnxExportConfig
 from .checks import record_quant_task, record_reference_task, task_gate_limits
 from .source import hf_reference, load_inputs, resolve_source
 

@@ -5,7 +5,8 @@ from click.testing import CliRunner
 
 from edgeft.cli import cli
 from edgeft.errors import GateFailed
-from edgeft.ledger import Run, artifact, ledger_rows
+from edgeft.ledger import Run, artifact
+from edgeft.tables import ledger_rows
 
 
 def test_step_entry_round_trip(tmp_path):

@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from edgeft.cli import cli
-from edgeft.ledger import Run, ledger_rows
+from edgeft.ledger import Run
+from edgeft.tables import ledger_rows
 from edgeft.report import figure
 
 from .conftest import WINDOW

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from edgeft.cli import cli
 from edgeft.ledger import Run
-from edgeft.tables import ledger_rows
 from edgeft.report import figure
+from edgeft.tables import ledger_rows
 
 from .conftest import WINDOW
 

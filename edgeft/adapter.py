@@ -21,6 +21,7 @@ from .errors import EdgeftError
 from .inputs import check_safetensors, load_safetensors, read_json
 from .models import fingerprint
 from .progress import console
+from .run import Run
 
 if TYPE_CHECKING:
     import torch
@@ -95,8 +96,8 @@ class Adapter:
 def find_adapter(arg: str | Path) -> Adapter:
     """`arg` is a run folder (with adapter/) or an adapter folder."""
     p = Path(arg)
-    if (p / "adapter" / "adapter_config.json").is_file():
-        p = p / "adapter"
+    if (Run(p).adapter / "adapter_config.json").is_file():
+        p = Run(p).adapter
     if not (p / "adapter_config.json").is_file():
         raise EdgeftError(f"--adapter {arg}: no adapter_config.json there (nor in {arg}/adapter); pass a run "
                           f"folder from `edgeft train` or a PEFT adapter folder")
@@ -115,7 +116,7 @@ def find_adapter(arg: str | Path) -> Adapter:
                 raise EdgeftError(f"{p / 'adapter_config.json'}: '{key}' must be an object; {fix}")
     meta_file = p / ADAPTER_META
     meta = read_json(meta_file, fix) if meta_file.is_file() else None
-    run = p.parent if (p.parent / "manifest.json").is_file() else None
+    run = p.parent if Run(p.parent).is_run() else None
     adapter = Adapter(path=p, config=config, meta=meta, run=run)
     tensors = _tensors(p, arg)
     adapter.loras = _read_ia3(tensors, config, arg) if kind == "IA3" else _read_loras(tensors, config, arg)

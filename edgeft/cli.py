@@ -20,8 +20,8 @@ from .deploy import DeployConfig
 from .errors import EdgeftError, GateFailed
 from .evaluate import EvalConfig
 from .export import ExportConfig, GGUFExportConfig, OnnxExportConfig, load_export_config
-from .ledger import Run
-from .tables import ledger_rows, methods_columns
+from .run import Run
+from .tables import fleet_rows, ledger_rows, methods_columns, served_rows
 from .merge import MergeConfig
 from .smoke import SmokeConfig
 from .train import TrainConfig
@@ -379,7 +379,7 @@ def _fleet(config, step: str, one, as_json: bool) -> None:
         table = Table(title=f"{step} on {entry['inputs']['boards']} boards ({entry['inputs']['model']})")
         for col in ("board", "model", "adapters", "tok/s", "ppl Δ", "result"):
             table.add_column(col)
-        for r in entry["metrics"]["boards"]:
+        for r in fleet_rows(entry):
             result = "pass" if r["passed"] else f"FAIL: {r['error'][:60]}"
             table.add_row(r["board"], r["model"], str(r["adapters"] or ""),
                           "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}",
@@ -428,14 +428,13 @@ def _print_served(entries: list[dict]) -> None:
     for col in ("id", "adapter", "ppl board", "ppl host (fused)", "Δ", "exact board", "exact host", "same answers",
                 "tok/s"):
         table.add_column(col)
-    for e in entries:
-        a = e["metrics"].get("served_answers") or {}
-        p, r = e["perplexity"], e["reference"]
-        table.add_row(str(e["inputs"]["adapter_id"]), e["inputs"]["lora"], f"{p['ppl']:.4f}", f"{r['ppl']:.4f}",
-                      f"{100 * (p['ppl'] / r['ppl'] - 1):+.2f}%",
-                      f"{100 * a['exact_match']:.0f}%" if a else "", f"{100 * a['host_exact_match']:.0f}%" if a else "",
-                      f"{a['identical_to_host']}/{a['items']}" if a else "",
-                      f"{a['decode_tokens_per_s']:.1f}" if a.get("decode_tokens_per_s") else "")
+    for s in served_rows(entries):
+        a = s["answered"]
+        table.add_row(str(s["id"]), s["adapter"], f"{s['ppl']:.4f}", f"{s['host_ppl']:.4f}",
+                      f"{100 * (s['ppl'] / s['host_ppl'] - 1):+.2f}%",
+                      f"{100 * s['exact_match']:.0f}%" if a else "", f"{100 * s['host_exact_match']:.0f}%" if a else "",
+                      f"{s['identical_to_host']}/{s['items']}" if a else "",
+                      f"{s['tokens_per_s']:.1f}" if s["tokens_per_s"] else "")
     out.print(table)
     sw, mem = entries[0]["metrics"]["switching"], entries[0]["metrics"]["memory"]
     out.print(f"switching adapters: {sw['after_other_adapter_ms']:.0f} ms after another adapter's request vs "
@@ -472,7 +471,7 @@ def compare_cmd(config_file, as_json, **flags):
     for r in result.entry["metrics"]["rows"]:
         if r["error"]:
             out.print(f"{r['method']}: {r['error']}")
-    out.print(f"plot: {result.run / 'compare.png'}")
+    out.print(f"plot: {Run(result.run).compare_plot}")
     result.raise_failure()
 
 

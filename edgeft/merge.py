@@ -29,11 +29,12 @@ from .atomic import atomic_dir, write_json
 from .config import accepts_old_names, to_dict
 from .errors import EdgeftError
 from .gates import Gate, check, parse_gates
-from .heldout import TOKENS_FILE, HeldOutOptions
-from .ledger import Run, artifact, default_run_dir, read_peak_rss_mb
+from .heldout import HeldOutOptions
+from .ledger import artifact, read_peak_rss_mb
 from .models import add_adapter, copy_tokenizer, load_for_scoring, load_tokenizer, resolve_model, stored_dtype
 from .progress import bar
 from .reuse import find_measurement, measurement_key, torch_weights
+from .run import MERGE, MERGE_CHOICE, TOKENS_FILE, Run, default_run_dir
 from .scoring import Comparison, PerplexityResult, measure
 from .task import TaskScore, TaskSet, build_task_set, read_task_set, score_torch, store_task_set
 
@@ -255,9 +256,9 @@ def merge(config: MergeConfig) -> MergeResult:
         raise EdgeftError("--into dequantized: only 4-bit (NF4) training is reproduced; use --into original")
     max_drift = parse_gates(c.max_drift, {}, candidates, 0.01, flag="--max-drift")
 
-    run_dir = Path(c.run) if c.run else (adapter.run or default_run_dir("merge"))
+    run_dir = Path(c.run) if c.run else (adapter.run or default_run_dir(MERGE))
     run = Run(run_dir)
-    out = Path(c.out) if c.out else run.path / "merged"
+    out = Path(c.out) if c.out else run.merged
     tokenizer = load_tokenizer(adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -274,7 +275,7 @@ def merge(config: MergeConfig) -> MergeResult:
     earlier = _earlier_unmerged(adapter, fp_record, tokens, task, c)
     for into in candidates:
         folder = out if len(candidates) == 1 else out.with_name(f"{out.name}-{into}")
-        with run.step("merge", to_dict(c), {**inputs, "into": into}) as entry:
+        with run.record(MERGE, to_dict(c), {**inputs, "into": into}) as entry:
             entry["metrics"]["fingerprint"] = fp_record
             write_merged(base_path, adapter, weights, folder, c.dtype, into, c.shard_mb)
             entry["metrics"]["merge_peak_rss_mb"] = read_peak_rss_mb()  # the merge itself, before scoring
@@ -319,7 +320,7 @@ def merge(config: MergeConfig) -> MergeResult:
                 shutil.move(str(f), tmp / f.name)
         for s in scored.values():
             shutil.rmtree(s["folder"], ignore_errors=True)
-        with run.step("merge-choice", to_dict(c), inputs) as decision:
+        with run.record(MERGE_CHOICE, to_dict(c), inputs) as decision:
             decision["outputs"].append(artifact(final, run.path))
             decision["perplexity"] = scored[chosen]["entry"]["perplexity"]
             if "task" in scored[chosen]["entry"]:

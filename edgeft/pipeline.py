@@ -18,10 +18,14 @@ from pathlib import Path
 
 from .config import load_config, read_config_file
 from .errors import EdgeftError, GateFailed
-from .ledger import Run, artifact
+from .ledger import artifact
+from .run import (EXPORT_GGUF, EXPORT_GGUF_CHOICE, EXPORT_GGUF_LORA, EXPORT_ONNX, MERGE, MERGE_CHOICE, SMOKE,
+                  TRAIN, Run)
 
 STEPS = ("train", "merge", "export", "smoke")
-_LEDGER_STEP = {"train": "train", "merge": "merge", "export": "export-", "smoke": "smoke"}
+# The ledger entries each section writes (a skipped section's last ok one is checked).
+_LEDGER_STEPS = {"train": (TRAIN,), "merge": (MERGE, MERGE_CHOICE),
+                 "export": (EXPORT_GGUF, EXPORT_GGUF_CHOICE, EXPORT_GGUF_LORA, EXPORT_ONNX), "smoke": (SMOKE,)}
 
 
 def example_pipeline() -> Path:
@@ -40,11 +44,10 @@ def load_pipeline(path: str | Path) -> dict:
 
 def _check_done(run: Run, step: str) -> None:
     """A skipped step must have an ok ledger entry whose outputs still have their recorded sha256."""
-    prefix = _LEDGER_STEP[step]
-    entries = [e for e in run.steps() if e["step"].startswith(prefix) and e["status"] == "ok"]
-    if not entries:
+    entry = run.last(*_LEDGER_STEPS[step])
+    if entry is None:
         raise EdgeftError(f"--from: the run {run.path} has no completed '{step}' step; start from an earlier step")
-    for out in entries[-1].get("outputs", []):
+    for out in entry.get("outputs", []):
         path = run.path / out["path"]
         if ":" in out["path"] or not path.exists():  # remote files (deploy) are checked by deploy itself
             continue

@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import to_dict
-from .deploy import TASK_PIECES, TASK_PROMPTS, bundle, export_source, pick_gguf
+from .deploy import TASK_PIECES, TASK_PROMPTS, bundle
 from .errors import EdgeftError
 from .gates import BOARD_MATCH, BOARD_Z, Gate, check
-from .heldout import TOKENS_FILE, EvalTokens
+from .heldout import EvalTokens
 from .inputs import parse_json
-from .ledger import Run
 from .progress import console
 from .prompt import answer_ok, prompt_ids, prompt_text
 from .scoring import Comparison, PerplexityResult, score, token_difference
+from .run import MANIFEST, MERGE, MERGE_CHOICE, SMOKE, TOKENS_FILE, Run
 from .ssh import SSHOptions
 from .target import board_perplexity, runner, target_threads
 from .task import TaskScore, changes, judge_answers, read_task_set, score_task
@@ -81,8 +81,7 @@ def _task_on_target(entry: dict, task, c: SmokeConfig, board_json, model_file: s
     on_host = score_task(task, host_model.logits, lambda p, m: host_model.generate(p, m)[0], tokenizer,
                          "llama.cpp (host)", answer_limit=n, limit=n)
     out = on_board.record(entry, label, task.source, on_host.entry("host", task.source), "host")
-    merged = next((e.get("task") for e in reversed(run.steps()) if e["step"] in ("merge-choice", "merge")
-                   and e["status"] == "ok" and e.get("task")), None)
+    merged = (run.last(MERGE_CHOICE, MERGE, where=lambda e: bool(e.get("task"))) or {}).get("task")
     if merged and n == len(task.items):
         out["vs_merged"] = changes(out, merged)
     elif n < len(task.items):
@@ -106,19 +105,19 @@ def smoke(config: SmokeConfig) -> SmokeResult:
     if len(modes) != 1 and not (c.emulate and not modes):
         raise EdgeftError("say where to run: --host user@board, --local, or --emulate (optionally with --host)")
     run = Run(c.run)
-    if not run.manifest_path.is_file():
-        raise EdgeftError(f"{c.run}: not a run folder (no manifest.json)")
+    if not run.is_run():
+        raise EdgeftError(f"{c.run}: not a run folder (no {MANIFEST})")
     profile = get(c.device or ("x86-64-native" if c.local else "rpi5"))
     if c.emulate and not profile.qemu_cpu and profile.arch == "aarch64":
         raise EdgeftError(f"--device {profile.name}: the profile has no qemu_cpu to emulate")
-    gguf, export_entry = pick_gguf(run, c.quant)
-    tokens = EvalTokens.read(run.path / TOKENS_FILE)
+    gguf, export_entry = run.chosen_gguf(c.quant)
+    tokens = EvalTokens.read(run.ids)
     limit = c.max_tokens or (129 if c.emulate else len(tokens.ids))
     ids = tokens.ids[:limit]
     window = min(export_entry["config"]["window"], len(ids))
     stride = min(export_entry["config"]["stride"], window)
     threads = target_threads(profile, c.emulate, c.threads)
-    source = export_source(run, export_entry)
+    source = run.export_source(export_entry)
     tokenizer = load_tokenizer(source)
 
     if c.host:
@@ -144,7 +143,7 @@ def smoke(config: SmokeConfig) -> SmokeResult:
                               f"version's build; run `edgeft deploy` again")
         return out
 
-    with run.step("smoke", to_dict(c), inputs) as entry:
+    with run.record(SMOKE, to_dict(c), inputs) as entry:
         with console.status(f"smoke on {inputs['mode']} {profile.name}: generate"):
             gen = board_json("generate", model_file, "prompt_ids.txt", "32", str(threads), timeout=60 * slow,
                              keys=("ids",))

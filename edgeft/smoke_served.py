@@ -24,12 +24,13 @@ import time
 
 from . import serve
 from .config import to_dict
-from .deploy import served_dest, what_to_serve
+from .deploy import served_dest
 from .errors import EdgeftError, GateFailed
 from .gates import BOARD_MATCH, BOARD_Z, EXACT_DROP_GATE_OTHER, EXACT_DROP_GATES, Gate, check
-from .heldout import TOKENS_FILE, EvalTokens
+from .heldout import EvalTokens
 from .inputs import parse_json
 from .prompt import prompt_ids
+from .run import SMOKE, TOKENS_FILE, what_to_serve
 from .scoring import Comparison, score, token_difference
 from .target import board_perplexity, qemu_prefix, runner, target_threads
 from .task import answer_budget, judge, read_task_set
@@ -127,7 +128,7 @@ def smoke_adapters(c) -> list[dict]:
                       "device": profile.name, "mode": "served" + (" (emulated)" if c.emulate else ""),
                       "host": c.host, "port": c.serve_port, "eval_tokens": TOKENS_FILE}
             try:
-                with run.step("smoke", to_dict(c), inputs) as entry:
+                with run.record(SMOKE, to_dict(c), inputs) as entry:
                     entry["metrics"].update({"switching": switching, "memory": memory})
                     gates = _one_adapter(c, entry, run, served, i, client, runner(c, profile, f"{dest}/"
                                          f"{run.path.resolve().name}"), threads, slow, tokenizer, profile)
@@ -141,11 +142,10 @@ def smoke_adapters(c) -> list[dict]:
 
 
 def _one_adapter(c, entry, run, served, i, client, target, threads, slow, tokenizer, profile) -> list[Gate]:
-    from .deploy import pick_gguf
     from .llamacpp import LlamaCpp
 
-    fused, export_entry = pick_gguf(run, served.quant)
-    tokens = EvalTokens.read(run.path / TOKENS_FILE)
+    fused, export_entry = run.chosen_gguf(served.quant)
+    tokens = EvalTokens.read(run.ids)
     ids = tokens.ids[:c.max_tokens or (129 if c.emulate else len(tokens.ids))]
     window = min(export_entry["config"]["window"], len(ids))
     stride = min(export_entry["config"]["stride"], window)

@@ -3,6 +3,8 @@
 One definition per table, so the terminal and the HTML page cannot disagree about a number.
   ledger_rows      one row per measured model of a run's chain (show, the report's ledger and plots)
   methods_columns  the PEFT comparison's headers and cells (compare, the report's methods table)
+  served_rows      one row per adapter a board serves, from the served smoke's entries (smoke, the report)
+  fleet_rows       the boards of a fleet entry (deploy/smoke --hosts, the report)
 """
 
 from __future__ import annotations
@@ -81,3 +83,25 @@ def methods_columns(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                       pct(m.get("exact_match"))]
         out.append(cells + ([f"failed: {r['error'][:80]}"] if r["error"] else []))
     return headers, out
+
+
+def served_rows(entries: list[dict]) -> list[dict]:
+    """One row per served adapter's smoke entry: perplexity on the board (base + LoRA) and on the host (fused),
+    the answers through the server, switching cost and memory."""
+    rows = []
+    for e in entries:
+        a = e["metrics"].get("served_answers") or {}
+        p, r = e.get("perplexity") or {}, e.get("reference") or {}
+        rows.append({
+            "board": e["inputs"].get("host"), "adapter": e["inputs"].get("lora"), "id": e["inputs"].get("adapter_id"),
+            "ppl": p.get("ppl"), "host_ppl": r.get("ppl"), "answered": bool(a), "exact_match": a.get("exact_match"),
+            "host_exact_match": a.get("host_exact_match"), "identical_to_host": a.get("identical_to_host"),
+            "items": a.get("items"), "tokens_per_s": a.get("decode_tokens_per_s"),
+            "switch_cost_ms": (e["metrics"].get("switching") or {}).get("switch_cost_ms"),
+            "rss_ratio": (e["metrics"].get("memory") or {}).get("ratio"), "status": e["status"]})
+    return rows
+
+
+def fleet_rows(entry: dict) -> list[dict]:
+    """The boards of a fleet entry, as fleet.py measured them (one dict per board)."""
+    return entry["metrics"].get("boards", [])

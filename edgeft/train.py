@@ -34,18 +34,16 @@ from .config import accepts_old_names, current_names, to_dict
 from .dataset import Example, column_map, data_file, load_examples, split
 from .errors import EdgeftError, first_line
 from .gates import Gate, check, parse_gates
-from .heldout import TOKENS_FILE, HeldOutOptions
+from .heldout import HeldOutOptions
 from .inputs import read_json
-from .ledger import Run, artifact, default_run_dir
+from .ledger import artifact
 from .models import DEFAULT_BASE, fingerprint, hub_id, load_model, load_tokenizer, resolve_model
 from .progress import bar, console
 from .reuse import KEY, measurement_key, torch_weights
+from .run import ADAPTER_DIR, CHECKPOINTS, TOKENS_FILE, TRAIN, TRAIN_CONFIG, Run, default_run_dir
 from .scoring import Comparison, measure
 from .trainlog import TrainLog, check_report_to
 
-ADAPTER_DIR = "adapter"
-CHECKPOINTS = "checkpoints"
-TRAIN_CONFIG = "train_config.json"  # the run's record of how its adapter was trained
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 
 # The config keys that must be equal for a resumed run to continue the same training.
@@ -526,7 +524,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
               "train_rows": len(train_set), "eval_rows": len(eval_set), "truncated_rows": truncated,
               "eval_tokens": TOKENS_FILE, "resumed_from": resume_from.name if resume_from else None}
     # Only the main process keeps the ledger; the others fill a throwaway entry.
-    ledger_step = run.step("train", to_dict(c), inputs) if main else contextlib.nullcontext(
+    ledger_step = run.record(TRAIN, to_dict(c), inputs) if main else contextlib.nullcontext(
         {"metrics": {}, "outputs": []})
     with ledger_step as entry:
         entry["metrics"]["hardware"] = hw

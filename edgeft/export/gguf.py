@@ -26,13 +26,14 @@ from ..atomic import atomic_file
 from ..config import to_dict
 from ..errors import EdgeftError, GateFailed
 from ..gates import GGUF_GATE_OTHER, GGUF_GATES, HF_MATCH, LORA_MATCH, Gate, check, parse_gates, passed
-from ..heldout import TOKENS_FILE, read_text
-from ..ledger import Run, artifact
+from ..heldout import read_text
+from ..ledger import artifact
 from ..llamacpp import QUANT_TYPES, LlamaCpp, quantize, reference_tree
 from ..models import EMBEDDED_MODELS, hub_id, load_model
 from ..noise import quiet_llama_cpp_log
 from ..progress import bar, console
 from ..prompt import answer_ok, prompt_ids, prompt_text
+from ..run import EXPORT_GGUF, EXPORT_GGUF_CHOICE, EXPORT_GGUF_LORA, MERGE, TOKENS_FILE, Run
 from ..scoring import Comparison, compare, score
 from .config import ExportResult, GGUFExportConfig
 from .checks import record_quant_task, record_reference_task, task_gate_limits
@@ -84,7 +85,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
     task_limits = task_gate_limits(c, made)
     source = resolve_source(c)
     run, label = source.run, source.label
-    out_dir = Path(c.out) if c.out else run.path / "gguf"
+    out_dir = Path(c.out) if c.out else run.export_dir("gguf")
     stem = artifact_stem(source)
     paths = {q: out_dir / f"{stem}-{q.upper()}.gguf" for q in [reference_type, *made]}
     if c.adapter_only:
@@ -110,7 +111,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
     ref_path = paths[reference_type]
 
     # 1. the unquantized GGUF: converted, tokenizer parity, llama.cpp vs HF perplexity, a sample answer
-    with run.step("export-gguf", to_dict(c), {**inputs, "quant": reference_type}) as entry:
+    with run.record(EXPORT_GGUF, to_dict(c), {**inputs, "quant": reference_type}) as entry:
         with atomic_file(ref_path) as tmp, bar(f"convert → {ref_path.name}") as update:
             try:
                 if converter == "llamacpp":
@@ -155,7 +156,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
     failures: list[str] = []
     for q in made:
         try:
-            with run.step("export-gguf", to_dict(c), {**inputs, "quant": q, "from": ref_path.name}) as entry:
+            with run.record(EXPORT_GGUF, to_dict(c), {**inputs, "quant": q, "from": ref_path.name}) as entry:
                 with atomic_file(paths[q]) as tmp, console.status(f"quantize {ref_path.name} → {q}"):
                     quiet_llama_cpp_log()  # the per-tensor fallback lines: the entry counts them instead
                     quantize(ref_path, tmp, q, c.threads, imatrix=table)
@@ -212,8 +213,8 @@ def artifact_stem(source: Source) -> str:
     run = source.run.path.name
     if source.adapter is not None:
         name = f"{model_name(source.adapter.base or source.path.name)}-{run}-fused"
-    elif source.path == source.run.path / "merged":
-        merge = source.run.last("merge")
+    elif source.path == source.run.merged:
+        merge = source.run.last(MERGE)
         base = (merge or {}).get("inputs", {}).get("base")
         name = f"{model_name(base) if isinstance(base, str) and base else 'merged'}-{run}"
     else:
@@ -327,7 +328,7 @@ def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entr
     inputs = {"device": profile.name, "context": c.context, "usable_ram_bytes": usable}
     entry: dict = {}
     try:
-        with run.step("export-gguf-choice", to_dict(c), inputs) as entry:
+        with run.record(EXPORT_GGUF_CHOICE, to_dict(c), inputs) as entry:
             entry["metrics"]["candidates"] = rows
             if not good:
                 raise GateFailed(f"no quant both passed its gates (general and task) and fits {profile.name} "
@@ -396,7 +397,7 @@ def adapter_only(c: GGUFExportConfig, source: Source, paths: dict, fused: LlamaC
     from ..converters.lora_to_gguf import convert_lora
 
     run = source.run
-    with run.step("export-gguf-lora", to_dict(c), {**inputs, "quant": "lora"}) as entry:
+    with run.record(EXPORT_GGUF_LORA, to_dict(c), {**inputs, "quant": "lora"}) as entry:
         with atomic_file(paths["lora"]) as tmp:
             entry["metrics"]["lora_tensors"] = convert_lora(source.loras, source.path, tmp)
         with atomic_file(paths["base"]) as tmp, bar(f"convert → {paths['base'].name}") as update:

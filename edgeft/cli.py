@@ -16,14 +16,14 @@ from .atomic import json_text
 from .chat import ChatConfig
 from .compare import CompareConfig
 from .config import config_options, load_config, step_options
-from .deploy import DeployConfig
-from .errors import EdgeftError, GateFailed
+from .devices.deploy import DeployConfig
+from .devices.smoke import SmokeConfig
+from .errors import EdgeftError
 from .evaluate import EvalConfig
 from .export import ExportConfig, GGUFExportConfig, OnnxExportConfig, load_export_config
-from .run import Run
-from .tables import fleet_rows, ledger_rows, methods_columns, served_rows
 from .merge import MergeConfig
-from .smoke import SmokeConfig
+from .run import FLEET_PREFIX, Run
+from .tables import fleet_rows, ledger_rows, methods_columns, served_rows
 from .train import TrainConfig
 
 out = Console()  # results on stdout; progress and errors go to stderr
@@ -311,7 +311,7 @@ def build_cmd(device, as_json):
     aarch64 boards are cross-compiled statically with Debian's gcc-aarch64-linux-gnu; builds are cached in
     $EDGEFT_HOME/builds, so a second call is instant.
     """
-    from .board_build import build
+    from .devices.build import build
 
     b = build(device)
     info = {"device": device, "bin": str(b.bin), "seconds": round(b.seconds, 1), "cached": b.cached,
@@ -337,13 +337,13 @@ def deploy_cmd(run_arg, config_file, as_json, **flags):
     ships one base and a LoRA GGUF per run, served together and chosen per request. --hosts FLEET.yaml does
     it on every board of a fleet in parallel.
     """
-    from .deploy import deploy
+    from .devices.deploy import deploy
 
     config = load_config(DeployConfig, config_file, {**flags, "run": _run_folder(run_arg, flags["run"], False)})
     if not config.stop and not config.adapters:
         _run_folder(config.run, None)
     if config.hosts:
-        return _fleet(config, "deploy", deploy, as_json)
+        return _fleet(config, deploy, as_json)
     result = deploy(config)
     if as_json:
         click.echo(json_text(result.entry, indent=None))
@@ -369,10 +369,20 @@ def deploy_cmd(run_arg, config_file, as_json, **flags):
                       f"http://127.0.0.1:{s['port']}/v1/chat/completions")
 
 
-def _fleet(config, step: str, one, as_json: bool) -> None:
-    from .fleet import run_fleet
+def _fleet(config, step_function, as_json: bool) -> None:
+    """deploy or smoke with --hosts (the step runs the fleet): its table, also when a board failed."""
+    try:
+        entry = step_function(config).entry
+    except EdgeftError as e:
+        if not hasattr(e, "fleet_entry"):
+            raise
+        _print_fleet(e.fleet_entry, as_json)
+        raise
+    _print_fleet(entry, as_json)
 
-    entry = run_fleet(config, step, one)
+
+def _print_fleet(entry: dict, as_json: bool) -> None:
+    step = entry["step"].removeprefix(FLEET_PREFIX)
     if as_json:
         click.echo(json_text(entry, indent=None))
     else:
@@ -386,9 +396,6 @@ def _fleet(config, step: str, one, as_json: bool) -> None:
                           "" if r["ppl_change"] is None else f"{100 * r['ppl_change']:+.2f}%",
                           result + (" (earlier run)" if r["skipped"] else ""))
         out.print(table)
-    if entry["status"] != "ok":  # exit 3 when a board failed a gate, else 2 (unreachable, refused, ...)
-        gate = any(r.get("failed_gate") for r in entry["metrics"]["boards"])
-        raise GateFailed(entry["reason"]) if gate else EdgeftError(entry["reason"])
 
 
 @cli.command("smoke")
@@ -401,13 +408,13 @@ def smoke_cmd(run_arg, config_file, as_json, **flags):
     --adapters RUN,RUN checks every adapter the board serves (deploy --adapters --serve): perplexity with the
     adapter vs the host's fused GGUF, the task answered through /v1/chat/completions, switching latency, memory.
     """
-    from .smoke import smoke
+    from .devices.smoke import smoke
 
     config = load_config(SmokeConfig, config_file, {**flags, "run": _run_folder(run_arg, flags["run"], False)})
     if not config.adapters:
         _run_folder(config.run, None)
     if config.hosts:
-        return _fleet(config, "smoke", smoke, as_json)
+        return _fleet(config, smoke, as_json)
     result = smoke(config)
     if as_json:
         click.echo(json_text(result.entries or result.entry, indent=None))

@@ -59,7 +59,7 @@ def _check_done(run: Run, step: str) -> None:
 def run_pipeline(spec: dict, run_dir: str = "", from_step: str = "") -> Run:
     from .export import export, load_export_config
     from .merge import MergeConfig, merge
-    from .smoke import SmokeConfig, smoke
+    from .devices.smoke import SmokeConfig, smoke
     from .train import TrainConfig, train
 
     run_path = run_dir or spec.get("run") or "runs/pipeline"

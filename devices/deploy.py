@@ -8,7 +8,7 @@ on the board with the right hash are skipped; an interrupted copy resumes.
 
 `--adapters RUN,RUN`: adapter runs trained on one base, served together. The base GGUF (in the chosen quant,
 written by `export --adapter-only`) ships once, each run's LoRA GGUF beside it, and each run's ids in a
-folder of its own. `--serve` then starts llama-server on the board (edgeft.serve); `--stop` stops it.
+folder of its own. `--serve` then starts llama-server on the board (devices/serve.py); `--stop` stops it.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import sha256_file
-from .config import to_dict
-from .errors import EdgeftError
-from .heldout import EvalTokens
-from .inputs import read_json
-from .progress import bar
-from .prompt import prompt_ids
-from .run import DEPLOY, Run, Served, what_to_serve
+from ..atomic import sha256_file
+from ..config import to_dict
+from ..errors import EdgeftError
+from ..heldout import EvalTokens
+from ..inputs import read_json
+from ..progress import bar
+from ..prompt import prompt_ids
+from ..run import DEPLOY, Run, Served, what_to_serve
 from .ssh import SSHOptions
 from .target import qemu_prefix, target_threads
 
@@ -62,7 +62,8 @@ class DeployResult:
     run: Path | None  # None for --stop
     dest: str
     files: dict[str, str]  # name on the board -> sha256
-    entry: dict  # the first run's (every served run gets the same)
+    entry: dict  # the first run's (every served run gets the same); with --hosts, the fleet's
+    fleet: bool = False  # --hosts: `entry` is the fleet entry (its table in metrics.boards)
 
 
 TASK_PIECES = "task_pieces.txt"  # the task set's pieces for `edgeft-board score`
@@ -73,7 +74,7 @@ def id_files(run: Run, tokenizer, folder: str = "") -> list[tuple[Path, str]]:
     """The run's ids as the board program reads them, (local file, name on the board) pairs written into a temp
     folder: held-out ids, the fixed prompt, and the task set as two plain text files (one piece / one prompt
     per line). `folder`: a subfolder on the board (one per adapter run when several are served)."""
-    from .task import answer_budget, read_task_set
+    from ..task import answer_budget, read_task_set
 
     tokens = EvalTokens.read(run.ids)
     tmp = Path(tempfile.mkdtemp(prefix="edgeft-deploy-"))
@@ -93,7 +94,7 @@ def id_files(run: Run, tokenizer, folder: str = "") -> list[tuple[Path, str]]:
 
 def bundle(run: Run, gguf: Path, build_bin: Path, tokenizer) -> list[tuple[Path, str]]:
     """(local file, name on the board) pairs of a one-model deploy: the GGUF, the board's binaries, the ids."""
-    from .board_build import BINARIES
+    from .build import BINARIES
 
     # A smoke-only build (board_build.build(runtime=False)) has edgeft-board alone.
     return [(gguf, gguf.name), *[(build_bin / b, b) for b in BINARIES if (build_bin / b).is_file()],
@@ -112,7 +113,7 @@ def preflight(remote, profile, gguf: Path, run: Run, model_config: dict, context
     """The board's facts, checked: arch, disk, sha256sum, qemu when emulating, and RAM for the model (plus
     adapters: `model_bytes`) with a `context` KV cache; `context` 0 picks the largest that fits. `ram_bytes`
     (a fleet file's ram_gb) caps what the board reports."""
-    from .devices import fits, memory_need
+    from . import fits, memory_need
 
     out = remote.run(f"uname -m; df -Pk -- {shlex.quote(dest)} 2>/dev/null | tail -1 || df -Pk . | tail -1; "
                      f"grep -E '^MemTotal|^MemAvailable' /proc/meminfo; command -v sha256sum; "
@@ -156,12 +157,16 @@ def preflight(remote, profile, gguf: Path, run: Run, model_config: dict, context
 
 
 def deploy(config: DeployConfig) -> DeployResult:
-    from . import serve
-    from .board_build import BINARIES, build
-    from .devices import get
-    from .models import load_tokenizer
+    from ..models import load_tokenizer
+    from . import get, serve
+    from .build import BINARIES, build
 
     c = config
+    if c.hosts:  # every board of the fleet, each through this function with its own host
+        from .fleet import run_fleet
+
+        entry = run_fleet(c, DEPLOY, deploy)
+        return DeployResult(run=Path(c.run or c.adapters[0]), dest="", files={}, entry=entry, fleet=True)
     if not c.host:
         raise EdgeftError("--host is required: user@board, or an alias from your ssh config")
     remote = c.remote()  # a host that is not a host name is refused before anything else

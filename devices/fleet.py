@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import to_dict
-from .errors import EdgeftError, GateFailed
+from ..config import to_dict
+from ..errors import EdgeftError, GateFailed
 
 FIELDS = {"name": str, "host": str, "device": str, "ram_gb": (int, float), "port": int, "ssh_config": str,
           "emulate": bool, "dest": str}
@@ -46,7 +46,7 @@ class Board:
 
 
 def read_hosts(path: str) -> list[Board]:
-    from .config import read_config_file
+    from ..config import read_config_file
 
     boards = read_config_file(path, "--hosts").get("boards")
     if not isinstance(boards, list) or not boards:
@@ -110,8 +110,10 @@ def _row(board: Board, step: str, result=None, error: Exception | None = None, m
 
 
 def run_fleet(c, step: str, one) -> dict:
-    """`one(config)` (deploy or smoke) on every board of c.hosts; the fleet entry, written to every run."""
-    from .run import fleet_step, what_to_serve
+    """`one(config)` (deploy or smoke) on every board of c.hosts; the fleet entry, written to every run. A
+    failed board raises after all were tried: GateFailed when a board failed a gate, else EdgeftError, with
+    the entry as the exception's `fleet_entry` (the CLI shows the table, then exits 3 or 2)."""
+    from ..run import fleet_step, what_to_serve
 
     boards = read_hosts(c.hosts)
     served = what_to_serve(c.run, c.adapters, c.quant)  # the same model for every board, checked once
@@ -148,4 +150,9 @@ def run_fleet(c, step: str, one) -> dict:
         if failed:
             entry["status"] = "failed"
             entry["reason"] = f"{len(failed)} of {len(rows)} boards failed: {', '.join(failed)}"
+    if entry["status"] != "ok":
+        gate = any(r.get("failed_gate") for r in entry["metrics"]["boards"])
+        error = (GateFailed if gate else EdgeftError)(entry["reason"])
+        error.fleet_entry = entry
+        raise error
     return entry

@@ -22,18 +22,18 @@ import shlex
 import statistics
 import time
 
+from ..config import to_dict
+from ..errors import EdgeftError, GateFailed
+from ..gates import BOARD_MATCH, BOARD_Z, EXACT_DROP_GATE_OTHER, EXACT_DROP_GATES, Gate, check
+from ..heldout import EvalTokens
+from ..inputs import parse_json
+from ..prompt import prompt_ids
+from ..run import SMOKE, TOKENS_FILE, what_to_serve
+from ..scoring import Comparison, score, token_difference
+from ..task import answer_budget, judge, read_task_set
 from . import serve
-from .config import to_dict
 from .deploy import served_dest
-from .errors import EdgeftError, GateFailed
-from .gates import BOARD_MATCH, BOARD_Z, EXACT_DROP_GATE_OTHER, EXACT_DROP_GATES, Gate, check
-from .heldout import EvalTokens
-from .inputs import parse_json
-from .prompt import prompt_ids
-from .run import SMOKE, TOKENS_FILE, what_to_serve
-from .scoring import Comparison, score, token_difference
 from .target import board_perplexity, qemu_prefix, runner, target_threads
-from .task import answer_budget, judge, read_task_set
 
 SWITCH_ROUNDS = 3  # per adapter: a request after another adapter's, then one after its own
 
@@ -93,8 +93,8 @@ def _memory(c, remote, profile, served, dest: str, context: int, threads: int, n
 def smoke_adapters(c) -> list[dict]:
     """The served adapters' checks; one smoke entry per adapter run. Raises GateFailed naming every adapter
     that failed, after all were measured."""
-    from .devices import get
-    from .models import load_tokenizer
+    from . import get
+    from ..models import load_tokenizer
 
     if not c.host:
         raise EdgeftError("--adapters: smoke checks the served adapters on a board: pass --host (the board that "
@@ -142,7 +142,7 @@ def smoke_adapters(c) -> list[dict]:
 
 
 def _one_adapter(c, entry, run, served, i, client, target, threads, slow, tokenizer, profile) -> list[Gate]:
-    from .llamacpp import LlamaCpp
+    from ..llamacpp import LlamaCpp
 
     fused, export_entry = run.chosen_gguf(served.quant)
     tokens = EvalTokens.read(run.ids)

@@ -20,19 +20,19 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import to_dict
+from ..config import to_dict
+from ..errors import EdgeftError
+from ..gates import BOARD_MATCH, BOARD_Z, Gate, check
+from ..heldout import EvalTokens
+from ..inputs import parse_json
+from ..progress import console
+from ..prompt import answer_ok, prompt_ids, prompt_text
+from ..run import MANIFEST, MERGE, MERGE_CHOICE, SMOKE, TOKENS_FILE, Run
+from ..scoring import Comparison, PerplexityResult, score, token_difference
+from ..task import TaskScore, changes, judge_answers, read_task_set, score_task
 from .deploy import TASK_PIECES, TASK_PROMPTS, bundle
-from .errors import EdgeftError
-from .gates import BOARD_MATCH, BOARD_Z, Gate, check
-from .heldout import EvalTokens
-from .inputs import parse_json
-from .progress import console
-from .prompt import answer_ok, prompt_ids, prompt_text
-from .scoring import Comparison, PerplexityResult, score, token_difference
-from .run import MANIFEST, MERGE, MERGE_CHOICE, SMOKE, TOKENS_FILE, Run
 from .ssh import SSHOptions
 from .target import board_perplexity, runner, target_threads
-from .task import TaskScore, changes, judge_answers, read_task_set, score_task
 
 
 @dataclass
@@ -59,6 +59,7 @@ class SmokeResult:
     run: Path
     entry: dict  # the first run's
     entries: list[dict] = field(default_factory=list)  # every adapter's, with --adapters
+    fleet: bool = False  # --hosts: `entry` is the fleet entry (its table in metrics.boards)
 
 
 def _task_on_target(entry: dict, task, c: SmokeConfig, board_json, model_file: str, threads: int, host_model,
@@ -90,12 +91,17 @@ def _task_on_target(entry: dict, task, c: SmokeConfig, board_json, model_file: s
 
 
 def smoke(config: SmokeConfig) -> SmokeResult:
-    from .board_build import build
-    from .devices import get
-    from .llamacpp import LlamaCpp
-    from .models import load_tokenizer
+    from ..llamacpp import LlamaCpp
+    from ..models import load_tokenizer
+    from . import get
+    from .build import build
 
     c = config
+    if c.hosts:  # every board of the fleet, each through this function with its own host
+        from .fleet import run_fleet
+
+        entry = run_fleet(c, SMOKE, smoke)
+        return SmokeResult(run=Path(c.run or c.adapters[0]), entry=entry, fleet=True)
     if c.adapters:
         from .smoke_served import smoke_adapters
 

@@ -12,8 +12,8 @@ import signal
 import subprocess
 from typing import Callable
 
-from .errors import EdgeftError
-from .scoring import PerplexityResult
+from ..errors import EdgeftError
+from ..scoring import PerplexityResult
 from .ssh import SSHOptions
 
 SIGILL = 132

@@ -23,6 +23,7 @@ from .evaluate import EvalConfig
 from .export import ExportConfig, GGUFExportConfig, OnnxExportConfig, load_export_config
 from .merge import MergeConfig
 from .run import FLEET_PREFIX, Run
+from .steps import STEPS
 from .tables import fleet_rows, ledger_rows, methods_columns, served_rows
 from .train import TrainConfig
 
@@ -486,7 +487,7 @@ def compare_cmd(config_file, as_json, **flags):
 @cli.command("run")
 @click.argument("pipeline", metavar="PIPELINE.yaml|demo")
 @click.option("--run", "run_dir", default="", help="run folder (default: the file's `run:`)")
-@click.option("--from", "from_step", default="", help="resume: skip steps before this one (train|merge|export|smoke)")
+@click.option("--from", "from_step", default="", help=f"resume: skip steps before this one ({'|'.join(STEPS)})")
 def run_cmd(pipeline, run_dir, from_step):
     """Run the chain train → merge → export → smoke from a pipeline file ('demo': the shipped example).
 

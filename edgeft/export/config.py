@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import load_config, read_config_file
 from ..errors import EdgeftError
 from ..heldout import HeldOutOptions
+from ..run import EXPORT_GGUF, EXPORT_GGUF_CHOICE, EXPORT_GGUF_LORA, EXPORT_ONNX
 
 
 @dataclass
@@ -58,7 +60,22 @@ class OnnxExportConfig(ExportConfig):
     keep_lm_head: bool = field(default=False, metadata={"help": "onnx: leave the output head in fp32"})
 
 
-FORMATS: dict[str, type[ExportConfig]] = {"gguf": GGUFExportConfig, "onnx": OnnxExportConfig}
+@dataclass(frozen=True)
+class Format:
+    """An export format as data: its config, the function that exports it, the ledger entries it writes."""
+    config: type[ExportConfig]
+    exporter: str  # "module:function" under edgeft.export, imported when it runs (it imports torch)
+    ledger: tuple[str, ...]
+
+    def __call__(self, config: ExportConfig) -> ExportResult:
+        module, function = self.exporter.split(":")
+        return getattr(importlib.import_module(f"edgeft.export.{module}"), function)(config)
+
+
+FORMATS: dict[str, Format] = {
+    "gguf": Format(GGUFExportConfig, "gguf:export_gguf", (EXPORT_GGUF, EXPORT_GGUF_CHOICE, EXPORT_GGUF_LORA)),
+    "onnx": Format(OnnxExportConfig, "onnx:export_onnx", (EXPORT_ONNX,)),
+}
 
 
 @dataclass
@@ -76,10 +93,10 @@ def load_export_config(config_file: str | Path | None = None, values: dict | Non
     fmt = values.get("format") or file_values.get("format") or "gguf"
     if fmt not in FORMATS:
         raise EdgeftError(f"--format {fmt}: use {' or '.join(FORMATS)}")
-    cls = FORMATS[fmt]
+    cls = FORMATS[fmt].config
     own = {f.name for f in dataclasses.fields(cls)}
     for key in [*values, *(k.replace("-", "_") for k in file_values)]:
-        for other, other_cls in FORMATS.items():
-            if key not in own and key in {f.name for f in dataclasses.fields(other_cls)}:
+        for other, other_format in FORMATS.items():
+            if key not in own and key in {f.name for f in dataclasses.fields(other_format.config)}:
                 raise EdgeftError(f"--{key.replace('_', '-')} is a setting of --format {other}, not {fmt}")
     return load_config(cls, config_file, values)

@@ -36,11 +36,12 @@ def our_pre_name(folder: Path) -> str | None:
 
 def run_pair(name: str, folder: Path, outtype: str, keep: Path | None) -> dict:
     from edgeft.converters.compare import compare, key_differences, ours_convert, reference_convert, tensors_equal
+    from edgeft.llamacpp import reference_tree
 
     with tempfile.TemporaryDirectory(dir=keep) as tmp:
         ours, theirs = Path(tmp) / "ours.gguf", Path(tmp) / "theirs.gguf"
         r_ours = ours_convert(folder, ours, outtype)
-        r_theirs = reference_convert(folder, theirs, outtype, our_pre_name(folder))
+        r_theirs = reference_convert(reference_tree(), folder, theirs, outtype, our_pre_name(folder))
         cmp = compare(ours, theirs)
         size = ours.stat().st_size
     return {"name": name, "bytes": size, "ours": r_ours, "theirs": r_theirs, "equal": tensors_equal(cmp),

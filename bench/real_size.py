@@ -73,7 +73,7 @@ def make_adapter(base: Path, out: Path, r: int = 16, seed: int = 0) -> Path:
 
 def gates(run: Path) -> tuple[int, int]:
     """(gates passed, gates recorded) over the run's ledger."""
-    from edgeft.ledger import Run
+    from edgeft.run import Run
 
     records = [g for e in Run(run).steps() for g in (e.get("gates") or [])]
     return sum(g["passed"] for g in records), len(records)

@@ -1,10 +1,11 @@
 """Our GGUF against llama.cpp's: run llama.cpp's own convert_hf_to_gguf.py on a folder and compare two GGUFs tensor
 by tensor (names, shapes, types, values) and key by key. Used by the tests, bench/convert.py and `edgeft export`.
 
-llama.cpp's script is the one vendored in the llama-cpp-python sdist of the installed version
-(edgeft.llamacpp.vendored_source) and runs unmodified in its own process, with one exception: it recognises a
-byte-level BPE pre-tokenizer only by a hash of how hub tokenizers split a test string, which no freshly trained
-vocabulary can match. `pre_tokenizer=` names the pre-tokenizer for that case only (the hash lookup is wrapped, not
+llama.cpp's script is the one vendored in the llama-cpp-python sdist of the installed version, handed in as a
+`ReferenceTree` (edgeft.llamacpp.reference_tree builds it: converters/ imports nothing from edgeft, so it stays a
+library the edgeft package uses, never the other way round), and runs unmodified in its own process, with one
+exception: it recognises a byte-level BPE pre-tokenizer only by a hash of how hub tokenizers split a test string,
+which no freshly trained vocabulary can match. `pre_tokenizer=` names the pre-tokenizer for that case only (the hash lookup is wrapped, not
 replaced: a hub tokenizer it knows is still named by llama.cpp); tokenizer parity in llama.cpp then proves the name.
 
 `llamacpp_convert` is the same run as `edgeft export --format gguf --converter llamacpp` uses it (and `auto`, for an
@@ -21,11 +22,21 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .families import ConversionError, read_config
+
+
+@dataclass(frozen=True)
+class ReferenceTree:
+    """llama.cpp's converter as the caller has it installed: this package's whole interface to its host."""
+    src: Path  # a llama.cpp source tree holding convert_hf_to_gguf.py
+    version: str  # what the conversion is recorded as (the llama-cpp-python release the tree came from)
+    pydeps: Path  # where sentencepiece is installed privately when the environment lacks it
+
 
 _WRAPPER = r"""
 import os, runpy, sys
@@ -49,16 +60,13 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def _pythonpath_with_sentencepiece() -> str | None:
+def _pythonpath_with_sentencepiece(target: Path) -> str | None:
     """llama.cpp's converter imports sentencepiece even for BPE models. It is in edgeft's test extra; without it, a
-    private --target install under $EDGEFT_HOME/src is used."""
+    private --target install in `target` is used."""
     import importlib.util
 
     if importlib.util.find_spec("sentencepiece") is not None:
         return None
-    from edgeft.models import edgeft_home
-
-    target = edgeft_home() / "src" / "bench-pydeps"
     if not (target / "sentencepiece").is_dir():
         proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                                "sentencepiece"], capture_output=True, text=True)
@@ -99,15 +107,13 @@ def measured(cmd: list[str], env: dict | None = None, cwd: str | None = None) ->
     return {"seconds": seconds, "peak_rss_mb": int(parts[1]) / 1024, "stderr": err}
 
 
-def reference_command(model_dir: Path, out: Path, outtype: str = "f16", pre_tokenizer: str | None = None
-                      ) -> tuple[list[str], dict, str]:
+def reference_command(tree: ReferenceTree, model_dir: Path, out: Path, outtype: str = "f16",
+                      pre_tokenizer: str | None = None) -> tuple[list[str], dict, str]:
     """(command, environment, working folder) that run llama.cpp's convert_hf_to_gguf.py on `model_dir` with the
     current Python, writing `out`."""
-    from edgeft.llamacpp import vendored_source
-
-    src = vendored_source()
+    src = tree.src
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    extra = _pythonpath_with_sentencepiece()
+    extra = _pythonpath_with_sentencepiece(tree.pydeps)
     if extra:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, env.get("PYTHONPATH")) if p)
     if pre_tokenizer:
@@ -116,9 +122,10 @@ def reference_command(model_dir: Path, out: Path, outtype: str = "f16", pre_toke
              "--outfile", str(out)], env, str(src))
 
 
-def reference_convert(model_dir: Path, out: Path, outtype: str = "f16", pre_tokenizer: str | None = None) -> dict:
+def reference_convert(tree: ReferenceTree, model_dir: Path, out: Path, outtype: str = "f16",
+                      pre_tokenizer: str | None = None) -> dict:
     """llama.cpp's convert_hf_to_gguf.py on `model_dir` in a subprocess; returns `measured`'s figures."""
-    cmd, env, cwd = reference_command(model_dir, out, outtype, pre_tokenizer)
+    cmd, env, cwd = reference_command(tree, model_dir, out, outtype, pre_tokenizer)
     return measured(cmd, env=env, cwd=cwd)
 
 
@@ -164,21 +171,19 @@ def tokenizer_pre_name(model_dir: Path, config: dict) -> str | None:
         return None
 
 
-def llamacpp_convert(model_dir: Path, out: Path, outtype: str = "f16") -> dict:
+def llamacpp_convert(tree: ReferenceTree, model_dir: Path, out: Path, outtype: str = "f16") -> dict:
     """llama.cpp's convert_hf_to_gguf.py as edgeft export's converter, writing `out` (the caller makes it atomic).
     Returns what the ledger records; a failure of the script is a one-line ConversionError naming the architecture."""
     from gguf import GGUFReader
 
-    from edgeft.llamacpp import binding_version
-
     config = read_config(model_dir)
     arch = llamacpp_architecture(config)
     pre = tokenizer_pre_name(model_dir, config)
-    cmd, env, cwd = reference_command(model_dir, out, outtype, pre)
+    cmd, env, cwd = reference_command(tree, model_dir, out, outtype, pre)
     proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                           errors="replace")
     lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
-    name = f"llama.cpp convert_hf_to_gguf.py (llama-cpp-python {binding_version()})"
+    name = f"llama.cpp convert_hf_to_gguf.py (llama-cpp-python {tree.version})"
     if proc.returncode:
         said = lines[-1][:300] if lines else f"exit status {proc.returncode}"
         raise ConversionError(f"{model_dir}: {name} failed on {arch} ({said}); fix what it names in the model folder "

@@ -1,4 +1,12 @@
-"""Board profiles (data: one YAML file per board, shipped in the wheel) and what runs on a board.
+"""The board side of edgeft (shipped as edgeft.devices): board profiles and their memory arithmetic here, and
+  build.py         llama.cpp and the board program (board/) cross-compiled for a profile, cached
+  deploy.py        a run's GGUF, the build and the ids to a board over ssh (--serve: llama-server there)
+  smoke.py         the shipped GGUF run on the target: answer, speed, perplexity against the host's
+  smoke_served.py  the adapters a board serves, checked through its server
+  serve.py         llama-server on the board: started, stopped, asked
+  fleet.py         --hosts: deploy or smoke on many boards at once (deploy() and smoke() run it)
+  ssh.py, target.py  the connection; running the board's binaries over ssh, here or under qemu-user
+Board profiles are data: one YAML file per board, shipped in the wheel.
 
 A profile says what llama.cpp must be built for (arch, CMake flags), how much RAM and how many threads
 the board has, and its memory bandwidth with the source of that figure (decode speed is bound by

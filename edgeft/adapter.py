@@ -17,6 +17,7 @@ from .inputs import check_safetensors, load_safetensors, read_json
 from .methods import Update, of_adapter
 from .models import fingerprint
 from .progress import console
+from .run import Run
 
 ADAPTER_META = "edgeft_adapter.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's name for the adapter's tensors
@@ -46,8 +47,8 @@ class Adapter:
 def find_adapter(arg: str | Path) -> Adapter:
     """`arg` is a run folder (with adapter/) or an adapter folder."""
     p = Path(arg)
-    if (p / "adapter" / "adapter_config.json").is_file():
-        p = p / "adapter"
+    if (Run(p).adapter / "adapter_config.json").is_file():
+        p = Run(p).adapter
     if not (p / "adapter_config.json").is_file():
         raise EdgeftError(f"--adapter {arg}: no adapter_config.json there (nor in {arg}/adapter); pass a run "
                           f"folder from `edgeft train` or a PEFT adapter folder")
@@ -57,7 +58,7 @@ def find_adapter(arg: str | Path) -> Adapter:
     method.check_config(config, p / "adapter_config.json")
     meta_file = p / ADAPTER_META
     meta = read_json(meta_file, fix) if meta_file.is_file() else None
-    run = p.parent if (p.parent / "manifest.json").is_file() else None
+    run = p.parent if Run(p.parent).is_run() else None
     adapter = Adapter(path=p, config=config, meta=meta, run=run)
     tensors = _tensors(p, arg)
     adapter.loras = method.read(tensors, config, arg)

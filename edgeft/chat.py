@@ -76,8 +76,7 @@ def _has_tokenizer(folder: Path) -> bool:
 
 def _gguf_tokenizer(c: ChatConfig, gguf: Path) -> Path:
     """The tokenizer of a GGUF given by path: --tokenizer, the folder beside it, or what its run exported it from."""
-    from .deploy import export_source, gguf_entries
-    from .ledger import Run
+    from .run import Run
 
     if c.tokenizer:
         if not _has_tokenizer(Path(c.tokenizer)):
@@ -86,19 +85,18 @@ def _gguf_tokenizer(c: ChatConfig, gguf: Path) -> Path:
     if _has_tokenizer(gguf.parent):
         return gguf.parent
     run = Run(gguf.parent.parent)  # exports write RUN/gguf/NAME.gguf
-    if run.manifest_path.is_file():
-        entry = next((e for e in gguf_entries(run) if (run.path / e["outputs"][0]["path"]).resolve() ==
+    if run.is_run():
+        entry = next((e for e in run.gguf_exports() if (run.path / e["outputs"][0]["path"]).resolve() ==
                       gguf.resolve()), None)
         if entry is not None:
-            return export_source(run, entry)
+            return run.export_source(entry)
     raise EdgeftError(f"{gguf}: a GGUF is chatted with through its HF tokenizer and chat template; pass --tokenizer "
                       f"FOLDER (the model folder it was exported from)")
 
 
 def resolve_target(c: ChatConfig) -> Target:
     """What answers for c.model, refused in one line before anything is loaded."""
-    from .deploy import export_source, gguf_entries, pick_gguf
-    from .ledger import Run
+    from .run import Run
     from .models import EMBEDDED_MODELS, hub_id, resolve_model
 
     if not c.model:
@@ -111,14 +109,14 @@ def resolve_target(c: ChatConfig) -> Target:
             raise EdgeftError(f"--quant picks one of a run's GGUFs; {c.model} is a GGUF already")
         return Target(path, _gguf_tokenizer(c, path))
     run = Run(path)
-    if path.is_dir() and run.manifest_path.is_file():
-        merged = path / "merged"
-        if c.quant or (not (merged / "config.json").is_file() and gguf_entries(run)):
-            gguf, entry = pick_gguf(run, c.quant)
-            return Target(gguf, export_source(run, entry), trusted=True)
+    if path.is_dir() and run.is_run():
+        merged = run.merged
+        if c.quant or (not (merged / "config.json").is_file() and run.gguf_exports()):
+            gguf, entry = run.chosen_gguf(c.quant)
+            return Target(gguf, run.export_source(entry), trusted=True)
         if (merged / "config.json").is_file():
             return Target(merged, merged)
-        if (path / "adapter" / "adapter_config.json").is_file():
+        if (run.adapter / "adapter_config.json").is_file():
             from .adapter import find_adapter
 
             adapter = find_adapter(path)

@@ -21,6 +21,7 @@ from .atomic import atomic_dir, write_json
 from .errors import EdgeftError, first_line
 from .inputs import load_safetensors, read_json
 from .progress import console
+from .run import CHECKPOINTS
 
 STATE = "state.json"
 TENSORS = "tensors.safetensors"
@@ -95,9 +96,6 @@ def load_state(folder: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------ a training run's checkpoints
-CHECKPOINTS = "checkpoints"
-
-
 def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if p.is_dir())
 

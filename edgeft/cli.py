@@ -16,13 +16,15 @@ from .atomic import json_text
 from .chat import ChatConfig
 from .compare import CompareConfig
 from .config import config_options, load_config, step_options
-from .deploy import DeployConfig
-from .errors import EdgeftError, GateFailed
+from .devices.deploy import DeployConfig
+from .devices.smoke import SmokeConfig
+from .errors import EdgeftError
 from .evaluate import EvalConfig
 from .export import ExportConfig, GGUFExportConfig, OnnxExportConfig, load_export_config
-from .ledger import Run, ledger_rows
 from .merge import MergeConfig
-from .smoke import SmokeConfig
+from .run import FLEET_PREFIX, Run
+from .steps import STEPS
+from .tables import fleet_rows, ledger_rows, methods_columns, served_rows
 from .train import TrainConfig
 
 out = Console()  # results on stdout; progress and errors go to stderr
@@ -310,7 +312,7 @@ def build_cmd(device, as_json):
     aarch64 boards are cross-compiled statically with Debian's gcc-aarch64-linux-gnu; builds are cached in
     $EDGEFT_HOME/builds, so a second call is instant.
     """
-    from .board_build import build
+    from .devices.build import build
 
     b = build(device)
     info = {"device": device, "bin": str(b.bin), "seconds": round(b.seconds, 1), "cached": b.cached,
@@ -336,13 +338,13 @@ def deploy_cmd(run_arg, config_file, as_json, **flags):
     ships one base and a LoRA GGUF per run, served together and chosen per request. --hosts FLEET.yaml does
     it on every board of a fleet in parallel.
     """
-    from .deploy import deploy
+    from .devices.deploy import deploy
 
     config = load_config(DeployConfig, config_file, {**flags, "run": _run_folder(run_arg, flags["run"], False)})
     if not config.stop and not config.adapters:
         _run_folder(config.run, None)
     if config.hosts:
-        return _fleet(config, "deploy", deploy, as_json)
+        return _fleet(config, deploy, as_json)
     result = deploy(config)
     if as_json:
         click.echo(json_text(result.entry, indent=None))
@@ -368,26 +370,33 @@ def deploy_cmd(run_arg, config_file, as_json, **flags):
                       f"http://127.0.0.1:{s['port']}/v1/chat/completions")
 
 
-def _fleet(config, step: str, one, as_json: bool) -> None:
-    from .fleet import run_fleet
+def _fleet(config, step_function, as_json: bool) -> None:
+    """deploy or smoke with --hosts (the step runs the fleet): its table, also when a board failed."""
+    try:
+        entry = step_function(config).entry
+    except EdgeftError as e:
+        if not hasattr(e, "fleet_entry"):
+            raise
+        _print_fleet(e.fleet_entry, as_json)
+        raise
+    _print_fleet(entry, as_json)
 
-    entry = run_fleet(config, step, one)
+
+def _print_fleet(entry: dict, as_json: bool) -> None:
+    step = entry["step"].removeprefix(FLEET_PREFIX)
     if as_json:
         click.echo(json_text(entry, indent=None))
     else:
         table = Table(title=f"{step} on {entry['inputs']['boards']} boards ({entry['inputs']['model']})")
         for col in ("board", "model", "adapters", "tok/s", "ppl Δ", "result"):
             table.add_column(col)
-        for r in entry["metrics"]["boards"]:
+        for r in fleet_rows(entry):
             result = "pass" if r["passed"] else f"FAIL: {r['error'][:60]}"
             table.add_row(r["board"], r["model"], str(r["adapters"] or ""),
                           "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}",
                           "" if r["ppl_change"] is None else f"{100 * r['ppl_change']:+.2f}%",
                           result + (" (earlier run)" if r["skipped"] else ""))
         out.print(table)
-    if entry["status"] != "ok":  # exit 3 when a board failed a gate, else 2 (unreachable, refused, ...)
-        gate = any(r.get("failed_gate") for r in entry["metrics"]["boards"])
-        raise GateFailed(entry["reason"]) if gate else EdgeftError(entry["reason"])
 
 
 @cli.command("smoke")
@@ -400,13 +409,13 @@ def smoke_cmd(run_arg, config_file, as_json, **flags):
     --adapters RUN,RUN checks every adapter the board serves (deploy --adapters --serve): perplexity with the
     adapter vs the host's fused GGUF, the task answered through /v1/chat/completions, switching latency, memory.
     """
-    from .smoke import smoke
+    from .devices.smoke import smoke
 
     config = load_config(SmokeConfig, config_file, {**flags, "run": _run_folder(run_arg, flags["run"], False)})
     if not config.adapters:
         _run_folder(config.run, None)
     if config.hosts:
-        return _fleet(config, "smoke", smoke, as_json)
+        return _fleet(config, smoke, as_json)
     result = smoke(config)
     if as_json:
         click.echo(json_text(result.entries or result.entry, indent=None))
@@ -427,14 +436,13 @@ def _print_served(entries: list[dict]) -> None:
     for col in ("id", "adapter", "ppl board", "ppl host (fused)", "Δ", "exact board", "exact host", "same answers",
                 "tok/s"):
         table.add_column(col)
-    for e in entries:
-        a = e["metrics"].get("served_answers") or {}
-        p, r = e["perplexity"], e["reference"]
-        table.add_row(str(e["inputs"]["adapter_id"]), e["inputs"]["lora"], f"{p['ppl']:.4f}", f"{r['ppl']:.4f}",
-                      f"{100 * (p['ppl'] / r['ppl'] - 1):+.2f}%",
-                      f"{100 * a['exact_match']:.0f}%" if a else "", f"{100 * a['host_exact_match']:.0f}%" if a else "",
-                      f"{a['identical_to_host']}/{a['items']}" if a else "",
-                      f"{a['decode_tokens_per_s']:.1f}" if a.get("decode_tokens_per_s") else "")
+    for s in served_rows(entries):
+        a = s["answered"]
+        table.add_row(str(s["id"]), s["adapter"], f"{s['ppl']:.4f}", f"{s['host_ppl']:.4f}",
+                      f"{100 * (s['ppl'] / s['host_ppl'] - 1):+.2f}%",
+                      f"{100 * s['exact_match']:.0f}%" if a else "", f"{100 * s['host_exact_match']:.0f}%" if a else "",
+                      f"{s['identical_to_host']}/{s['items']}" if a else "",
+                      f"{s['tokens_per_s']:.1f}" if s["tokens_per_s"] else "")
     out.print(table)
     sw, mem = entries[0]["metrics"]["switching"], entries[0]["metrics"]["memory"]
     out.print(f"switching adapters: {sw['after_other_adapter_ms']:.0f} ms after another adapter's request vs "
@@ -454,13 +462,13 @@ def compare_cmd(config_file, as_json, **flags):
     merged model and each quant, forgetting vs the base. RUN/compare.png has the plot; `edgeft report RUN`
     shows the table.
     """
-    from .compare import columns, compare
+    from .compare import compare
 
     result = compare(load_config(CompareConfig, config_file, flags))
     if as_json:
         click.echo(json_text(result.entry, indent=None))
         return result.raise_failure()
-    headers, rows = columns(result.entry["metrics"]["rows"])
+    headers, rows = methods_columns(result.entry["metrics"]["rows"])
     table = Table(title=f"PEFT methods on {result.entry['inputs']['data'] or result.entry['inputs']['pipeline']} "
                         f"({result.run})")
     for h in headers:
@@ -471,7 +479,7 @@ def compare_cmd(config_file, as_json, **flags):
     for r in result.entry["metrics"]["rows"]:
         if r["error"]:
             out.print(f"{r['method']}: {r['error']}")
-    out.print(f"plot: {result.run / 'compare.png'}")
+    out.print(f"plot: {Run(result.run).compare_plot}")
     result.raise_failure()
 
 
@@ -479,7 +487,7 @@ def compare_cmd(config_file, as_json, **flags):
 @cli.command("run")
 @click.argument("pipeline", metavar="PIPELINE.yaml|demo")
 @click.option("--run", "run_dir", default="", help="run folder (default: the file's `run:`)")
-@click.option("--from", "from_step", default="", help="resume: skip steps before this one (train|merge|export|smoke)")
+@click.option("--from", "from_step", default="", help=f"resume: skip steps before this one ({'|'.join(STEPS)})")
 def run_cmd(pipeline, run_dir, from_step):
     """Run the chain train → merge → export → smoke from a pipeline file ('demo': the shipped example).
 

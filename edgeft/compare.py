@@ -15,7 +15,6 @@ steps and seed; its merge and export entries ok) is read, not rerun, unless --re
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from .config import read_config_file, to_dict
 from .errors import EdgeftError, GateFailed
 from . import methods
 from .heldout import HeldOutOptions
-from .ledger import Run, artifact
+from .ledger import artifact
+from .run import COMPARE, EXPORT_GGUF, MERGE, TRAIN, Run, last_entry
 
 
 def default_lrs() -> str:
@@ -116,30 +116,27 @@ SAME = ("method", "data", "lr", "max_steps", "seed")
 
 
 def _done(run: Run, train: dict) -> bool:
-    steps = run.steps() if run.manifest_path.is_file() else []
-    trained = next((e for e in reversed(steps) if e["step"] == "train"), None)
+    steps = run.steps()
+    trained = last_entry(steps, TRAIN, status=None)
     return trained is not None and all(trained["config"].get(k) == train[k] for k in SAME) and \
-        any(e["step"] == "merge" and e["status"] == "ok" for e in steps) and \
-        any(e["step"] == "export-gguf" and e["status"] == "ok" for e in steps)
+        last_entry(steps, MERGE) is not None and last_entry(steps, EXPORT_GGUF) is not None
 
 
 def _adapter_mb(train: dict, run: Run) -> float | None:
     """The adapter's weights in MiB (the folder also holds the tokenizer); entries written before train
     recorded adapter_bytes: the weights file in the run."""
     from .adapter import ADAPTER_WEIGHTS
-    from .train import ADAPTER_DIR
 
     size = train["metrics"].get("adapter_bytes")
-    if size is None and train["outputs"] and (run.path / ADAPTER_DIR / ADAPTER_WEIGHTS).is_file():
-        size = (run.path / ADAPTER_DIR / ADAPTER_WEIGHTS).stat().st_size
+    if size is None and train["outputs"] and (run.adapter / ADAPTER_WEIGHTS).is_file():
+        size = (run.adapter / ADAPTER_WEIGHTS).stat().st_size
     return None if size is None else round(size / 2**20, 2)
 
 
 def _row(method: str, run: Run, error: str | None) -> dict:
-    steps = run.steps() if run.manifest_path.is_file() else []
-    last = lambda pred: next((e for e in reversed(steps) if pred(e)), None)  # noqa: E731
-    train = last(lambda e: e["step"] == "train")
-    merge = last(lambda e: e["step"] == "merge" and e["status"] == "ok")
+    steps = run.steps()
+    train = last_entry(steps, TRAIN, status=None)
+    merge = last_entry(steps, MERGE)
     row = {"method": method, "run": str(run.path), "ok": error is None, "error": error,
            "trainable_params": None, "adapter_mb": None, "train_seconds": None, "peak_ram_mb": None,
            "base_ppl": None, "merged": None, "quants": {}, "forgetting": None}
@@ -164,7 +161,7 @@ def _row(method: str, run: Run, error: str | None) -> dict:
         if row["base_ppl"] and row["merged"]["ppl"]:
             row["forgetting"] = round(row["merged"]["ppl"] / row["base_ppl"] - 1, 6)
     for e in steps:
-        if e["step"] == "export-gguf" and isinstance(e["inputs"].get("quant"), str):
+        if e["step"] == EXPORT_GGUF and isinstance(e["inputs"].get("quant"), str):
             row["quants"][e["inputs"]["quant"]] = measured(e)  # the last export of each quant
     return row
 
@@ -184,71 +181,38 @@ def compare(config: CompareConfig) -> CompareResult:
     c.check_heldout()
     lrs = method_lrs(c.lr, c.methods)
     root = Run(c.run)
-    rows, failures, start = [], [], time.perf_counter()
-    for method in c.methods:
-        run = Run(root.path / method)
-        error = None
-        spec = _spec(c, method, lrs[method])
-        if c.redo or not _done(run, spec["train"]):
-            try:
-                run_pipeline(spec, str(run.path))
-            except EdgeftError as e:  # a gate or an error: this method's row says so, the others still run
-                error = str(e)
-                failures.append((method, e))
-        rows.append(_row(method, run, error))
-    entry = {"step": "compare", "status": "ok" if not failures else "failed", "inputs": {
-        "methods": c.methods, "data": c.data or None, "pipeline": c.pipeline or None, "quant": c.quant,
-        "model": c.model}, "outputs": [], "perplexity": None, "config": to_dict(c),
-        "metrics": {"rows": rows}, "wall_s": round(time.perf_counter() - start, 2)}
-    png = root.path / "compare.png"
-    root.path.mkdir(parents=True, exist_ok=True)
-    with atomic_file(png) as tmp:
-        tmp.write_bytes(plot(rows))
-    entry["outputs"].append(artifact(png, root.path))
-    if failures:
-        entry["reason"] = "; ".join(f"{m}: {e}" for m, e in failures)
-    root.append(entry)
+    rows, failures = [], []
+    inputs = {"methods": c.methods, "data": c.data or None, "pipeline": c.pipeline or None, "quant": c.quant,
+              "model": c.model}
+    with root.record(COMPARE, to_dict(c), inputs) as entry:
+        for method in c.methods:
+            run = root.method_run(method)
+            error = None
+            spec = _spec(c, method, lrs[method])
+            if c.redo or not _done(run, spec["train"]):
+                try:
+                    run_pipeline(spec, str(run.path))
+                except EdgeftError as e:  # a gate or an error: this method's row says so, the others still run
+                    error = str(e)
+                    failures.append((method, e))
+            rows.append(_row(method, run, error))
+        entry["metrics"]["rows"] = rows
+        with atomic_file(root.compare_plot) as tmp:
+            tmp.write_bytes(plot(rows))
+        entry["outputs"].append(artifact(root.compare_plot, root.path))
+        if failures:
+            entry["status"] = "failed"
+            entry["reason"] = "; ".join(f"{m}: {e}" for m, e in failures)
     failure = None
     if failures:  # raised by the caller after the table is shown: a failed method is a result too
         failure = (GateFailed if any(isinstance(e, GateFailed) for _, e in failures) else EdgeftError)(entry["reason"])
     return CompareResult(run=root.path, entry=entry, failure=failure)
 
 
-def columns(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """The comparison as headers and text cells: one table for the CLI, the report and the README."""
-    quants = list(dict.fromkeys(q for r in rows for q in r["quants"]))
-
-    def pct(x):
-        return "" if x is None else f"{100 * x:.0f}%"
-
-    def ppl(x):
-        return "" if x is None else f"{x:.4f}"
-
-    headers = ["method", "trainable params", "adapter MB", "train s", "peak RAM MiB", "forgetting",
-               "merged ppl", "merged exact"]
-    for q in quants:
-        headers += [f"{q.upper()} ppl", f"{q.upper()} exact"]
-    out = []
-    for r in rows:
-        merged = r["merged"] or {}
-        cells = [r["method"], "" if r["trainable_params"] is None else f"{r['trainable_params']:,}",
-                 "" if r["adapter_mb"] is None else f"{r['adapter_mb']:.2f}",
-                 "" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}",
-                 "" if r["peak_ram_mb"] is None else f"{r['peak_ram_mb']:.0f}",
-                 "" if r["forgetting"] is None else f"{100 * r['forgetting']:+.2f}%",
-                 ppl(merged.get("ppl")), pct(merged.get("exact_match"))]
-        for q in quants:
-            m = r["quants"].get(q) or {}
-            cells += [ppl(m.get("ppl")) + ("" if m.get("status") in (None, "ok") else " (failed)"),
-                      pct(m.get("exact_match"))]
-        out.append(cells + ([f"failed: {r['error'][:80]}"] if r["error"] else []))
-    return headers, out
-
-
 def plot(rows: list[dict]) -> bytes:
     """Held-out perplexity change vs the base and exact answers, per method, for the merged model and each
     quant: where each method's quality goes on the way to the board."""
-    from .report import png_bytes, pyplot
+    from .report import png_bytes, pyplot  # compare draws with the report's matplotlib setup
 
     plt = pyplot()
     stages = ["merged", *dict.fromkeys(q for r in rows for q in r["quants"] if q != "f16")]

@@ -14,8 +14,8 @@ from typing import ClassVar
 from .config import accepts_old_names, to_dict
 from .errors import EdgeftError
 from .gates import Gate, check
-from .heldout import TOKENS_FILE, HeldOutOptions
-from .ledger import Run, default_run_dir
+from .heldout import HeldOutOptions
+from .run import EVAL, TOKENS_FILE, Run, default_run_dir
 from .models import DEFAULT_BASE, load_model, load_tokenizer, resolve_model
 from .scoring import PerplexityResult, measure, score
 
@@ -46,8 +46,8 @@ class EvalResult:
 
 
 def _gguf_tokenizer(c: EvalConfig, gguf: Path, run: Run) -> Path:
-    candidates = [Path(c.tokenizer)] if c.tokenizer else [gguf.parent, gguf.parent.parent / "merged",
-                                                          run.path / "merged"]
+    candidates = [Path(c.tokenizer)] if c.tokenizer else [gguf.parent, Run(gguf.parent.parent).merged,
+                                                          run.merged]
     for folder in candidates:
         if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
             return folder
@@ -56,14 +56,14 @@ def _gguf_tokenizer(c: EvalConfig, gguf: Path, run: Run) -> Path:
 
 
 def evaluate(config: EvalConfig) -> EvalResult:
-    from .task import TASK_FILE, build_task_set, read_task_set, store_task_set
+    from .task import build_task_set, read_task_set, store_task_set
 
     c = config
     c.check_heldout()
     c = c.checked("task_answers")
     if c.dtype not in ("float32", "bfloat16", "float16"):
         raise EdgeftError(f"--dtype {c.dtype}: use float32, bfloat16 or float16")
-    run = Run(c.run or default_run_dir("eval"))
+    run = Run(c.run or default_run_dir(EVAL))
     gguf = Path(c.model) if c.model.endswith(".gguf") else None
     if gguf is not None and not gguf.is_file():
         raise EdgeftError(f"--model {c.model}: no such GGUF file")
@@ -78,13 +78,13 @@ def evaluate(config: EvalConfig) -> EvalResult:
         examples, _ = load_examples(data_file(c.data), tokenizer, c.max_seq_len, strict=False)
         task = read_task_set(run.path, tokenizer)
         if task is not None and task.source != str(c.data):
-            raise EdgeftError(f"{run.path / TASK_FILE}: this run's task set came from {task.source}, not {c.data}; "
+            raise EdgeftError(f"{run.task_set}: this run's task set came from {task.source}, not {c.data}; "
                               f"use a new --run")
         task = task or store_task_set(run.path, build_task_set(tokenizer, examples, str(c.data)))
     tokens = c.heldout_tokens(tokenizer, run.path)
     inputs = {"model": str(path), "eval_tokens": TOKENS_FILE, "text": tokens.source, "n_tokens": len(tokens.ids),
               "backend": "llama.cpp" if gguf else "torch", "task": c.data or None}
-    with run.step("eval", to_dict(c), inputs) as entry:
+    with run.record(EVAL, to_dict(c), inputs) as entry:
         if gguf:
             result, scored = _eval_gguf(gguf, tokens, task, tokenizer, c)
         else:

@@ -17,6 +17,7 @@ from .atomic import write_json
 from .errors import EdgeftError
 from .inputs import read_json, token_ids
 from .models import edgeft_home
+from .run import Run
 from .scoring import DEFAULT_STRIDE, DEFAULT_WINDOW
 
 DEFAULT_TEXT = "pydoc"
@@ -25,7 +26,6 @@ CHECKS = ("full", "quick")
 # with a broken step as surely as on 8k, at a quarter of the time; the gates' limits are unchanged.
 QUICK_SHARE = 4
 DEFAULT_BUDGET = 8192
-TOKENS_FILE = "eval_tokens.json"
 
 
 @dataclass
@@ -149,17 +149,18 @@ def eval_tokens(tokenizer, text: str | None, budget: int, run_dir: Path | None =
     """The run's token ids: read from the run if it already has them (every step of a run scores the
     same ids), else from the cache in $EDGEFT_HOME/tokens, else tokenized now and cached."""
     tok_sha = tokenizer_sha256(tokenizer)
-    if run_dir is not None and (run_dir / TOKENS_FILE).is_file():
-        stored = EvalTokens.read(run_dir / TOKENS_FILE)
+    ids_file = Run(run_dir).ids if run_dir is not None else None
+    if ids_file is not None and ids_file.is_file():
+        stored = EvalTokens.read(ids_file)
         if stored.tokenizer_sha256 != tok_sha:
-            raise EdgeftError(f"{run_dir / TOKENS_FILE}: this run's eval tokens were made with another tokenizer; "
+            raise EdgeftError(f"{ids_file}: this run's eval tokens were made with another tokenizer; "
                               f"use a new --run folder for a model with a different tokenizer")
         # The default budget is what a step has when it is not given one, so only another number was asked for.
         if budget != stored.budget and budget != DEFAULT_BUDGET:
             from .progress import console
 
             console.print(f"note: --eval-budget {budget} is not used: this run scores the {len(stored.ids)} ids it "
-                          f"stored first ({run_dir / TOKENS_FILE}, budget {stored.budget}); use a new --run for "
+                          f"stored first ({ids_file}, budget {stored.budget}); use a new --run for "
                           f"another budget", style="yellow", markup=False, highlight=False, soft_wrap=True)
         return stored
     body, source = read_text(text)
@@ -174,6 +175,6 @@ def eval_tokens(tokenizer, text: str | None, budget: int, run_dir: Path | None =
             raise EdgeftError(f"--text {source}: gives {len(ids)} token(s); perplexity needs at least 2")
         result = EvalTokens(ids=ids, source=source, text_sha256=text_sha, tokenizer_sha256=tok_sha, budget=budget)
         write_json(cache, result.to_json())
-    if run_dir is not None:
-        write_json(run_dir / TOKENS_FILE, result.to_json())
+    if ids_file is not None:
+        write_json(ids_file, result.to_json())
     return result

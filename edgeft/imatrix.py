@@ -13,24 +13,20 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from .errors import EdgeftError
 
 
-def calibration_ids(spec: str, run_dir: Path, tokenizer, budget: int) -> list[list[int]]:
-    """Chunks of token ids to run: the run's training rows ('train') or a UTF-8 text file."""
+def calibration_ids(spec: str, tokenizer, budget: int, training_rows: Callable[[], list[list[int]]]
+                    ) -> list[list[int]]:
+    """Chunks of token ids to run: the run's training rows ('train', read by `training_rows`: the training
+    record is train's, which this module, imported by llama.cpp's quantize, does not import) or a UTF-8 text
+    file."""
     if spec == "train":
-        from .dataset import load_examples
-        from .train import data_path, read_train_config
-
-        trained = read_train_config(run_dir)
-        if trained is None:
-            raise EdgeftError(f"--imatrix train: {run_dir} has no train_config.json (nothing was trained in this "
-                              f"run); pass --imatrix FILE (a text)")
-        chunks = [e.input_ids for e in load_examples(data_path(trained), tokenizer, trained.max_seq_len, False,
-                                                     trained.columns)[0]]
+        chunks = training_rows()
     else:
         path = Path(spec)
         if not path.is_file():

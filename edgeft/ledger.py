@@ -1,4 +1,5 @@
-"""The run folder and its manifest: the perplexity ledger that is the product's spine.
+"""The manifest's entries: the perplexity ledger that is the product's spine (the run folder that holds it,
+and the one writer of its entries, are run.py's).
 
 Every step appends one entry to RUN/manifest.json: what went in, what came out (path, bytes, sha256),
 the perplexity of its result on the run's token ids, wall time, peak RSS, library versions and the exact
@@ -18,24 +19,17 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import platform
 import resource
-import time
-import traceback
-from contextlib import contextmanager
+import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
 
 from . import __version__
-from .atomic import NON_FINITE, finite, sha256_file, write_json
+from .atomic import sha256_file
 from .errors import EdgeftError
 from .inputs import read_json
 
-MANIFEST = "manifest.json"
-LOCK = ".manifest.json.lock"
-LOCK_TIMEOUT_S = 600  # another step's append takes milliseconds; minutes mean a stuck process
 _FIX = "restore it from a copy or use a new --run"
 # The fields the ledger's readers use, and the JSON types each may hold (None: may be absent or null).
 _ENTRY_FIELDS = {"step": (str,), "status": (str,), "inputs": (dict,), "outputs": (list,), "metrics": (dict,),
@@ -107,97 +101,28 @@ def current_rss_mb() -> float:
     return float("nan")
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_memory() -> None:
+    """Start a step's peak: RSS and, where this process uses CUDA, GPU memory."""
     # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0), so each step reports its own peak.
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
+    if _cuda():
+        sys.modules["torch"].cuda.reset_peak_memory_stats()
 
 
-def default_run_dir(step: str) -> Path:
-    """Where a step writes when no --run is given: runs/STEP-TIMESTAMP."""
-    return Path("runs") / f"{step}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+def peak_gpu_mb() -> float | None:
+    """The GPU memory peak since the last reset (None where this process uses no CUDA)."""
+    return round(sys.modules["torch"].cuda.max_memory_allocated() / 2**20, 1) if _cuda() else None
 
 
-class Run:
-    """A run folder. Steps of one chain share it (and its eval token ids)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.path / MANIFEST
-
-    def manifest(self) -> dict:
-        if not self.manifest_path.is_file():
-            return {"edgeft_version": __version__, "created": _now(), "steps": []}
-        return read_manifest(self.manifest_path)
-
-    def steps(self) -> list[dict]:
-        return self.manifest()["steps"]
-
-    def last(self, step: str, status: str = "ok") -> dict | None:
-        for entry in reversed(self.steps()):
-            if entry["step"] == step and entry["status"] == status:
-                return entry
-        return None
-
-    def append(self, entry: dict) -> None:
-        """Add `entry` to the manifest. Non-finite numbers in it become null, listed under the entry's
-        "non_finite" (the caller's dict is updated in place, so what it prints matches the ledger)."""
-        from filelock import FileLock, Timeout
-
-        clean, notes = finite(entry)
-        if notes:
-            clean[NON_FINITE] = {**(clean.get(NON_FINITE) or {}), **notes}
-        entry.clear()
-        entry.update(clean)
-        self.path.mkdir(parents=True, exist_ok=True)
-        try:
-            with FileLock(self.path / LOCK, timeout=LOCK_TIMEOUT_S):
-                manifest = self.manifest()
-                manifest["steps"].append(entry)
-                manifest["updated"] = _now()
-                write_json(self.manifest_path, manifest)
-        except Timeout:
-            raise EdgeftError(f"{self.path / LOCK}: held by another process for {LOCK_TIMEOUT_S} s; if no edgeft "
-                              f"step is running on {self.path}, that process is stuck: stop it") from None
-
-    @contextmanager
-    def step(self, name: str, config: dict, inputs: dict) -> Iterator[dict]:
-        """Time a step and append its ledger entry, also when it fails. The body fills in the entry's
-        outputs, perplexity, metrics; raising GateFailed marks it failed with that reason."""
-        import torch
-
-        self.path.mkdir(parents=True, exist_ok=True)
-        entry: dict = {"step": name, "status": "running", "started": _now(), "inputs": inputs, "outputs": [],
-                       "perplexity": None, "metrics": {}, "config": config, "versions": versions()}
-        _reset_peak_rss()
-        entry["rss_at_start_mb"] = current_rss_mb()  # peak minus this is what the step itself added
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        try:
-            yield entry
-            entry["status"] = "ok"
-        except BaseException as e:
-            entry["status"] = "failed"
-            if isinstance(e, EdgeftError):
-                entry["reason"] = str(e)
-            elif isinstance(e, KeyboardInterrupt):
-                entry["reason"] = "interrupted"
-            else:
-                entry["reason"] = f"{type(e).__name__}: {e}"
-                entry["traceback"] = traceback.format_exc(limit=8)
-            raise
-        finally:
-            entry["wall_s"] = round(time.perf_counter() - start, 2)
-            entry["peak_rss_mb"] = read_peak_rss_mb()
-            if torch.cuda.is_available():
-                entry["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            self.append(entry)
+def _cuda() -> bool:
+    """Whether this process uses CUDA, asked of torch only if something already imported it: a step that never
+    imports torch (deploy, smoke) allocated no GPU memory, and the ledger stays importable without torch. A step
+    that imports torch during its body has a peak since that import, which is its own."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_available()
 
 
 def read_manifest(path: Path) -> dict:
@@ -232,49 +157,5 @@ def _check_fields(obj: dict, fields: dict, where: str) -> None:
                               f"{_FIX}")
 
 
-def _now() -> str:
+def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def ledger_rows(manifest: dict) -> list[dict]:
-    """One row per measured model, in the order a person reads the chain. A step that compares against a
-    reference (train: the base without the adapter) gets the reference's row first; Δ is against the
-    step's reference, else against the run's first perplexity. Task columns (the fine-tune's held-out
-    answers: their perplexity and the exact-answer rate) come from the entry's `task`, when the run has one."""
-    rows = []
-    first_ppl = None
-    for entry in manifest.get("steps", []):
-        ref = entry.get("reference")
-        task = entry.get("task") or {}
-        # A reference already on the ledger (the F16 GGUF that every quant compares with) is not repeated.
-        if ref and ref.get("ppl") is not None and not any(r["ppl"] == ref["ppl"] for r in rows):
-            rows.append(_row(entry, ref, task.get("reference") or {}, status="ref", delta_to=None))
-            first_ppl = first_ppl or ref["ppl"]
-        ppl = (entry.get("perplexity") or {}).get("ppl")
-        rows.append(_row(entry, entry.get("perplexity") or {}, task, status=entry["status"],
-                         delta_to=(ref or {}).get("ppl", first_ppl)))
-        if first_ppl is None and ppl is not None:
-            first_ppl = ppl
-    return rows
-
-
-def _row(entry: dict, measured: dict, task: dict, status: str, delta_to: float | None) -> dict:
-    ppl = measured.get("ppl")
-    own = status != "ref"  # sizes, times and notes belong to the step's own row
-    return {
-        "step": entry["step"],
-        "checks": (entry.get("config") or {}).get("checks") or "full",  # quick: part of the ids, no answers
-        "model": measured.get("model", ""),
-        "status": status,
-        "ppl": ppl,
-        "delta_pct": None if ppl is None or not delta_to else round(100 * (ppl / delta_to - 1), 2),
-        "tokens": measured.get("tokens"),
-        "task_ppl": task.get("ppl"),
-        "task_delta_pct": None if task.get("ppl_change") is None or not own else round(100 * task["ppl_change"], 2),
-        "exact_match": task.get("exact_match"),
-        "task_items": task.get("items") if own else None,
-        "bytes": (sum(o.get("bytes", 0) for o in entry.get("outputs", [])) or None) if own else None,
-        "wall_s": entry.get("wall_s") if own else None,
-        "peak_rss_mb": entry.get("peak_rss_mb") if own else None,
-        "reason": (entry.get("reason") or entry.get("note") or task.get("note") or "") if own else "",
-    }

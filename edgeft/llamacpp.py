@@ -158,6 +158,14 @@ def binding_version() -> str:
     return metadata.version("llama_cpp_python")
 
 
+def reference_tree():
+    """llama.cpp's converter of the installed binding, as converters.compare takes it."""
+    from .converters.compare import ReferenceTree
+    from .models import edgeft_home
+
+    return ReferenceTree(src=vendored_source(), version=binding_version(), pydeps=edgeft_home() / "src" / "bench-pydeps")
+
+
 def vendored_source() -> Path:
     """The llama.cpp source tree that the installed llama-cpp-python was built from (its PyPI sdist vendors
     it): fetched once with pip into $EDGEFT_HOME/src, so tools built from it (and its convert_hf_to_gguf.py)

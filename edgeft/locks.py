@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import EdgeftError
-
-LOCKS = ".locks"
+from .run import LOCKS_DIR
 
 
 @contextmanager
@@ -23,7 +22,7 @@ def writing(run_dir: Path, artifact: str, command: str) -> Iterator[None]:
     """Hold the lock of `artifact` (a name within the run: "adapter", "merged", a GGUF's file name) or refuse."""
     from filelock import FileLock, Timeout
 
-    folder = Path(run_dir) / LOCKS
+    folder = Path(run_dir) / LOCKS_DIR
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -29,13 +29,14 @@ from .atomic import atomic_dir, write_json
 from .config import accepts_old_names, to_dict
 from .errors import EdgeftError
 from .gates import Gate, check, parse_gates
-from .heldout import TOKENS_FILE, HeldOutOptions
-from .ledger import Run, artifact, default_run_dir, read_peak_rss_mb
+from .heldout import HeldOutOptions
+from .ledger import artifact, read_peak_rss_mb
 from .models import add_adapter, copy_tokenizer, load_for_scoring, load_tokenizer, resolve_model, stored_dtype
 from .progress import bar
 from .reuse import find_measurement, measurement_key, torch_weights
+from .run import MERGE, MERGE_CHOICE, TOKENS_FILE, Run, default_run_dir
 from .scoring import Comparison, PerplexityResult, measure
-from .task import TaskScore, score_torch, store_task_set, task_set_for_run
+from .task import TaskScore, TaskSet, build_task_set, read_task_set, score_torch, store_task_set
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -211,6 +212,24 @@ def _score(model, tokenizer, tokens, task, c: MergeConfig, label: str) -> dict:
             "exact_match_n": scored.answered if scored else 0}
 
 
+def _task_set_for_run(run_dir: Path, tokenizer) -> TaskSet | None:
+    """The run's task set; for a run whose training predates task_tokens.json, rebuilt from its training
+    record (the same seeded held-out split) and stored."""
+    task = read_task_set(run_dir, tokenizer)
+    if task is not None:
+        return task
+    # Here, not in task.py: the training record is train's (task.py is what train itself scores with).
+    from .train import data_path, read_train_config, split_examples
+
+    trained = read_train_config(run_dir)
+    if trained is None or not (trained.eval_data or data_path(trained).is_file()):
+        return None
+    trained.strict = False
+    held_out = split_examples(trained, tokenizer)[1]
+    task = build_task_set(tokenizer, held_out, f"held-out split of {trained.data}")
+    return store_task_set(run_dir, task) if task else None
+
+
 def merge(config: MergeConfig) -> MergeResult:
     c = config
     if not c.adapter:
@@ -237,14 +256,14 @@ def merge(config: MergeConfig) -> MergeResult:
         raise EdgeftError("--into dequantized: only 4-bit (NF4) training is reproduced; use --into original")
     max_drift = parse_gates(c.max_drift, {}, candidates, 0.01, flag="--max-drift")
 
-    run_dir = Path(c.run) if c.run else (adapter.run or default_run_dir("merge"))
+    run_dir = Path(c.run) if c.run else (adapter.run or default_run_dir(MERGE))
     run = Run(run_dir)
-    out = Path(c.out) if c.out else run.path / "merged"
+    out = Path(c.out) if c.out else run.merged
     tokenizer = load_tokenizer(adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokens = c.heldout_tokens(tokenizer, run.path)
-    task = task_set_for_run(adapter.run, tokenizer) if adapter.run else None
+    task = _task_set_for_run(adapter.run, tokenizer) if adapter.run else None
     if task and adapter.run != run.path:
         store_task_set(run.path, task)
 
@@ -256,7 +275,7 @@ def merge(config: MergeConfig) -> MergeResult:
     earlier = _earlier_unmerged(adapter, fp_record, tokens, task, c)
     for into in candidates:
         folder = out if len(candidates) == 1 else out.with_name(f"{out.name}-{into}")
-        with run.step("merge", to_dict(c), {**inputs, "into": into}) as entry:
+        with run.record(MERGE, to_dict(c), {**inputs, "into": into}) as entry:
             entry["metrics"]["fingerprint"] = fp_record
             write_merged(base_path, adapter, weights, folder, c.dtype, into, c.shard_mb)
             entry["metrics"]["merge_peak_rss_mb"] = read_peak_rss_mb()  # the merge itself, before scoring
@@ -301,7 +320,7 @@ def merge(config: MergeConfig) -> MergeResult:
                 shutil.move(str(f), tmp / f.name)
         for s in scored.values():
             shutil.rmtree(s["folder"], ignore_errors=True)
-        with run.step("merge-choice", to_dict(c), inputs) as decision:
+        with run.record(MERGE_CHOICE, to_dict(c), inputs) as decision:
             decision["outputs"].append(artifact(final, run.path))
             decision["perplexity"] = scored[chosen]["entry"]["perplexity"]
             if "task" in scored[chosen]["entry"]:

@@ -1,7 +1,7 @@
 """`edgeft run PIPELINE.yaml`: train → merge → export → smoke in one run folder, one ledger.
 
 A pipeline file is data: one section per step holding that step's config keys (the same keys as the step's
-flags). A step that fails its gate stops the chain (exit 3) naming the step. `--from STEP` skips the
+flags); the steps, their order and their ledger entries are steps.py's table. A step that fails its gate stops the chain (exit 3) naming the step. `--from STEP` skips the
 steps before STEP, but only after checking that their recorded artifacts are still on disk with the sha256
 the ledger holds, so a resumed chain never builds on a file that changed.
 
@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import load_config, read_config_file
+from .config import read_config_file
 from .errors import EdgeftError, GateFailed
-from .ledger import Run, artifact
-
-STEPS = ("train", "merge", "export", "smoke")
-_LEDGER_STEP = {"train": "train", "merge": "merge", "export": "export-", "smoke": "smoke"}
+from .ledger import artifact
+from .run import Run
+from .steps import CHAIN, STEPS, Step
 
 
 def example_pipeline() -> Path:
@@ -38,50 +37,36 @@ def load_pipeline(path: str | Path) -> dict:
     return spec
 
 
-def _check_done(run: Run, step: str) -> None:
+def _check_done(run: Run, step: Step) -> None:
     """A skipped step must have an ok ledger entry whose outputs still have their recorded sha256."""
-    prefix = _LEDGER_STEP[step]
-    entries = [e for e in run.steps() if e["step"].startswith(prefix) and e["status"] == "ok"]
-    if not entries:
-        raise EdgeftError(f"--from: the run {run.path} has no completed '{step}' step; start from an earlier step")
-    for out in entries[-1].get("outputs", []):
+    entry = run.last(*step.ledger)
+    if entry is None:
+        raise EdgeftError(f"--from: the run {run.path} has no completed '{step.name}' step; start from an earlier step")
+    for out in entry.get("outputs", []):
         path = run.path / out["path"]
         if ":" in out["path"] or not path.exists():  # remote files (deploy) are checked by deploy itself
             continue
         if artifact(path, run.path)["sha256"] != out["sha256"]:
-            raise EdgeftError(f"--from: {path} changed since the '{step}' step recorded it (sha256 differs); "
-                              f"run from '{step}' again")
+            raise EdgeftError(f"--from: {path} changed since the '{step.name}' step recorded it (sha256 differs); "
+                              f"run from '{step.name}' again")
 
 
 def run_pipeline(spec: dict, run_dir: str = "", from_step: str = "") -> Run:
-    from .export import export, load_export_config
-    from .merge import MergeConfig, merge
-    from .smoke import SmokeConfig, smoke
-    from .train import TrainConfig, train
-
     run_path = run_dir or spec.get("run") or "runs/pipeline"
     run = Run(run_path)
     if from_step and from_step not in STEPS:
         raise EdgeftError(f"--from {from_step}: use one of {', '.join(STEPS)}")
-    start = STEPS.index(from_step) if from_step else 0
-    for step in STEPS[:start]:
-        if step in spec:
+    start = list(STEPS).index(from_step) if from_step else 0
+    for step in CHAIN[:start]:
+        if step.name in spec:
             _check_done(run, step)
-    for step in STEPS[start:]:
-        if step not in spec:
+    for step in CHAIN[start:]:
+        if step.name not in spec:
             continue
-        section = spec[step] or {}
+        section = spec[step.name] or ({} if not step.many else [])
         try:
-            if step == "train":
-                train(load_config(TrainConfig, None, {**section, "run": str(run.path)}))
-            elif step == "merge":
-                merge(load_config(MergeConfig, None, {**section, "adapter": str(run.path), "run": str(run.path)}))
-            elif step == "export":
-                for settings in section:
-                    # The chain owns its run folder: a re-run (--from export) replaces what a killed run left.
-                    export(load_export_config(None, {"overwrite": True, **settings, "run": str(run.path)}))
-            elif step == "smoke":
-                smoke(load_config(SmokeConfig, None, {**section, "run": str(run.path)}))
+            for settings in section if step.many else [section]:
+                step(step.config(step.settings(settings, run.path)))
         except GateFailed as e:
-            raise GateFailed(f"step '{step}' failed its gate: {e}") from None
+            raise GateFailed(f"step '{step.name}' failed its gate: {e}") from None
     return run

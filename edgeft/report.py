@@ -31,11 +31,13 @@ from typing import Callable
 
 from .atomic import atomic_file
 from .errors import EdgeftError
-from .ledger import Run, ledger_rows
+from .run import (COMPARE, DEPLOY, EXPORT_GGUF, EXPORT_ONNX, FLEET_PREFIX, MANIFEST, SMOKE, TRAIN, Run,
+                  fleet_step, last_entry)
+from .tables import fleet_rows, ledger_rows, methods_columns, served_rows
 
 MiB = 2**20
 GREY, GREEN, RED, BLUE = "#999999", "#2b8a3e", "#c92a2a", "#1c7ed6"
-QUANT_STEPS = ("export-gguf", "export-onnx")
+QUANT_STEPS = (EXPORT_GGUF, EXPORT_ONNX)
 
 
 def _color(status: str) -> str:
@@ -192,8 +194,7 @@ def _kl_top1(ax, manifest: dict) -> None:
 
 
 def _loss(ax, manifest: dict) -> None:
-    train = next((e for e in reversed(manifest["steps"]) if e["step"] == "train" and e["metrics"].get("loss_curve")),
-                 None)
+    train = last_entry(manifest["steps"], TRAIN, status=None, where=lambda e: bool(e["metrics"].get("loss_curve")))
     if not train:
         _nothing(ax, "no training step in this run")
         return
@@ -328,28 +329,22 @@ def _quant_table(manifest: dict) -> str:
 def _boards_table(manifest: dict) -> str:
     """The last fleet entry of each step (deploy, smoke) as one table, and the served adapters' checks."""
     out = []
-    for step in ("fleet-deploy", "fleet-smoke"):
-        e = next((x for x in reversed(manifest["steps"]) if x["step"] == step), None)
+    for step in (fleet_step(DEPLOY), fleet_step(SMOKE)):
+        e = last_entry(manifest["steps"], step, status=None)
         if e is None:
             continue
         rows = [[r["board"], r["device"], r["model"], r["adapters"] or "", _fmt(r["tokens_per_s"], ".1f"),
                  _fmt(r["ppl_change"], "+.2f", "%", 100),
                  ("pass" if r["passed"] else "FAIL") + (" (earlier run)" if r.get("skipped") else ""),
-                 r.get("error") or ""] for r in e["metrics"].get("boards", [])]
-        out.append(f"<h3>{html.escape(step.replace('fleet-', ''))} on {len(rows)} boards</h3>" + _table(
+                 r.get("error") or ""] for r in fleet_rows(e)]
+        out.append(f"<h3>{html.escape(step.removeprefix(FLEET_PREFIX))} on {len(rows)} boards</h3>" + _table(
             ["board", "device", "model", "adapters", "tok/s", "ppl Δ", "result", "error"], rows, "fleet"))
-    served = [e for e in manifest["steps"] if e["step"] == "smoke" and "served_answers" in e["metrics"]]
+    served = served_rows([e for e in manifest["steps"] if e["step"] == SMOKE and "served_answers" in e["metrics"]])
     if served:
-        rows = []
-        for e in served:
-            a, sw, mem = e["metrics"]["served_answers"], e["metrics"].get("switching") or {}, \
-                e["metrics"].get("memory") or {}
-            p, r = e.get("perplexity") or {}, e.get("reference") or {}
-            rows.append([e["inputs"].get("host"), e["inputs"].get("lora"), e["inputs"].get("adapter_id"),
-                         _fmt(p.get("ppl"), ".4f"), _fmt(r.get("ppl"), ".4f"),
-                         _fmt(a.get("exact_match"), ".0f", "%", 100), _fmt(a.get("host_exact_match"), ".0f", "%", 100),
-                         f"{a.get('identical_to_host')}/{a.get('items')}", _fmt(sw.get("switch_cost_ms"), "+.0f", " ms"),
-                         _fmt(mem.get("ratio"), ".0f", "%", 100), e["status"]])
+        rows = [[s["board"], s["adapter"], s["id"], _fmt(s["ppl"], ".4f"), _fmt(s["host_ppl"], ".4f"),
+                 _fmt(s["exact_match"], ".0f", "%", 100), _fmt(s["host_exact_match"], ".0f", "%", 100),
+                 f"{s['identical_to_host']}/{s['items']}", _fmt(s["switch_cost_ms"], "+.0f", " ms"),
+                 _fmt(s["rss_ratio"], ".0f", "%", 100), s["status"]] for s in served]
         out.append("<h3>served adapters</h3>" + _table(
             ["board", "adapter", "id", "ppl (board, base + LoRA)", "ppl (host, fused)", "exact (board)",
              "exact (host)", "same answers", "switch cost", "RSS vs separate servers", "status"], rows, "served"))
@@ -357,12 +352,10 @@ def _boards_table(manifest: dict) -> str:
 
 
 def _methods_table(manifest: dict) -> str:
-    from .compare import columns
-
-    e = next((x for x in reversed(manifest["steps"]) if x["step"] == "compare"), None)
+    e = last_entry(manifest["steps"], COMPARE, status=None)
     if e is None:
         return ""
-    headers, rows = columns(e["metrics"]["rows"])
+    headers, rows = methods_columns(e["metrics"]["rows"])
     width = max(len(r) for r in rows)
     return "<h2>PEFT methods compared</h2>" + _table(headers + [""] * (width - len(headers)), rows, "compare")
 
@@ -430,14 +423,13 @@ Sizes are MiB (2<sup>20</sup> bytes).</p>
 
 def report(run_dir: str | Path) -> tuple[Path, Path]:
     run = Run(run_dir)
-    if not run.manifest_path.is_file():
-        raise EdgeftError(f"{run_dir}: no manifest.json; pass a run folder written by edgeft")
+    if not run.is_run():
+        raise EdgeftError(f"{run_dir}: no {MANIFEST}; pass a run folder written by edgeft")
     manifest = run.manifest()
-    png = run.path / "report.png"
+    page_path, png = run.report_files
     data = png_bytes(figure(manifest), 110)
     with atomic_file(png) as tmp:
         tmp.write_bytes(data)
-    page_path = run.path / "report.html"
     text = page(manifest, run.path.name)
     with atomic_file(page_path) as tmp:
         tmp.write_text(text)

@@ -44,9 +44,6 @@ def measurement_key(weights: dict, ids: Sequence[int], window: int, stride: int,
 
 
 def find_measurement(run, key: str) -> dict | None:
-    """The latest entry of `run` (ledger.Run) that measured exactly these inputs. A failed gate does not
+    """The latest entry of `run` (run.Run) that measured exactly these inputs. A failed gate does not
     disqualify it: the gate judged the numbers, it did not change them."""
-    for entry in reversed(run.steps()):
-        if entry.get(KEY) == key and entry.get("perplexity"):
-            return entry
-    return None
+    return run.last(status=None, where=lambda e: e.get(KEY) == key and bool(e.get("perplexity")))

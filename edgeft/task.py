@@ -22,9 +22,9 @@ from typing import Callable
 from .atomic import write_json
 from .dataset import IGNORE, Example, as_messages, tools_of
 from .errors import EdgeftError
+from .run import Run
 from .scoring import PerplexityResult, Piece, score_pieces
 
-TASK_FILE = "task_tokens.json"
 MAX_NEW_TOKENS = 64  # no held-out answer is longer in practice; a longer one is cut (and so not exact)
 
 
@@ -135,9 +135,9 @@ def build_task_set(tokenizer, examples: list[Example], source: str) -> TaskSet |
 
 def read_task_set(run_dir: Path | None, tokenizer=None) -> TaskSet | None:
     """The run's task set, or None when the run has none (no training data, no --data)."""
-    if run_dir is None or not (Path(run_dir) / TASK_FILE).is_file():
+    path = Run(run_dir).task_set if run_dir is not None else None
+    if path is None or not path.is_file():
         return None
-    path = Path(run_dir) / TASK_FILE
     task = TaskSet.read(path)
     if tokenizer is not None:
         from .heldout import tokenizer_sha256
@@ -149,25 +149,8 @@ def read_task_set(run_dir: Path | None, tokenizer=None) -> TaskSet | None:
 
 
 def store_task_set(run_dir: Path, task: TaskSet) -> TaskSet:
-    write_json(Path(run_dir) / TASK_FILE, task.to_json())
+    write_json(Run(run_dir).task_set, task.to_json())
     return task
-
-
-def task_set_for_run(run_dir: Path, tokenizer) -> TaskSet | None:
-    """The run's task set; for a run whose training predates task_tokens.json, rebuilt from its training
-    record (the same seeded held-out split) and stored."""
-    task = read_task_set(run_dir, tokenizer)
-    if task is not None:
-        return task
-    from .train import data_path, read_train_config, split_examples
-
-    trained = read_train_config(run_dir)
-    if trained is None or not (trained.eval_data or data_path(trained).is_file()):
-        return None
-    trained.strict = False
-    held_out = split_examples(trained, tokenizer)[1]
-    task = build_task_set(tokenizer, held_out, f"held-out split of {trained.data}")
-    return store_task_set(run_dir, task) if task else None
 
 
 # --------------------------------------------------------------------------------------------- answers

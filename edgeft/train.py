@@ -29,23 +29,22 @@ from typing import Callable, ClassVar
 from . import methods, templates
 from .adapter import ADAPTER_META, ADAPTER_WEIGHTS, name_base_on_hub
 from .atomic import atomic_dir, write_json
-from .checkpoint import CHECKPOINTS, StopAtStepBoundary, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import StopAtStepBoundary, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import accepts_old_names, current_names, to_dict
 from .dataset import Example, column_map, data_file, load_examples, split
 from .errors import EdgeftError
 from .gates import Gate, check, parse_gates
-from .heldout import TOKENS_FILE, HeldOutOptions
+from .heldout import HeldOutOptions
 from .inputs import read_json
-from .ledger import Run, artifact, default_run_dir
+from .ledger import artifact
 from .locks import writing
 from .models import DEFAULT_BASE, fingerprint, hub_id, load_model, load_tokenizer, resolve_model
 from .progress import bar, console
 from .reuse import KEY, measurement_key, torch_weights
+from .run import ADAPTER_DIR, CHECKPOINTS, TOKENS_FILE, TRAIN, TRAIN_CONFIG, Run, default_run_dir
 from .scoring import Comparison, measure
 from .trainlog import TrainLog, check_report_to
 
-ADAPTER_DIR = "adapter"
-TRAIN_CONFIG = "train_config.json"  # the run's record of how its adapter was trained
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention", "edgeft_packed_sdpa")
 # Steps left out of tokens/s: the first step of a process pays for CUDA init, kernel autotuning and compilation.
 WARMUP_STEPS = 1
@@ -507,7 +506,7 @@ def train(config: TrainConfig, on_step: Callable[[int, float, int], None] | None
 
 def recipe(c: TrainConfig, s: Setup, on_step) -> TrainResult:
     # Only the main process keeps the ledger; the others fill a throwaway entry.
-    ledger = s.run.step("train", to_dict(c), ledger_inputs(s)) if s.main else contextlib.nullcontext(
+    ledger = s.run.record(TRAIN, to_dict(c), ledger_inputs(s)) if s.main else contextlib.nullcontext(
         {"metrics": {}, "outputs": []})
     adapter_dir = s.run.path / ADAPTER_DIR
     with ledger as entry:
@@ -550,7 +549,7 @@ def setup(c: TrainConfig, held: contextlib.ExitStack) -> Setup:
         tokenizer.chat_template = templates.load(c.chat_template)
     train_set, eval_set, truncated = split_examples(c, tokenizer)
     if acc.is_main_process:  # one train at a time writes a run's adapter, checkpoints, logs and train_config.json
-        held.enter_context(writing(Path(c.run), "adapter", "train"))
+        held.enter_context(writing(Path(c.run), ADAPTER_DIR, "train"))
     run = Run(c.run)
     resume_from = _resume_point(run, c, acc.num_processes) if c.resume else None
     config_json = read_json(base_path / "config.json", "the model folder needs its config.json")

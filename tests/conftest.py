@@ -137,6 +137,25 @@ def tiny_export_run(tiny_llama, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture
+def copy_run(tmp_path):
+    """A copy of a session's run for a test that writes to it (deploy, smoke and merge append to its ledger):
+    the session's run stays as its fixture built it for the tests after."""
+    def copy(run: Path, name: str = "run") -> Path:
+        return Path(shutil.copytree(run, tmp_path / name))
+    return copy
+
+
+def deploy_cli(run, board, dest, *extra):
+    """`edgeft deploy` of `run` to the loopback board, emulated Pi 5."""
+    from click.testing import CliRunner
+
+    from edgeft.cli import cli
+
+    return CliRunner().invoke(cli, ["deploy", str(run), "--device", "rpi5", "--host", "board", "--ssh-config",
+                                    board.config, "--dest", str(dest), "--emulate", "--json", *extra])
+
+
 @pytest.fixture(scope="session")
 def board(tmp_path_factory):
     """A real OpenSSH server on 127.0.0.1 standing in for a board, with a throwaway host key and client key.

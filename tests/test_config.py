@@ -8,14 +8,14 @@ from click.testing import CliRunner
 
 from edgeft.cli import cli
 from edgeft.config import load_config
+from edgeft.devices.deploy import DeployConfig
+from edgeft.devices.smoke import SmokeConfig
+from edgeft.devices.ssh import SSHOptions
 from edgeft.errors import EdgeftError
 from edgeft.evaluate import EvalConfig
 from edgeft.export import GGUFExportConfig, OnnxExportConfig, load_export_config
 from edgeft.heldout import HeldOutOptions
 from edgeft.merge import MergeConfig
-from edgeft.ssh import SSHOptions
-from edgeft.smoke import SmokeConfig
-from edgeft.deploy import DeployConfig
 from edgeft.train import TrainConfig
 
 from .conftest import assert_one_line_error

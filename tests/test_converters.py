@@ -15,6 +15,7 @@ import pytest
 from edgeft.converters.compare import compare, key_differences, reference_convert, tensors_equal
 from edgeft.converters.families import ConversionError, families, family_for, imatrix_name_map
 from edgeft.converters.hf_to_gguf import convert
+from edgeft.llamacpp import reference_tree
 
 from . import tiny_models as tm
 
@@ -127,7 +128,7 @@ def test_converts_like_llama_cpp(variant, outtype, build, tmp_path):
     folder = build(variant)
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
     convert(folder, ours, outtype)
-    reference_convert(folder, theirs, outtype, _pre(folder))
+    reference_convert(reference_tree(), folder, theirs, outtype, _pre(folder))
     cmp = compare(ours, theirs)
     assert tensors_equal(cmp), {k: cmp[k] for k in ("only_ours", "only_theirs", "different")}
     assert cmp["tensors_ours"] == cmp["tensors_theirs"] > 0

@@ -9,19 +9,15 @@ from click.testing import CliRunner
 
 from edgeft.cli import cli
 
-from .conftest import needs_cross
+from .conftest import deploy_cli, needs_cross
 
 pytestmark = [pytest.mark.slow, needs_cross]
 
 
-def deploy_cli(run, board, dest, *extra):
-    return CliRunner().invoke(cli, ["deploy", str(run), "--device", "rpi5", "--host", "board", "--ssh-config",
-                                    board.config, "--dest", str(dest), "--emulate", "--json", *extra])
-
-
-def test_deploy_verifies_skips_resumes_and_resends(tiny_export_run, board, tmp_path):
+def test_deploy_verifies_skips_resumes_and_resends(tiny_export_run, copy_run, board, tmp_path):
+    run = copy_run(tiny_export_run)  # deploy appends to the run's ledger
     dest = tmp_path / "board dir; with 'quotes'"  # quoting: spaces, ;, quotes
-    first = deploy_cli(tiny_export_run, board, dest, "--quant", "q8_0")
+    first = deploy_cli(run, board, dest, "--quant", "q8_0")
     assert first.exit_code == 0, first.output
     entry = json.loads(first.output.strip().splitlines()[-1])
     gguf = next(p for p in dest.iterdir() if p.suffix == ".gguf")
@@ -29,7 +25,7 @@ def test_deploy_verifies_skips_resumes_and_resends(tiny_export_run, board, tmp_p
     assert entry["metrics"]["files_skipped"] == 0 and entry["metrics"]["bytes_sent"] > 0
     assert not list(dest.glob("*.part"))
 
-    again = json.loads(deploy_cli(tiny_export_run, board, dest, "--quant", "q8_0").output.strip().splitlines()[-1])
+    again = json.loads(deploy_cli(run, board, dest, "--quant", "q8_0").output.strip().splitlines()[-1])
     # the GGUF, edgeft-board, llama-server, llama-cli, the held-out ids and the prompt's
     assert again["metrics"]["files_skipped"] == len(again["outputs"]) == 6 and again["metrics"]["bytes_sent"] == 0
 
@@ -37,7 +33,7 @@ def test_deploy_verifies_skips_resumes_and_resends(tiny_export_run, board, tmp_p
     data = gguf.read_bytes()
     gguf.unlink()
     (dest / (gguf.name + ".part")).write_bytes(data[: len(data) // 2])
-    resumed = json.loads(deploy_cli(tiny_export_run, board, dest, "--quant", "q8_0").output.strip().splitlines()[-1])
+    resumed = json.loads(deploy_cli(run, board, dest, "--quant", "q8_0").output.strip().splitlines()[-1])
     assert resumed["metrics"]["files_resumed"] == 1
     assert resumed["metrics"]["bytes_sent"] == len(data) - len(data) // 2
     assert gguf.read_bytes() == data
@@ -46,12 +42,13 @@ def test_deploy_verifies_skips_resumes_and_resends(tiny_export_run, board, tmp_p
     corrupt = bytearray(data)
     corrupt[len(data) // 3] ^= 0xFF
     gguf.write_bytes(bytes(corrupt))
-    fixed = json.loads(deploy_cli(tiny_export_run, board, dest, "--quant", "q8_0").output.strip().splitlines()[-1])
+    fixed = json.loads(deploy_cli(run, board, dest, "--quant", "q8_0").output.strip().splitlines()[-1])
     assert fixed["metrics"]["bytes_sent"] == len(data) and gguf.read_bytes() == data
 
 
-def test_unknown_host_key_unreachable_board_and_too_big_model_are_refused(tiny_export_run, board, tmp_path):
-    args = ["deploy", str(tiny_export_run), "--device", "rpi5", "--ssh-config", board.config, "--dest", str(tmp_path / "d"),
+def test_unknown_host_key_unreachable_board_and_too_big_model_are_refused(tiny_export_run, copy_run, board, tmp_path):
+    run = copy_run(tiny_export_run)  # a refused deploy's entry is in the run's ledger
+    args = ["deploy", str(run), "--device", "rpi5", "--ssh-config", board.config, "--dest", str(tmp_path / "d"),
             "--emulate", "--connect-timeout", "3"]
     result = CliRunner().invoke(cli, args + ["--host", "stranger"])
     assert result.exit_code == 2 and "host key verification failed" in result.output.strip().splitlines()[-1]

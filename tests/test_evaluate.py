@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from edgeft.cli import cli
 from edgeft.evaluate import EvalConfig, evaluate
-from edgeft.heldout import TOKENS_FILE
+from edgeft.run import TOKENS_FILE
 
 from .conftest import assert_one_line_error
 

@@ -22,8 +22,11 @@ from .conftest import WINDOW
 def test_tiny_models_export_and_match_hf_with_and_without_cache(which, request, tmp_path):
     folder = request.getfixturevalue(which)
     result = CliRunner().invoke(cli, ["export", "--format", "onnx", "--model", str(folder), "--quant", "fp32,int8",
-                                      "--run", str(tmp_path / "r"), "--json", *WINDOW])
-    assert result.exit_code in (0, 3), result.output  # a random model's int8 may fail its gate; fp32 may not
+                                      "--run", str(tmp_path / "r"), "--json", "--max-ppl-rise", "int8=100",
+                                      "--max-task-ppl-rise", "100", "--max-exact-drop", "1", *WINDOW])
+    # A random model's int8 is far from its fp32 (its gate is opened here: what is tested is the graph and
+    # the cache); fp32's match with HF is gated as always.
+    assert result.exit_code == 0, result.output
     steps = json.loads((tmp_path / "r" / "manifest.json").read_text())["steps"]
     fp32 = steps[0]
     assert fp32["status"] == "ok" and fp32["gate"]["value"] < 1e-3 and fp32["metrics"]["greedy_identical_to_hf"]

@@ -5,13 +5,15 @@ from click.testing import CliRunner
 
 from edgeft.cli import cli
 from edgeft.errors import GateFailed
-from edgeft.ledger import Run, artifact, ledger_rows
+from edgeft.ledger import artifact
+from edgeft.run import Run
+from edgeft.tables import ledger_rows
 
 
 def test_step_entry_round_trip(tmp_path):
     run = Run(tmp_path / "run")
     out_file = tmp_path / "run" / "weights.bin"
-    with run.step("eval", {"model": "m"}, {"model": "m"}) as entry:
+    with run.record("eval", {"model": "m"}, {"model": "m"}) as entry:
         out_file.parent.mkdir(parents=True, exist_ok=True)
         out_file.write_bytes(b"x" * 1000)
         buf = bytearray(50 * 2**20)  # touch memory so the step's peak RSS is visibly real
@@ -30,10 +32,10 @@ def test_step_entry_round_trip(tmp_path):
 
 def test_failed_step_is_recorded_with_reason_and_delta(tmp_path):
     run = Run(tmp_path)
-    with run.step("eval", {}, {}) as entry:
+    with run.record("eval", {}, {}) as entry:
         entry["perplexity"] = {"ppl": 20.0, "tokens": 10, "model": "base"}
     with pytest.raises(GateFailed):
-        with run.step("train", {}, {}) as entry:
+        with run.record("train", {}, {}) as entry:
             entry["perplexity"] = {"ppl": 25.0, "tokens": 10, "model": "base+adapter"}
             raise GateFailed("perplexity rose 25.0% (limit 10%)")
     rows = ledger_rows(run.manifest())
@@ -44,7 +46,7 @@ def test_failed_step_is_recorded_with_reason_and_delta(tmp_path):
 
 def test_show_prints_table_and_json(tmp_path):
     run = Run(tmp_path)
-    with run.step("eval", {}, {}) as entry:
+    with run.record("eval", {}, {}) as entry:
         entry["perplexity"] = {"ppl": 14.9206, "tokens": 8176, "model": "smollm2-135m"}
     result = CliRunner().invoke(cli, ["show", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -68,9 +70,8 @@ def test_concurrent_steps_lose_no_entry(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys\nfrom edgeft.ledger import Run\nrun = Run(sys.argv[1])\nfor i in range(100):\n"
-            "    run.append({'step': 'p' + sys.argv[2], 'status': 'ok', 'inputs': {'i': i}, 'outputs': [], "
-            "'metrics': {}})\n")
+    code = ("import sys\nfrom edgeft.run import Run\nrun = Run(sys.argv[1])\nfor i in range(100):\n"
+            "    with run.record('p' + sys.argv[2], {}, {'i': i}):\n        pass\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(p)]) for p in range(4)]
     assert [p.wait() for p in procs] == [0] * 4
     steps = Run(tmp_path).steps()
@@ -84,7 +85,7 @@ def test_a_nan_perplexity_is_written_as_null_with_the_reason(tmp_path):
 
     run = Run(tmp_path)
     with pytest.raises(GateFailed, match="not a number"):
-        with run.step("export-gguf", {}, {}) as entry:
+        with run.record("export-gguf", {}, {}) as entry:
             entry["perplexity"] = {"ppl": math.nan, "tokens": 10, "model": "broken"}
             entry["metrics"]["kl_mean"] = math.inf
             from edgeft.gates import Gate, check
@@ -137,7 +138,7 @@ def test_fuzzed_manifests_give_a_table_or_one_line_never_a_traceback(tmp_path):
 
     run = Run(tmp_path / "good")
     for i in range(3):
-        with run.step("eval", {"i": i}, {"model": "m"}) as entry:
+        with run.record("eval", {"i": i}, {"model": "m"}) as entry:
             entry["perplexity"] = {"ppl": 10.0 + i, "tokens": 100, "model": "m"}
             entry["outputs"].append({"path": "x.bin", "bytes": 10, "sha256": "0" * 64})
     good = run.manifest_path.read_bytes()

@@ -96,10 +96,13 @@ def test_wrong_base_is_refused_naming_both_and_force_is_recorded(tiny_llama, tin
 
 def test_missing_modules_and_wrong_shapes_are_refused(tiny_llama, tiny_adapter_run, tmp_path):
     one_layer = _other_llama(tiny_llama, tmp_path / "one", num_hidden_layers=1)
-    result = CliRunner().invoke(cli, ["merge", "--adapter", str(tiny_adapter_run), "--base", str(one_layer), "--force"])
+    run = ["--run", str(tmp_path / "r")]  # not the adapter's run: a session fixture the later tests read
+    result = CliRunner().invoke(cli, ["merge", "--adapter", str(tiny_adapter_run), "--base", str(one_layer), "--force",
+                                      *run])
     assert result.exit_code == 2 and "does not have" in result.output and "layers.1" in result.output
     wider = _other_llama(tiny_llama, tmp_path / "wide", intermediate_size=256)
-    result = CliRunner().invoke(cli, ["merge", "--adapter", str(tiny_adapter_run), "--base", str(wider), "--force"])
+    result = CliRunner().invoke(cli, ["merge", "--adapter", str(tiny_adapter_run), "--base", str(wider), "--force",
+                                      *run])
     assert result.exit_code == 2 and "another size" in result.output
 
 

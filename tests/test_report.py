@@ -8,8 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from edgeft.cli import cli
-from edgeft.ledger import Run, ledger_rows
 from edgeft.report import figure
+from edgeft.run import Run
+from edgeft.tables import ledger_rows
 
 from .conftest import WINDOW
 
@@ -61,10 +62,10 @@ def _with_board_row(run_dir, tmp_path):
     three times its perplexity on all of them, and the board is 0.8% above the host on those 128."""
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    q8 = next(e for e in reversed(Run(run).steps()) if e["step"] == "export-gguf" and e["inputs"]["quant"] == "q8_0")
+    q8 = Run(run).last("export-gguf", status=None, where=lambda e: e["inputs"]["quant"] == "q8_0")
     host = 3 * q8["perplexity"]["ppl"]
     gguf = q8["outputs"][0]["path"].split("/")[-1]
-    Run(run).append({
+    Run(run)._append({  # as it stands: Run.record would time it and measure this process's memory
         "step": "smoke", "status": "ok", "started": q8["started"], "wall_s": 41.5, "peak_rss_mb": 300.0,
         "inputs": {"gguf": gguf, "quant": "q8_0", "device": "rpi5", "mode": "emulated", "host": None, "tokens": 128,
                    "eval_tokens": "eval_tokens.json"},

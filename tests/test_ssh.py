@@ -6,8 +6,8 @@ import time
 
 import pytest
 
+from edgeft.devices.ssh import SSHOptions
 from edgeft.errors import EdgeftError
-from edgeft.ssh import SSHOptions
 
 
 def _remote(board, host="board"):

@@ -338,7 +338,7 @@ def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(
 
 
 def test_train_stores_the_task_set_and_records_the_task_before_and_after(tiny_adapter_run):
-    from edgeft.task import TASK_FILE
+    from edgeft.run import TASK_FILE
 
     entry = json.loads((tiny_adapter_run / "manifest.json").read_text())["steps"][0]
     task = json.loads((tiny_adapter_run / TASK_FILE).read_text())

@@ -27,15 +27,16 @@ from ..atomic import atomic_file
 from ..config import to_dict
 from ..errors import EdgeftError, GateFailed
 from ..gates import GGUF_GATE_OTHER, GGUF_GATES, HF_MATCH, LORA_MATCH, Gate, check, parse_gates, passed
-from ..heldout import TOKENS_FILE, read_text
-from ..ledger import Run, artifact
-from ..llamacpp import QUANT_TYPES, LlamaCpp, quantize
+from ..heldout import read_text
+from ..ledger import artifact
+from ..llamacpp import QUANT_TYPES, LlamaCpp, quantize, reference_tree
 from ..models import EMBEDDED_MODELS, hub_id, load_model
 from ..noise import quiet_llama_cpp_log
 from ..progress import bar, console
 from ..prompt import answer_ok, prompt_ids, prompt_text
+from ..run import EXPORT_GGUF, EXPORT_GGUF_CHOICE, EXPORT_GGUF_LORA, MERGE, TOKENS_FILE, Run
 from ..scoring import Comparison, compare, score
-from . import ExportResult, GGUFExportConfig
+from .config import ExportResult, GGUFExportConfig
 from .checks import record_quant_task, record_reference_task, task_gate_limits
 from .modelfile import write_modelfile
 from .source import Source, hf_reference, load_inputs, resolve_source
@@ -85,7 +86,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
     task_limits = task_gate_limits(c, made)
     source = resolve_source(c)
     run, label = source.run, source.label
-    out_dir = Path(c.out) if c.out else run.path / "gguf"
+    out_dir = Path(c.out) if c.out else run.export_dir("gguf")
     stem = artifact_stem(source)
     paths = {q: out_dir / f"{stem}-{q.upper()}.gguf" for q in [reference_type, *made]}
     if c.adapter_only:
@@ -112,11 +113,11 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
     ref_path = paths[reference_type]
 
     # 1. the unquantized GGUF: converted, tokenizer parity, llama.cpp vs HF perplexity, a sample answer
-    with run.step("export-gguf", to_dict(c), {**inputs, "quant": reference_type}) as entry:
+    with run.record(EXPORT_GGUF, to_dict(c), {**inputs, "quant": reference_type}) as entry:
         with atomic_file(ref_path) as tmp, bar(f"convert → {ref_path.name}") as update:
             try:
                 if converter == "llamacpp":
-                    convert_metrics = llamacpp_convert(source.path, tmp, reference_type)
+                    convert_metrics = llamacpp_convert(reference_tree(), source.path, tmp, reference_type)
                 else:
                     result = convert(source.path, tmp, reference_type, loras=source.loras, progress=update, name=stem)
                     convert_metrics = {"converter": "edgeft", "arch": result.arch, "tensors": result.tensors,
@@ -157,7 +158,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
     failures: list[str] = []
     for q in made:
         try:
-            with run.step("export-gguf", to_dict(c), {**inputs, "quant": q, "from": ref_path.name}) as entry:
+            with run.record(EXPORT_GGUF, to_dict(c), {**inputs, "quant": q, "from": ref_path.name}) as entry:
                 with atomic_file(paths[q]) as tmp, console.status(f"quantize {ref_path.name} → {q}"):
                     quiet_llama_cpp_log()  # the per-tensor fallback lines: the entry counts them instead
                     quantize(ref_path, tmp, q, c.threads, imatrix=table)
@@ -214,8 +215,8 @@ def artifact_stem(source: Source) -> str:
     run = source.run.path.name
     if source.adapter is not None:
         name = f"{model_name(source.adapter.base or source.path.name)}-{run}-fused"
-    elif source.path == source.run.path / "merged":
-        merge = source.run.last("merge")
+    elif source.path == source.run.merged:
+        merge = source.run.last(MERGE)
         base = (merge or {}).get("inputs", {}).get("base")
         name = f"{model_name(base) if isinstance(base, str) and base else 'merged'}-{run}"
     else:
@@ -329,7 +330,7 @@ def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entr
     inputs = {"device": profile.name, "context": c.context, "usable_ram_bytes": usable}
     entry: dict = {}
     try:
-        with run.step("export-gguf-choice", to_dict(c), inputs) as entry:
+        with run.record(EXPORT_GGUF_CHOICE, to_dict(c), inputs) as entry:
             entry["metrics"]["candidates"] = rows
             if not good:
                 raise GateFailed(f"no quant both passed its gates (general and task) and fits {profile.name} "
@@ -344,13 +345,26 @@ def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entr
     return entry, None
 
 
+def _training_rows(run_dir: Path, tokenizer) -> list[list[int]]:
+    """The token ids of the run's training rows (--imatrix train)."""
+    from ..dataset import load_examples
+    from ..train import data_path, read_train_config
+
+    trained = read_train_config(run_dir)
+    if trained is None:
+        raise EdgeftError(f"--imatrix train: {run_dir} has no train_config.json (nothing was trained in this "
+                          f"run); pass --imatrix FILE (a text)")
+    return [e.input_ids for e in load_examples(data_path(trained), tokenizer, trained.max_seq_len, False,
+                                               trained.columns)[0]]
+
+
 def _imatrix(c: GGUFExportConfig, run: Run, source: Source, tokenizer) -> dict:
     """The importance matrix of the model being exported (adapter fused when there is one), its entries
     named after the GGUF tensors by the architecture's converter family."""
     from ..converters.families import imatrix_name_map
     from ..imatrix import calibration_ids, compute
 
-    chunks = calibration_ids(c.imatrix, run.path, tokenizer, c.imatrix_tokens)
+    chunks = calibration_ids(c.imatrix, tokenizer, c.imatrix_tokens, lambda: _training_rows(run.path, tokenizer))
     model = load_model(source.path, "float32")
     if source.loras:
         from peft import PeftModel
@@ -385,7 +399,7 @@ def adapter_only(c: GGUFExportConfig, source: Source, paths: dict, fused: LlamaC
     from ..converters.lora_to_gguf import convert_lora
 
     run = source.run
-    with run.step("export-gguf-lora", to_dict(c), {**inputs, "quant": "lora"}) as entry:
+    with run.record(EXPORT_GGUF_LORA, to_dict(c), {**inputs, "quant": "lora"}) as entry:
         with atomic_file(paths["lora"]) as tmp:
             entry["metrics"]["lora_tensors"] = convert_lora(source.loras, source.path, tmp)
         with atomic_file(paths["base"]) as tmp, bar(f"convert → {paths['base'].name}") as update:

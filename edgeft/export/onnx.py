@@ -20,14 +20,14 @@ from ..atomic import atomic_dir
 from ..config import to_dict
 from ..errors import EdgeftError, GateFailed
 from ..gates import HF_MATCH, ONNX_GATES, Gate, check, parse_gates
-from ..heldout import TOKENS_FILE
 from ..ledger import artifact
 from ..models import copy_tokenizer, load_model
 from ..onnx_runtime import REBUILD_CACHE_AT, OnnxLM
 from ..progress import bar, console
 from ..prompt import answer_ok, prompt_ids, prompt_text
+from ..run import EXPORT_ONNX, TOKENS_FILE
 from ..scoring import Comparison, compare, score
-from . import ExportResult, OnnxExportConfig
+from .config import ExportResult, OnnxExportConfig
 from .checks import record_quant_task, record_reference_task, task_gate_limits
 from .source import hf_reference, load_inputs, resolve_source
 
@@ -197,13 +197,13 @@ def export_onnx(config: OnnxExportConfig) -> ExportResult:
     task_limits = task_gate_limits(c, made)
     source = resolve_source(c)
     run, label = source.run, source.label
-    out_dir = Path(c.out) if c.out else run.path / "onnx"
+    out_dir = Path(c.out) if c.out else run.export_dir("onnx")
     folders = {q: out_dir / f"{q}" for q in quants}
     tokenizer, tokens, task = load_inputs(c, source, folders.values())
     inputs = source.inputs(TOKENS_FILE, format="onnx")
     entries: list[dict] = []
 
-    with run.step("export-onnx", to_dict(c), {**inputs, "quant": "fp32"}) as entry:
+    with run.record(EXPORT_ONNX, to_dict(c), {**inputs, "quant": "fp32"}) as entry:
         model = load_model(source.path, "float32")
         if source.loras:
             from peft import PeftModel
@@ -239,7 +239,7 @@ def export_onnx(config: OnnxExportConfig) -> ExportResult:
     failures = []
     for q in made:
         try:
-            with run.step("export-onnx", to_dict(c), {**inputs, "quant": q, "from": "fp32"}) as entry:
+            with run.record(EXPORT_ONNX, to_dict(c), {**inputs, "quant": q, "from": "fp32"}) as entry:
                 with console.status(f"MatMulNBits {ONNX_QUANTS[q]}-bit, block {c.block_size}"):
                     with atomic_dir(folders[q]) as tmp:
                         quantize_graph(folders["fp32"] / "model.onnx", tmp, ONNX_QUANTS[q], c)

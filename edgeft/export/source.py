@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from ..adapter import Adapter, base_weights, check_adapter_fits, find_adapter
 from ..errors import EdgeftError
-from ..ledger import Run
+from ..run import Run
 from ..models import add_adapter, load_for_scoring, resolve_model
 from ..progress import console
 from ..scoring import PerplexityResult, measure, windows
@@ -58,8 +58,7 @@ def resolve_source(c) -> Source:
     """--run, else the adapter's run, else runs/export; then --adapter (base + adapter fused), --model, or
     the run's merged model."""
     c.check_heldout()
-    run = Run(c.run or (Path(c.adapter) if c.adapter and (Path(c.adapter) / "manifest.json").is_file()
-                        else Path("runs") / "export"))
+    run = Run(c.run or (Path(c.adapter) if c.adapter and Run(c.adapter).is_run() else Path("runs") / "export"))
     if c.adapter:
         adapter = find_adapter(c.adapter)
         base = resolve_model(c.model or adapter.base, what="--model")
@@ -70,7 +69,7 @@ def resolve_source(c) -> Source:
         return Source(run, base, adapter.loras, f"{base.name}+adapter (fused)", adapter)
     if c.model:
         return Source(run, resolve_model(c.model, what="--model"), {}, c.model, None)
-    merged = run.path / "merged"
+    merged = run.merged
     if (merged / "config.json").is_file():
         return Source(run, merged, {}, "merged", None)
     raise EdgeftError(f"--model is required (no {merged} to export); pass a model folder/name, or --adapter")
@@ -96,12 +95,12 @@ def hf_reference(source: Source, tokens, task, tokenizer, window: int, stride: i
     # The same scored tokens too: a step run with --checks quick scored only part of the run's ids.
     scored = sum(w.end - w.score_from for w in windows(len(tokens.ids), window, stride))
     if not source.loras:
-        for entry in reversed(source.run.steps()):
+        def same(entry: dict) -> bool:
             measured = entry.get("perplexity") or {}
-            if entry["status"] == "ok" and (measured.get("window"), measured.get("tokens")) == (window, scored) and any(
-                    (source.run.path / out["path"]).resolve() == source.path.resolve() for out in entry["outputs"]):
-                reused = entry
-                break
+            return (measured.get("window"), measured.get("tokens")) == (window, scored) and any(
+                (source.run.path / out["path"]).resolve() == source.path.resolve() for out in entry["outputs"])
+
+        reused = source.run.last(where=same)
     if reused is not None and (task is None or reused.get("task")):
         return Reference(PerplexityResult.from_entry(reused["perplexity"]), f"ledger ({reused['step']})",
                          reused.get("task"))

@@ -8,7 +8,7 @@ on the board with the right hash are skipped; an interrupted copy resumes.
 
 `--adapters RUN,RUN`: adapter runs trained on one base, served together. The base GGUF (in the chosen quant,
 written by `export --adapter-only`) ships once, each run's LoRA GGUF beside it, and each run's ids in a
-folder of its own. `--serve` then starts llama-server on the board (edgeft.serve); `--stop` stops it.
+folder of its own. `--serve` then starts llama-server on the board (devices/serve.py); `--stop` stops it.
 """
 
 from __future__ import annotations
@@ -20,15 +20,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import sha256_file
-from .config import to_dict
-from .errors import EdgeftError
-from .heldout import TOKENS_FILE, EvalTokens
-from .inputs import read_json
-from .ledger import Run
-from .progress import bar
-from .prompt import prompt_ids
+from ..atomic import sha256_file
+from ..config import to_dict
+from ..errors import EdgeftError
+from ..heldout import EvalTokens
+from ..inputs import read_json
+from ..progress import bar
+from ..prompt import prompt_ids
+from ..run import DEPLOY, Run, Served, what_to_serve
 from .ssh import SSHOptions
+from .target import qemu_prefix, target_threads
 
 
 @dataclass
@@ -61,63 +62,8 @@ class DeployResult:
     run: Path | None  # None for --stop
     dest: str
     files: dict[str, str]  # name on the board -> sha256
-    entry: dict  # the first run's (every served run gets the same)
-
-
-def gguf_entries(run: Run) -> list[dict]:
-    """The ledger's GGUF exports, with what deploy and smoke read from them (a quant name, the scoring
-    windows) of the right kind: a run folder can come from anywhere."""
-    def usable(e: dict) -> bool:
-        config = e.get("config") or {}
-        return (e["step"] == "export-gguf" and bool(e["outputs"]) and e["outputs"][0]["path"].endswith(".gguf")
-                and isinstance(e["inputs"].get("quant"), str)
-                and all(type(config.get(k)) is int and config[k] > 0 for k in ("window", "stride")))
-
-    return [e for e in run.steps() if usable(e)]
-
-
-def pick_gguf(run: Run, quant: str) -> tuple[Path, dict]:
-    """The GGUF to ship: --quant's, else export's auto choice, else the smallest that passed its gate."""
-    entries = gguf_entries(run)
-    if not entries:
-        raise EdgeftError(f"{run.path}: no exported GGUF in this run; run `edgeft export --format gguf --run {run.path}`")
-    if quant:
-        match = [e for e in entries if e["inputs"]["quant"] == quant.lower()]
-        if not match:
-            have = sorted({e["inputs"]["quant"] for e in entries})
-            raise EdgeftError(f"--quant {quant}: no such GGUF in {run.path} (have: {', '.join(have)})")
-        entry = match[-1]
-    else:
-        choice = next((e for e in reversed(run.steps()) if e["step"] == "export-gguf-choice" and e["status"] == "ok"),
-                      None)
-        chosen = next((e for e in reversed(entries) if choice and e["inputs"]["quant"] == choice["metrics"].get(
-            "chosen")), None)
-        passed = [e for e in entries if e["status"] == "ok"]
-        if chosen:
-            entry = chosen
-        elif passed:
-            entry = min(passed, key=lambda e: e["outputs"][0]["bytes"])
-        else:
-            raise EdgeftError(f"{run.path}: no GGUF passed its gate; pass --quant to ship one anyway")
-    path = run.path / entry["outputs"][0]["path"]
-    if not path.resolve().is_relative_to(run.path.resolve()):
-        raise EdgeftError(f"{run.path / 'manifest.json'}: the GGUF it names ({entry['outputs'][0]['path']}) is outside "
-                          f"the run folder; restore the manifest or export again")
-    if not path.is_file() or sha256_file(path) != entry["outputs"][0]["sha256"]:
-        raise EdgeftError(f"{path}: missing or changed since export (sha256 differs from the ledger); export again")
-    return path, entry
-
-
-def export_source(run: Run, entry: dict) -> Path:
-    """The HF folder a GGUF was exported from (its tokenizer and config): the run's merged model, else the
-    folder the export entry names."""
-    if (run.path / "merged").is_dir():
-        return run.path / "merged"
-    source = entry["inputs"].get("source")
-    if not isinstance(source, str) or not Path(source, "config.json").is_file():
-        raise EdgeftError(f"{run.path}: the model {entry['outputs'][0]['path']} was exported from is gone ({source}); "
-                          f"export again")
-    return Path(source)
+    entry: dict  # the first run's (every served run gets the same); with --hosts, the fleet's
+    fleet: bool = False  # --hosts: `entry` is the fleet entry (its table in metrics.boards)
 
 
 TASK_PIECES = "task_pieces.txt"  # the task set's pieces for `edgeft-board score`
@@ -128,9 +74,9 @@ def id_files(run: Run, tokenizer, folder: str = "") -> list[tuple[Path, str]]:
     """The run's ids as the board program reads them, (local file, name on the board) pairs written into a temp
     folder: held-out ids, the fixed prompt, and the task set as two plain text files (one piece / one prompt
     per line). `folder`: a subfolder on the board (one per adapter run when several are served)."""
-    from .task import answer_budget, read_task_set
+    from ..task import answer_budget, read_task_set
 
-    tokens = EvalTokens.read(run.path / TOKENS_FILE)
+    tokens = EvalTokens.read(run.ids)
     tmp = Path(tempfile.mkdtemp(prefix="edgeft-deploy-"))
     at = f"{folder}/" if folder else ""
     (tmp / "eval_ids.txt").write_text(" ".join(map(str, tokens.ids)) + "\n")
@@ -148,77 +94,11 @@ def id_files(run: Run, tokenizer, folder: str = "") -> list[tuple[Path, str]]:
 
 def bundle(run: Run, gguf: Path, build_bin: Path, tokenizer) -> list[tuple[Path, str]]:
     """(local file, name on the board) pairs of a one-model deploy: the GGUF, the board's binaries, the ids."""
-    from .board_build import BINARIES
+    from .build import BINARIES
 
     # A smoke-only build (board_build.build(runtime=False)) has edgeft-board alone.
     return [(gguf, gguf.name), *[(build_bin / b, b) for b in BINARIES if (build_bin / b).is_file()],
             *id_files(run, tokenizer)]
-
-
-@dataclass
-class Served:
-    """What one deploy puts on a board: one model, or one base with several adapter runs."""
-    runs: list[Run]
-    model: Path  # the fused GGUF, or the base GGUF the adapters apply to
-    loras: list[Path]  # one per run in adapter mode, else []
-    quant: str
-    source: Path  # the HF folder (tokenizer, config.json)
-
-    @property
-    def adapter_mode(self) -> bool:
-        return bool(self.loras)
-
-
-def lora_export(run: Run, quant: str) -> tuple[Path, Path, dict]:
-    """(base GGUF in `quant`, LoRA GGUF, the export entry) from the run's last `export --adapter-only`, checked
-    against the ledger's sha256."""
-    entry = next((e for e in reversed(run.steps()) if e["step"] == "export-gguf-lora" and e["status"] == "ok"
-                  and isinstance((e["metrics"].get("served_bases") or {}).get(quant), dict)), None)
-    if entry is None:
-        raise EdgeftError(f"{run.path}: no adapter GGUF with a {quant.upper()} base; run `edgeft export --adapter "
-                          f"{run.path} --adapter-only --quant {quant}`")
-    by_name = {Path(o["path"]).name: o for o in entry["outputs"]}
-    want = entry["metrics"]["served_bases"][quant]["path"]
-    lora = next((o for n, o in by_name.items() if n.endswith("-LoRA-F16.gguf")), None)
-    if want not in by_name or lora is None:
-        raise EdgeftError(f"{run.manifest_path}: its adapter export names files it does not list; export again")
-    paths = []
-    for o in (by_name[want], lora):
-        path = run.path / o["path"]
-        if not path.resolve().is_relative_to(run.path.resolve()) or not path.is_file() \
-                or sha256_file(path) != o["sha256"]:
-            raise EdgeftError(f"{path}: missing or changed since export (sha256 differs from the ledger); export again")
-        paths.append(path)
-    return paths[0], paths[1], entry
-
-
-def what_to_serve(run: str, adapters: list[str], quant: str) -> Served:
-    """The runs of a deploy (or a smoke of one), checked: one run ships its GGUF; several (or --adapters) ship
-    one base and a LoRA GGUF per run, and must share that base byte for byte."""
-    names = ([run] if run else []) + [a for a in adapters if a != run]
-    runs = []
-    for name in names:
-        r = Run(name)
-        if not r.manifest_path.is_file():
-            raise EdgeftError(f"{name}: not a run folder (no manifest.json)")
-        runs.append(r)
-    if not runs:
-        raise EdgeftError("which run? pass --run RUN (or --adapters RUN,RUN)")
-    gguf, entry = pick_gguf(runs[0], quant)
-    q = entry["inputs"]["quant"]
-    if not adapters:
-        return Served(runs, gguf, [], q, export_source(runs[0], entry))
-    if len({r.path.resolve().name for r in runs}) != len(runs):
-        raise EdgeftError(f"--adapters: two runs share a folder name ({', '.join(r.path.name for r in runs)}); each "
-                          f"run's ids live in a folder named after it on the board")
-    exported = [lora_export(r, q) for r in runs]
-    # lora_export checked each base against its ledger digest: comparing those digests compares the files.
-    digests = {next(o["sha256"] for o in e["outputs"] if Path(o["path"]).name == base.name)
-               for base, _, e in exported}
-    if len(digests) != 1:
-        raise EdgeftError(f"--adapters: {runs[0].path.name} and the other runs were not exported from the same base "
-                          f"(their {q.upper()} base GGUFs differ); serve adapters of one base together")
-    return Served(runs, exported[0][0], [lora for _, lora, _ in exported], q, export_source(runs[0], entry))
 
 
 def served_dest(c: SSHOptions, served: Served) -> str:
@@ -233,7 +113,7 @@ def preflight(remote, profile, gguf: Path, run: Run, model_config: dict, context
     """The board's facts, checked: arch, disk, sha256sum, qemu when emulating, and RAM for the model (plus
     adapters: `model_bytes`) with a `context` KV cache; `context` 0 picks the largest that fits. `ram_bytes`
     (a fleet file's ram_gb) caps what the board reports."""
-    from .devices import fits, memory_need
+    from . import fits, memory_need
 
     out = remote.run(f"uname -m; df -Pk -- {shlex.quote(dest)} 2>/dev/null | tail -1 || df -Pk . | tail -1; "
                      f"grep -E '^MemTotal|^MemAvailable' /proc/meminfo; command -v sha256sum; "
@@ -264,7 +144,7 @@ def preflight(remote, profile, gguf: Path, run: Run, model_config: dict, context
              "mem_available_bytes": mem.get("MemAvailable"), "ram_planned_bytes": ram, "context": context,
              "need_bytes": need, "usable_bytes": usable}
     if not ok:
-        smaller = [e for e in gguf_entries(run) if e["status"] == "ok" and
+        smaller = [e for e in run.gguf_exports() if e["status"] == "ok" and
                    fits(profile, memory_need(e["outputs"][0]["bytes"], config, context), ram)[0]]
         hint = (f"try --quant {min(smaller, key=lambda e: e['outputs'][0]['bytes'])['inputs']['quant']}" if smaller
                 else "export a smaller quant or lower --context")
@@ -277,12 +157,16 @@ def preflight(remote, profile, gguf: Path, run: Run, model_config: dict, context
 
 
 def deploy(config: DeployConfig) -> DeployResult:
-    from . import serve
-    from .board_build import BINARIES, build
-    from .devices import get
-    from .models import load_tokenizer
+    from ..models import load_tokenizer
+    from . import get, serve
+    from .build import BINARIES, build
 
     c = config
+    if c.hosts:  # every board of the fleet, each through this function with its own host
+        from .fleet import run_fleet
+
+        entry = run_fleet(c, DEPLOY, deploy)
+        return DeployResult(run=Path(c.run or c.adapters[0]), dest="", files={}, entry=entry, fleet=True)
     if not c.host:
         raise EdgeftError("--host is required: user@board, or an alias from your ssh config")
     remote = c.remote()  # a host that is not a host name is refused before anything else
@@ -307,7 +191,9 @@ def deploy(config: DeployConfig) -> DeployResult:
               "device": profile.name, "build": board_build.folder.name,
               "adapters": [{"id": i, "run": str(r.path.resolve()), "lora": lora.name}
                            for i, (r, lora) in enumerate(zip(served.runs, served.loras))] or None}
-    with run.step("deploy", to_dict(c), inputs) as entry:
+    # every served run's ledger says where it now runs
+    with run.record(DEPLOY, to_dict(c), inputs, also=served.runs[1:],
+                    also_inputs={"served_with": str(run.path.resolve())}) as entry:
         remote.run(f"mkdir -p -- {shlex.quote(dest)}")
         model_config = read_json(served.source / "config.json", "the exported model's folder is damaged; export again")
         facts = preflight(remote, profile, served.model, run, model_config, c.context, send_bytes, dest, c.emulate,
@@ -341,19 +227,7 @@ def deploy(config: DeployConfig) -> DeployResult:
                                  "mb_per_s": round(sent / 2**20 / seconds, 2) if seconds and sent else None})
         if c.serve:
             entry["metrics"]["serve"] = start_server(c, remote, profile, served, dest, facts["context"])
-    for other in served.runs[1:]:  # every served run's ledger says where it now runs
-        other.append({**entry, "inputs": {**inputs, "served_with": str(run.path.resolve())}})
     return DeployResult(run=run.path, dest=dest, files=hashes, entry=entry)
-
-
-def qemu_prefix(profile, emulate: bool) -> list[str]:
-    """What runs the board's binaries when emulating: qemu-user with the board's CPU model."""
-    return [f"qemu-{profile.arch}-static", "-cpu", profile.qemu_cpu or "max"] if emulate else []
-
-
-def target_threads(profile, emulate: bool, asked: int = 0) -> int:
-    """Threads on the target: --threads, else the profile's; emulated, 2 (qemu-user runs on the host's cores)."""
-    return asked or (2 if emulate else profile.threads or 2)
 
 
 def start_server(c: DeployConfig, remote, profile, served: Served, dest: str, context: int) -> dict:

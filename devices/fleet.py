@@ -22,13 +22,12 @@ model are skipped unless --redo (a copy already on a board is skipped file by fi
 from __future__ import annotations
 
 import dataclasses
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import to_dict
-from .errors import EdgeftError, GateFailed
+from ..config import to_dict
+from ..errors import EdgeftError, GateFailed
 
 FIELDS = {"name": str, "host": str, "device": str, "ram_gb": (int, float), "port": int, "ssh_config": str,
           "emulate": bool, "dest": str}
@@ -47,7 +46,7 @@ class Board:
 
 
 def read_hosts(path: str) -> list[Board]:
-    from .config import read_config_file
+    from ..config import read_config_file
 
     boards = read_config_file(path, "--hosts").get("boards")
     if not isinstance(boards, list) or not boards:
@@ -111,8 +110,10 @@ def _row(board: Board, step: str, result=None, error: Exception | None = None, m
 
 
 def run_fleet(c, step: str, one) -> dict:
-    """`one(config)` (deploy or smoke) on every board of c.hosts; the fleet entry, written to every run."""
-    from .deploy import what_to_serve
+    """`one(config)` (deploy or smoke) on every board of c.hosts; the fleet entry, written to every run. A
+    failed board raises after all were tried: GateFailed when a board failed a gate, else EdgeftError, with
+    the entry as the exception's `fleet_entry` (the CLI shows the table, then exits 3 or 2)."""
+    from ..run import fleet_step, what_to_serve
 
     boards = read_hosts(c.hosts)
     served = what_to_serve(c.run, c.adapters, c.quant)  # the same model for every board, checked once
@@ -120,8 +121,7 @@ def run_fleet(c, step: str, one) -> dict:
     runs = served.runs
     done = set()
     if not c.redo:  # resume: the boards that passed this step for this model last time
-        last = next((e for e in reversed(runs[0].steps()) if e["step"] == f"fleet-{step}"
-                     and e["inputs"].get("model") == model), None)
+        last = runs[0].last(fleet_step(step), status=None, where=lambda e: e["inputs"].get("model") == model)
         if last:
             done = {r["board"] for r in last["metrics"].get("boards", []) if r.get("passed")}
 
@@ -131,27 +131,28 @@ def run_fleet(c, step: str, one) -> dict:
         try:
             return _row(board, step, one(_board_config(c, board)), model=model)
         except GateFailed as e:  # measured but failed: the row keeps the figures the board's entries hold
-            mine = [next((x for x in reversed(r.steps()) if x["step"] == step and x["status"] == "failed"
-                          and x["inputs"].get("host") == board.host), None) for r in runs]
+            mine = [r.last(step, status="failed", where=lambda x: x["inputs"].get("host") == board.host) for r in runs]
             return _row(board, step, error=e, model=model, entries=[x for x in mine if x])
         except EdgeftError as e:  # one board's failure is its row, not the fleet's end
             return _row(board, step, error=e, model=model)
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, c.jobs)) as pool:
-        rows = list(pool.map(work, boards))
-    if done:  # a skipped board keeps its measured figures from the last fleet entry
-        previous = {r["board"]: r for r in last["metrics"]["boards"]}
-        rows = [{**previous[r["board"]], "skipped": True} if r["skipped"] else r for r in rows]
-    entry = {"step": f"fleet-{step}", "status": "ok" if all(r["passed"] for r in rows) else "failed",
-             "inputs": {"hosts": str(Path(c.hosts).resolve()), "model": model, "boards": len(rows)},
-             "outputs": [], "perplexity": None, "config": to_dict(c),
-             "metrics": {"boards": rows, "passed": sum(r["passed"] for r in rows), "failed":
-                         sum(not r["passed"] for r in rows), "skipped": sum(r["skipped"] for r in rows),
-                         "jobs": c.jobs}, "wall_s": round(time.perf_counter() - start, 2)}
-    failed = [r["board"] for r in rows if not r["passed"]]
-    if failed:
-        entry["reason"] = f"{len(failed)} of {len(rows)} boards failed: {', '.join(failed)}"
-    for r in runs:
-        r.append(dict(entry))
+    inputs = {"hosts": str(Path(c.hosts).resolve()), "model": model, "boards": len(boards)}
+    with runs[0].record(fleet_step(step), to_dict(c), inputs, also=runs[1:]) as entry:
+        with ThreadPoolExecutor(max_workers=max(1, c.jobs)) as pool:
+            rows = list(pool.map(work, boards))
+        if done:  # a skipped board keeps its measured figures from the last fleet entry
+            previous = {r["board"]: r for r in last["metrics"]["boards"]}
+            rows = [{**previous[r["board"]], "skipped": True} if r["skipped"] else r for r in rows]
+        entry["metrics"] = {"boards": rows, "passed": sum(r["passed"] for r in rows), "failed":
+                            sum(not r["passed"] for r in rows), "skipped": sum(r["skipped"] for r in rows),
+                            "jobs": c.jobs}
+        failed = [r["board"] for r in rows if not r["passed"]]
+        if failed:
+            entry["status"] = "failed"
+            entry["reason"] = f"{len(failed)} of {len(rows)} boards failed: {', '.join(failed)}"
+    if entry["status"] != "ok":
+        gate = any(r.get("failed_gate") for r in entry["metrics"]["boards"])
+        error = (GateFailed if gate else EdgeftError)(entry["reason"])
+        error.fleet_entry = entry
+        raise error
     return entry

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .atomic import atomic_dir, write_json
-from .devices import Profile, get
-from .errors import EdgeftError
-from .inputs import read_json
-from .models import edgeft_home
-from .progress import bar
+from ..atomic import atomic_dir, write_json
+from ..errors import EdgeftError
+from ..inputs import read_json
+from ..models import edgeft_home
+from ..progress import bar
+from . import Profile, get
 
 BOARD = ("edgeft-board",)  # what smoke needs
 RUNTIME = ("llama-server", "llama-cli")  # what deploy --serve installs (and a user runs by hand)
@@ -91,7 +91,7 @@ def build(device: str, threads: int = 0, runtime: bool = True) -> Build:
     """The profile's build, cached. `runtime=False` (smoke, which runs only edgeft-board) takes a full build if
     one is cached and otherwise builds edgeft-board alone, in a folder of its own: the server and CLI are the
     larger part of a cold build, and a smoke test here (--local, --emulate) never needs them."""
-    from .llamacpp import vendored_source
+    from ..llamacpp import vendored_source
 
     profile = get(device)
     _need("cmake", "cmake")

@@ -22,16 +22,18 @@ import shlex
 import statistics
 import time
 
+from ..config import to_dict
+from ..errors import EdgeftError, GateFailed
+from ..gates import BOARD_MATCH, BOARD_Z, EXACT_DROP_GATE_OTHER, EXACT_DROP_GATES, Gate, check
+from ..heldout import EvalTokens
+from ..inputs import parse_json
+from ..prompt import prompt_ids
+from ..run import SMOKE, TOKENS_FILE, what_to_serve
+from ..scoring import Comparison, score, token_difference
+from ..task import answer_budget, judge, read_task_set
 from . import serve
-from .config import to_dict
-from .deploy import qemu_prefix, served_dest, target_threads, what_to_serve
-from .errors import EdgeftError, GateFailed
-from .gates import BOARD_MATCH, BOARD_Z, EXACT_DROP_GATE_OTHER, EXACT_DROP_GATES, Gate, check
-from .heldout import TOKENS_FILE, EvalTokens
-from .inputs import parse_json
-from .prompt import prompt_ids
-from .scoring import Comparison, score, token_difference
-from .task import answer_budget, judge, read_task_set
+from .deploy import served_dest
+from .target import board_perplexity, qemu_prefix, runner, target_threads
 
 SWITCH_ROUNDS = 3  # per adapter: a request after another adapter's, then one after its own
 
@@ -91,9 +93,8 @@ def _memory(c, remote, profile, served, dest: str, context: int, threads: int, n
 def smoke_adapters(c) -> list[dict]:
     """The served adapters' checks; one smoke entry per adapter run. Raises GateFailed naming every adapter
     that failed, after all were measured."""
-    from .devices import get
-    from .models import load_tokenizer
-    from .smoke import runner
+    from . import get
+    from ..models import load_tokenizer
 
     if not c.host:
         raise EdgeftError("--adapters: smoke checks the served adapters on a board: pass --host (the board that "
@@ -127,7 +128,7 @@ def smoke_adapters(c) -> list[dict]:
                       "device": profile.name, "mode": "served" + (" (emulated)" if c.emulate else ""),
                       "host": c.host, "port": c.serve_port, "eval_tokens": TOKENS_FILE}
             try:
-                with run.step("smoke", to_dict(c), inputs) as entry:
+                with run.record(SMOKE, to_dict(c), inputs) as entry:
                     entry["metrics"].update({"switching": switching, "memory": memory})
                     gates = _one_adapter(c, entry, run, served, i, client, runner(c, profile, f"{dest}/"
                                          f"{run.path.resolve().name}"), threads, slow, tokenizer, profile)
@@ -141,12 +142,10 @@ def smoke_adapters(c) -> list[dict]:
 
 
 def _one_adapter(c, entry, run, served, i, client, target, threads, slow, tokenizer, profile) -> list[Gate]:
-    from .deploy import pick_gguf
-    from .llamacpp import LlamaCpp
-    from .smoke import board_perplexity
+    from ..llamacpp import LlamaCpp
 
-    fused, export_entry = pick_gguf(run, served.quant)
-    tokens = EvalTokens.read(run.path / TOKENS_FILE)
+    fused, export_entry = run.chosen_gguf(served.quant)
+    tokens = EvalTokens.read(run.ids)
     ids = tokens.ids[:c.max_tokens or (129 if c.emulate else len(tokens.ids))]
     window = min(export_entry["config"]["window"], len(ids))
     stride = min(export_entry["config"]["stride"], window)

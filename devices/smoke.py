@@ -16,29 +16,23 @@ SIGILL, a free check. llama.cpp is 20-50x slower there, so emulated runs score -
 
 from __future__ import annotations
 
-import math
-import shlex
-import signal
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from .config import to_dict
-from .deploy import TASK_PIECES, TASK_PROMPTS, bundle, export_source, pick_gguf, qemu_prefix, target_threads
-from .errors import EdgeftError
-from .gates import BOARD_MATCH, BOARD_Z, Gate, check
-from .heldout import TOKENS_FILE, EvalTokens
-from .inputs import parse_json
-from .ledger import Run
-from .progress import console
-from .prompt import answer_ok, prompt_ids, prompt_text
-from .scoring import Comparison, PerplexityResult, score, token_difference
+from ..config import to_dict
+from ..errors import EdgeftError
+from ..gates import BOARD_MATCH, BOARD_Z, Gate, check
+from ..heldout import EvalTokens
+from ..inputs import parse_json
+from ..progress import console
+from ..prompt import answer_ok, prompt_ids, prompt_text
+from ..run import MANIFEST, MERGE, MERGE_CHOICE, SMOKE, TOKENS_FILE, Run
+from ..scoring import Comparison, PerplexityResult, score, token_difference
+from ..task import TaskScore, changes, judge_answers, read_task_set, score_task
+from .deploy import TASK_PIECES, TASK_PROMPTS, bundle
 from .ssh import SSHOptions
-from .task import TaskScore, changes, judge_answers, read_task_set, score_task
-
-SIGILL = 132
+from .target import board_perplexity, runner, target_threads
 
 
 @dataclass
@@ -65,56 +59,7 @@ class SmokeResult:
     run: Path
     entry: dict  # the first run's
     entries: list[dict] = field(default_factory=list)  # every adapter's, with --adapters
-
-
-def runner(c: SmokeConfig, profile, workdir: str) -> Callable[[list[str], float], str]:
-    """A function running a command (an argument list) in the target's work folder, returning stdout.
-    Never through a local shell: profile fields are data (a user's profile is a YAML file anyone can hand
-    over). On a board the command line is the remote shell's, so every argument is quoted."""
-    prefix = qemu_prefix(profile, c.emulate)
-    sigill = (f"the {profile.name} build died with SIGILL (illegal instruction) on the target CPU"
-              + (f" (qemu -cpu {profile.qemu_cpu})" if c.emulate else "")
-              + ": the profile's compiler flags use instructions that CPU lacks; pick the board's profile")
-
-    if c.host:
-        remote = c.remote()
-
-        def run(argv: list[str], timeout: float) -> str:
-            try:
-                return remote.run(f"cd -- {shlex.quote(workdir)} && {shlex.join(prefix + argv)}", timeout=timeout)
-            except EdgeftError as e:
-                if f"(exit {SIGILL})" in str(e):
-                    raise EdgeftError(sigill) from None
-                raise
-        return run
-
-    def run_local(argv: list[str], timeout: float) -> str:
-        try:
-            proc = subprocess.run(prefix + argv, cwd=workdir, capture_output=True, text=True, timeout=timeout)
-        except FileNotFoundError:
-            raise EdgeftError(f"{(prefix + argv)[0]}: not found on this machine"
-                              + ("; apt-get install qemu-user-static" if prefix else "")) from None
-        except subprocess.TimeoutExpired:
-            raise EdgeftError(f"`{shlex.join(argv)[:60]}` took longer than {timeout:.0f} s on the target") from None
-        if proc.returncode in (SIGILL, -signal.SIGILL):
-            raise EdgeftError(sigill)
-        if proc.returncode != 0:
-            raise EdgeftError(f"`{shlex.join(argv)[:60]}` failed on the target (exit {proc.returncode}): "
-                              f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
-        return proc.stdout
-    return run_local
-
-
-def board_perplexity(out: dict, host: PerplexityResult, backend: str) -> PerplexityResult:
-    """edgeft-board's perplexity output as a result over the same tokens as the host's (per token, so the two
-    can be compared token by token)."""
-    token_nll = [math.nan if x is None else x for x in out["token_nll"]]  # the board prints NaN as null
-    if len(token_nll) != host.tokens:
-        raise EdgeftError(f"edgeft-board scored {len(token_nll)} tokens where the host scored {host.tokens}: "
-                          f"another version's build; run `edgeft deploy` again")
-    return PerplexityResult(ppl=math.exp(sum(token_nll) / len(token_nll)), nll_sum=sum(token_nll),
-                            tokens=len(token_nll), windows=out["windows"], window=host.window, stride=host.stride,
-                            seconds=out["seconds"], backend=backend, token_nll=token_nll, token_top1=out["top1"])
+    fleet: bool = False  # --hosts: `entry` is the fleet entry (its table in metrics.boards)
 
 
 def _task_on_target(entry: dict, task, c: SmokeConfig, board_json, model_file: str, threads: int, host_model,
@@ -137,8 +82,7 @@ def _task_on_target(entry: dict, task, c: SmokeConfig, board_json, model_file: s
     on_host = score_task(task, host_model.logits, lambda p, m: host_model.generate(p, m)[0], tokenizer,
                          "llama.cpp (host)", answer_limit=n, limit=n)
     out = on_board.record(entry, label, task.source, on_host.entry("host", task.source), "host")
-    merged = next((e.get("task") for e in reversed(run.steps()) if e["step"] in ("merge-choice", "merge")
-                   and e["status"] == "ok" and e.get("task")), None)
+    merged = (run.last(MERGE_CHOICE, MERGE, where=lambda e: bool(e.get("task"))) or {}).get("task")
     if merged and n == len(task.items):
         out["vs_merged"] = changes(out, merged)
     elif n < len(task.items):
@@ -147,12 +91,17 @@ def _task_on_target(entry: dict, task, c: SmokeConfig, board_json, model_file: s
 
 
 def smoke(config: SmokeConfig) -> SmokeResult:
-    from .board_build import build
-    from .devices import get
-    from .llamacpp import LlamaCpp
-    from .models import load_tokenizer
+    from ..llamacpp import LlamaCpp
+    from ..models import load_tokenizer
+    from . import get
+    from .build import build
 
     c = config
+    if c.hosts:  # every board of the fleet, each through this function with its own host
+        from .fleet import run_fleet
+
+        entry = run_fleet(c, SMOKE, smoke)
+        return SmokeResult(run=Path(c.run or c.adapters[0]), entry=entry, fleet=True)
     if c.adapters:
         from .smoke_served import smoke_adapters
 
@@ -162,19 +111,19 @@ def smoke(config: SmokeConfig) -> SmokeResult:
     if len(modes) != 1 and not (c.emulate and not modes):
         raise EdgeftError("say where to run: --host user@board, --local, or --emulate (optionally with --host)")
     run = Run(c.run)
-    if not run.manifest_path.is_file():
-        raise EdgeftError(f"{c.run}: not a run folder (no manifest.json)")
+    if not run.is_run():
+        raise EdgeftError(f"{c.run}: not a run folder (no {MANIFEST})")
     profile = get(c.device or ("x86-64-native" if c.local else "rpi5"))
     if c.emulate and not profile.qemu_cpu and profile.arch == "aarch64":
         raise EdgeftError(f"--device {profile.name}: the profile has no qemu_cpu to emulate")
-    gguf, export_entry = pick_gguf(run, c.quant)
-    tokens = EvalTokens.read(run.path / TOKENS_FILE)
+    gguf, export_entry = run.chosen_gguf(c.quant)
+    tokens = EvalTokens.read(run.ids)
     limit = c.max_tokens or (129 if c.emulate else len(tokens.ids))
     ids = tokens.ids[:limit]
     window = min(export_entry["config"]["window"], len(ids))
     stride = min(export_entry["config"]["stride"], window)
     threads = target_threads(profile, c.emulate, c.threads)
-    source = export_source(run, export_entry)
+    source = run.export_source(export_entry)
     tokenizer = load_tokenizer(source)
 
     if c.host:
@@ -200,7 +149,7 @@ def smoke(config: SmokeConfig) -> SmokeResult:
                               f"version's build; run `edgeft deploy` again")
         return out
 
-    with run.step("smoke", to_dict(c), inputs) as entry:
+    with run.record(SMOKE, to_dict(c), inputs) as entry:
         with console.status(f"smoke on {inputs['mode']} {profile.name}: generate"):
             gen = board_json("generate", model_file, "prompt_ids.txt", "32", str(threads), timeout=60 * slow,
                              keys=("ids",))

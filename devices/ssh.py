@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import EdgeftError
+from ..errors import EdgeftError
 
 CHUNK = 1 << 20
 

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from .errors import EdgeftError
+from ..errors import EdgeftError
 
 DEFAULT_PORT = 8080
 CONTEXTS = (8192, 4096, 2048, 1024, 512)  # the served context: the largest of these that fits (and was trained)

@@ -86,6 +86,16 @@ def _load(path: Path) -> Profile:
             raise bad(f, "text")
     if not isinstance(data["cmake"], list) or not all(isinstance(x, str) for x in data["cmake"]):
         raise bad("cmake", "a list of CMake flags")
+    # The flags reach CMake's command line and the Makefiles it generates, which a shell runs: each must be a
+    # plain flag (no spaces, quotes, ';', '$', '`', '&', '|', redirections), the only kind a board needs.
+    odd = next((x for x in data["cmake"] if not _CMAKE_FLAG.fullmatch(x)), None)
+    if odd is not None:
+        raise EdgeftError(f"{path}: 'cmake' entry {odd!r} is not a plain -DNAME=VALUE flag (letters, digits and "
+                          f"._+-=:,/ only); write each flag as its own list entry without shell characters")
+    odd = next((x for x in data["c_flags"].split() if not _C_FLAG.fullmatch(x)), None)
+    if odd is not None:
+        raise EdgeftError(f"{path}: 'c_flags' has {odd!r}, not a plain compiler flag (a '-' then letters, digits and "
+                          f"._+-=:,/ only); give flags such as -mtune=cortex-a76, separated by spaces")
     ram = data["ram_gb"] if isinstance(data["ram_gb"], list) else [data["ram_gb"]]
     if not ram or not all(_number(r) and r >= 0 for r in ram):
         raise bad("ram_gb", "a number of GB or a list of them (0: the host's)")
@@ -96,6 +106,10 @@ def _load(path: Path) -> Profile:
         raise bad("memory_bandwidth_gbs", "a positive number or null")
     return Profile(**{**{f: data[f] for f in _FIELDS}, "ram_gb": tuple(float(r) for r in ram),
                       "cmake": tuple(data["cmake"]), "source": path})
+
+
+_CMAKE_FLAG = re.compile(r"-D[A-Za-z_][A-Za-z0-9_]*(:[A-Z]+)?=[A-Za-z0-9._+\-=:,/]*")
+_C_FLAG = re.compile(r"-[A-Za-z0-9][A-Za-z0-9._+\-=:,/]*")
 
 
 def _number(x) -> bool:

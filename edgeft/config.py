@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from .errors import EdgeftError, first_line
-from .inputs import check_unicode
+from .inputs import check_unicode, parse_yaml
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,7 +42,7 @@ def read_config_file(path: str | Path, what: str = "--config") -> dict:
         raise EdgeftError(f"{what} {path}: cannot read it ({e.strerror})") from None
     try:
         # YAML is a superset of JSON, so .json files parse here too.
-        data = tomllib.loads(text) if path.suffix == ".toml" else (yaml.safe_load(text) or {})
+        data = tomllib.loads(text) if path.suffix == ".toml" else (parse_yaml(text, f"{what} {path}") or {})
     except RecursionError:
         raise EdgeftError(f"{what} {path}: cannot parse it (nested too deeply)") from None
     except (tomllib.TOMLDecodeError, yaml.YAMLError, ValueError) as e:

@@ -49,12 +49,60 @@ def decode_utf8(data: bytes | str, where: str, fix: str, by_line: bool = False) 
         raise EdgeftError(f"{at}: not UTF-8 text (byte {e.start}); {fix}") from None
 
 
+class DuplicateKey(ValueError):
+    """A key given twice in one JSON object or YAML mapping: parsers keep the last silently; edgeft refuses."""
+
+    def __init__(self, key, line: int | None = None):
+        super().__init__(key)
+        self.key, self.line = key, line
+
+    def message(self, where: str, text: str | None = None, start: int = 0) -> str:
+        """`text`: the JSON document, the object that failed starting at `start` (its line is then named)."""
+        line = self.line
+        if line is None and text is not None and "\n" in text:  # JSON's hook knows no position: find the
+            pattern = re.compile(re.escape(json.dumps(self.key)) + r"\s*:")  # key's second spelling
+            spots = [m.start() for m in pattern.finditer(text, start)]
+            line = text.count("\n", 0, spots[1]) + 1 if len(spots) > 1 else None
+        return f"{where}{f':{line}' if line else ''}: key {self.key!r} is given twice; keep one"
+
+
+def _no_duplicates(pairs: list[tuple]) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def parse_yaml(text: str, where: str):
+    """YAML (and so JSON) text as data, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    try:
+        return yaml.load(text, Loader=Loader)
+    except DuplicateKey as e:
+        raise EdgeftError(e.message(where)) from None
+
+
 def parse_json(data: bytes | str, where: str, fix: str):
     """Parse one JSON document (bytes: UTF-8, a BOM allowed). Refuses invalid UTF-8, invalid JSON, nesting
     too deep for the parser, and strings that are not valid Unicode (lone surrogates from \\ud800 escapes)."""
     data = decode_utf8(data, where, fix)
     try:
-        value = json.loads(data, parse_constant=_constant)
+        value = json.loads(data, parse_constant=_constant, object_pairs_hook=_no_duplicates)
+    except DuplicateKey as e:
+        raise EdgeftError(e.message(where, data)) from None
     except json.JSONDecodeError as e:
         at = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno}"
         raise EdgeftError(f"{where}: not valid JSON ({e.msg} at {at}); {fix}") from None
@@ -74,7 +122,7 @@ def parse_json_rows(data: bytes | str, where: str, fix: str, key: str = "rows"
     row is named by its line, as in a JSON Lines file. None when the document is neither (the caller reads
     it another way, e.g. as JSON Lines with a .json name)."""
     text = decode_utf8(data, where, fix, by_line=True)
-    decoder = json.JSONDecoder(parse_constant=_constant)
+    decoder = json.JSONDecoder(parse_constant=_constant, object_pairs_hook=_no_duplicates)
     newlines = [m.start() for m in re.finditer("\n", text)]
 
     def line(pos: int) -> int:
@@ -93,6 +141,8 @@ def parse_json_rows(data: bytes | str, where: str, fix: str, key: str = "rows"
                 pos = skip(pos + 1)
             try:
                 item, end = decoder.raw_decode(text, pos)
+            except DuplicateKey as e:
+                raise EdgeftError(e.message(where, text, pos)) from None
             except json.JSONDecodeError as e:
                 raise EdgeftError(f"{where}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); {fix}") from None
             except RecursionError:
@@ -109,6 +159,8 @@ def parse_json_rows(data: bytes | str, where: str, fix: str, key: str = "rows"
     elif text.startswith("{", start):
         try:
             whole, end = decoder.raw_decode(text, start)
+        except DuplicateKey as e:
+            raise EdgeftError(e.message(where, text, start)) from None
         except (json.JSONDecodeError, RecursionError):
             return None
         if not isinstance(whole, dict) or not isinstance(whole.get(key), list):

@@ -97,5 +97,6 @@ def test_a_base_model_is_smoked_with_and_without_a_template(base_without_templat
     result = CliRunner().invoke(cli, ["smoke", str(tmp_path / "run"), "--local", "--quant", "f16", "--json"])
     entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["steps"][-1]
     assert entry["step"] == "smoke" and entry["inputs"]["mode"] == "local", result.output
+    assert "gate" in entry, result.output
     assert entry["gate"]["value"] < 1e-3  # same GGUF, same kernels
     assert result.exit_code == 0, result.output

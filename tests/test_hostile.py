@@ -1,0 +1,87 @@
+"""Files a user hands over are data: hostile and careless inputs to each reader give one line naming the file (and
+field or line) and the fix, exit 2, and nothing runs from them. Fast tier."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgeft.cli import cli
+from edgeft.errors import EdgeftError
+from edgeft.inputs import parse_json, parse_json_rows, parse_yaml
+
+from .conftest import assert_one_line_error
+
+SHIPPED = "rpi5.yaml"
+
+
+def _profile(edgeft_home, name, **changes):
+    from pathlib import Path
+
+    import edgeft.devices as devices
+
+    text = (Path(devices.__file__).parent / SHIPPED).read_text()
+    folder = edgeft_home / "devices"
+    folder.mkdir(exist_ok=True)
+    lines = []
+    for line in text.splitlines():
+        key = line.split(":", 1)[0]
+        lines.append(f"{key}: {json.dumps(changes[key])}" if key in changes else line)
+    lines = [f"name: {name}" if line.startswith("name:") else line for line in lines]
+    path = folder / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("c_flags", "-O2 ; touch pwned ; false", "'c_flags' has ';'"),
+    ("c_flags", "-O2 $(touch pwned)", "'c_flags' has '$(touch'"),
+    ("c_flags", "-march=`id`", "'c_flags' has '-march=`id`'"),
+    ("cmake", ["-DGGML_NATIVE=OFF", "-DX=`touch pwned`"], "'cmake' entry '-DX=`touch pwned`'"),
+    ("cmake", ["-DA=1 -DB=2"], "'cmake' entry '-DA=1 -DB=2'"),
+    ("cmake", ["-DCMAKE_C_COMPILER_LAUNCHER=sh;-c"], "'cmake' entry"),
+])
+def test_a_profile_with_shell_in_its_flags_is_refused_before_any_build(edgeft_home, tmp_path, field, value, needle):
+    path = _profile(edgeft_home, "evil-board", **{field: value})
+    try:
+        result = CliRunner().invoke(cli, ["build", "--device", "evil-board"])
+        assert_one_line_error(result, str(path), needle)
+        assert not (tmp_path / "pwned").exists()
+    finally:
+        path.unlink()
+
+
+def test_the_shipped_profiles_pass_the_flag_check(edgeft_home):
+    from edgeft.devices import profiles
+
+    assert {"rpi4", "rpi5", "jetson-orin-nano", "x86-64", "x86-64-native"} <= set(profiles())
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('{"a": 1,\n "b": 2,\n "a": 3}', "x.json:3: key 'a' is given twice"),
+    ('{"rows": [1], "rows": [2]}', "x.json: key 'rows' is given twice"),
+    ('{"m": {"role": "user", "role": "assistant"}}', "key 'role' is given twice"),
+])
+def test_duplicate_json_keys_are_refused_naming_key_and_line(text, needle):
+    with pytest.raises(EdgeftError) as e:
+        parse_json(text, "x.json", "fix it")
+    assert needle in str(e.value)
+
+
+def test_duplicate_keys_in_a_row_file_name_the_rows_line():
+    text = '[\n{"prompt": "a", "completion": "b"},\n{"prompt": "c",\n "prompt": "d", "completion": "e"}\n]'
+    with pytest.raises(EdgeftError, match=r"rows.json:4: key 'prompt' is given twice"):
+        parse_json_rows(text, "rows.json", "fix it")
+
+
+def test_duplicate_yaml_keys_are_refused_naming_key_and_line():
+    with pytest.raises(EdgeftError, match=r"p.yaml:3: key 'max_steps' is given twice"):
+        parse_yaml("train:\n  max_steps: 2\n  max_steps: 200\n", "p.yaml")
+    assert parse_yaml("a: 1\nb: {a: 2}\n", "p.yaml") == {"a": 1, "b": {"a": 2}}  # same key in two mappings
+
+
+def test_a_pipeline_file_with_a_key_twice_is_one_line(tmp_path):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("train:\n  data: demo\n  lr: 0.001\n  lr: 0.1\n")
+    result = CliRunner().invoke(cli, ["run", str(pipeline), "--run", str(tmp_path / "r")])
+    assert_one_line_error(result, "p.yaml:4: key 'lr' is given twice")

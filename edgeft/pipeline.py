@@ -43,8 +43,10 @@ def _check_done(run: Run, step: Step) -> None:
     if entry is None:
         raise EdgeftError(f"--from: the run {run.path} has no completed '{step.name}' step; start from an earlier step")
     for out in entry.get("outputs", []):
-        path = run.path / out["path"]
-        if ":" in out["path"] or not path.exists():  # remote files (deploy) are checked by deploy itself
+        if isinstance(out, dict) and ":" in str(out.get("path")):  # remote files (deploy): deploy checks them
+            continue
+        path = run.recorded_path(out, f"--from: the '{step.name}' step")
+        if not path.exists():
             continue
         if artifact(path, run.path)["sha256"] != out["sha256"]:
             raise EdgeftError(f"--from: {path} changed since the '{step.name}' step recorded it (sha256 differs); "

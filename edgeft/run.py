@@ -156,6 +156,21 @@ class Run:
     def contains(self, path: Path) -> bool:
         return Path(path).resolve().is_relative_to(self.path.resolve())
 
+    def recorded_path(self, out: dict, what: str) -> Path:
+        """A path the ledger names (an entry's output) as a file or folder inside this run. A ledger is data like
+        any file handed over: '../..', an absolute path or a link out of the run, a device or a FIFO would have
+        edgeft read (and hash: /dev/zero never ends) what the run does not hold."""
+        raw = out.get("path") if isinstance(out, dict) else None
+        fix = f"the ledger {self.manifest_path} is damaged or was edited; run that step again"
+        if not isinstance(raw, str) or not raw:
+            raise EdgeftError(f"{what}: an output without a path; {fix}")
+        path = self.path / raw
+        if not self.contains(path):
+            raise EdgeftError(f"{what}: the ledger names {raw!r}, outside the run folder {self.path}; {fix}")
+        if path.exists() and not (path.is_file() or path.is_dir()):
+            raise EdgeftError(f"{what}: {path} is not a regular file or folder; {fix}")
+        return path
+
     # -------------------------------------------------------------------------------------------- queries
     def manifest(self) -> dict:
         if not self.manifest_path.is_file():

@@ -2,6 +2,7 @@
 field or line) and the fix, exit 2, and nothing runs from them. Fast tier."""
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -85,3 +86,28 @@ def test_a_pipeline_file_with_a_key_twice_is_one_line(tmp_path):
     pipeline.write_text("train:\n  data: demo\n  lr: 0.001\n  lr: 0.1\n")
     result = CliRunner().invoke(cli, ["run", str(pipeline), "--run", str(tmp_path / "r")])
     assert_one_line_error(result, "p.yaml:4: key 'lr' is given twice")
+
+
+@pytest.mark.parametrize("planted", ["../outside.txt", "/etc/hostname", "link-out", "fifo"])
+def test_a_ledger_path_out_of_the_run_is_never_read_by_from(tiny_adapter_run, tmp_path, planted):
+    """`edgeft run P --from merge` hashes the finished steps' outputs: a ledger naming a path outside the run
+    (or /dev/zero through a link, or a FIFO) must be refused, not read."""
+    import os
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_adapter_run, run)
+    (tmp_path / "outside.txt").write_text("not the run's")
+    if planted == "link-out":
+        os.symlink("/dev/zero", run / "link-out")
+    if planted == "fifo":
+        os.mkfifo(run / "fifo")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["steps"][-1]["outputs"][0]["path"] = planted
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    config = manifest["steps"][-1]["config"]
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(json.dumps({"run": str(run), "train": {"model": config["model"], "data": config["data"]},
+                                    "merge": {"window": 128, "stride": 128}}))
+    result = CliRunner().invoke(cli, ["run", str(pipeline), "--from", "merge"])
+    needle = "not a regular file or folder" if planted == "fifo" else "outside the run folder"
+    assert_one_line_error(result, "--from: the 'train' step", needle)

@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 from . import __version__
 from .atomic import NON_FINITE, finite, sha256_file, write_json
 from .errors import EdgeftError
+from .inputs import check_gguf
 from .ledger import current_rss_mb, now, peak_gpu_mb, read_manifest, read_peak_rss_mb, reset_peak_memory, versions
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -226,6 +227,9 @@ class Run:
                               f"the run folder; restore the manifest or export again")
         if not path.is_file() or sha256_file(path) != entry["outputs"][0]["sha256"]:
             raise EdgeftError(f"{path}: missing or changed since export (sha256 differs from the ledger); export again")
+        # The digest says it is the file the ledger recorded, not that it is whole: a ledger can be edited along
+        # with a truncated file, and a tensor past the end crashes llama.cpp on the board.
+        check_gguf(path, "--quant" if quant else "")
         return path, entry
 
     def export_source(self, entry: dict) -> Path:
@@ -372,4 +376,6 @@ def what_to_serve(run: str, adapters: list[str], quant: str) -> Served:
     if len(digests) != 1:
         raise EdgeftError(f"--adapters: {runs[0].path.name} and the other runs were not exported from the same base "
                           f"(their {q.upper()} base GGUFs differ); serve adapters of one base together")
+    for _, lora, _ in exported:
+        check_gguf(lora, "adapter")
     return Served(runs, exported[0][0], [lora for _, lora, _ in exported], q, runs[0].export_source(entry))

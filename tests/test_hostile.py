@@ -111,3 +111,20 @@ def test_a_ledger_path_out_of_the_run_is_never_read_by_from(tiny_adapter_run, tm
     result = CliRunner().invoke(cli, ["run", str(pipeline), "--from", "merge"])
     needle = "not a regular file or folder" if planted == "fifo" else "outside the run folder"
     assert_one_line_error(result, "--from: the 'train' step", needle)
+
+
+def test_deploy_runs_the_gguf_header_check_on_what_it_ships(tiny_export_run, tmp_path):
+    """A truncated GGUF whose ledger digest was rewritten to match still never reaches a board."""
+    from edgeft.atomic import sha256_file
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_export_run, run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    entry = next(e for e in manifest["steps"] if e["step"] == "export-gguf" and e["inputs"]["quant"] == "q8_0")
+    gguf = run / entry["outputs"][0]["path"]
+    gguf.write_bytes(gguf.read_bytes()[: gguf.stat().st_size // 2])
+    entry["outputs"][0].update(sha256=sha256_file(gguf), bytes=gguf.stat().st_size)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(cli, ["deploy", str(run), "--host", "nobody@127.0.0.1", "--port", "9",
+                                      "--quant", "q8_0", "--device", "x86-64"])
+    assert_one_line_error(result, gguf.name, "damaged")

@@ -64,6 +64,11 @@ def resolve_model(name: str | os.PathLike, *, what: str = "--model") -> Path:
             raise EdgeftError(f"{what} {name}: not a model folder (no config.json); pass a Hugging Face model "
                               f"folder or one of: {', '.join(EMBEDDED_MODELS)}")
         read_json(path / "config.json", "the model folder is damaged; copy or save it again")
+        pickles = sorted(p.name for p in (*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")))
+        if pickles and not any(path.glob("*.safetensors")) and not any(path.glob("*.gguf")):
+            raise EdgeftError(f"{what} {name}: its weights are pickle files ({pickles[0]}), which run code when "
+                              f"loaded; edgeft reads safetensors only: re-save the model with save_pretrained() "
+                              f"(safetensors is its default) where you trust the file")
         return path
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         return _hub_snapshot(name, what)
@@ -202,10 +207,26 @@ def load_model(path: Path, dtype: str = "float32", **kwargs):
     if any(Path(path).glob("*.safetensors")):  # a truncated shard: refused by name, not by a library traceback
         check_safetensors(path, "the model folder is damaged; copy or save it again")
     _quiet_transformers()
+    fix = "its config.json and weights are of different models; copy or save the folder again"
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise EdgeftError(f"{path}: cannot load it as a causal LM ({first_line(e)})") from None
+    except RuntimeError as e:  # "size mismatch for ...": the config's shapes are not the weights'
+        raise EdgeftError(f"{path}: the weights do not have the shapes config.json gives ({first_line(e)[:200]}); "
+                          f"{fix}") from None
+    # transformers loads a folder whose weights another architecture named with every weight missing and
+    # randomly initialised, and reports it in a table nobody reads: a perplexity of noise would be recorded
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    mismatched = [k for k, *_ in info.get("mismatched_keys") or []]
+    if missing or unexpected or mismatched:
+        what = (f"tensor {missing[0]} is missing from the weights" if missing else
+                f"the weights hold {unexpected[0]}, which the model has no place for" if unexpected else
+                f"tensor {mismatched[0]} has another shape than the config gives")
+        arch = (model.config.architectures or [type(model).__name__])[0]
+        raise EdgeftError(f"{path}: config.json says {arch}, but {what} ({len(missing)} missing, {len(unexpected)} "
+                          f"unexpected); {fix}")
+    return model
 
 
 # Keys that change when the same weights are merely re-saved; they must not change the fingerprint.

@@ -32,6 +32,16 @@ def load_pipeline(path: str | Path) -> dict:
     unknown = [k for k in spec if k not in (*STEPS, "run")]
     if unknown:
         raise EdgeftError(f"{path}: unknown section '{unknown[0]}'; sections: run, {', '.join(STEPS)}")
+    for name, section in spec.items():  # a section is settings; export may be a list of them (one per format)
+        if name == "run":
+            if not isinstance(section, str):
+                raise EdgeftError(f"{path}: 'run' is {type(section).__name__}; give the run folder as text")
+            continue
+        sections = section if name == "export" and isinstance(section, list) else [section]
+        if section is None or not all(isinstance(s, dict) for s in sections):
+            raise EdgeftError(f"{path}: section '{name}' is {'empty' if section is None else type(section).__name__}; "
+                              f"give its settings as a mapping (e.g. {name}: {{max_steps: 30}})"
+                              + (", or a list of them for export" if name == "export" else ""))
     if isinstance(spec.get("export"), dict):
         spec["export"] = [spec["export"]]
     return spec

@@ -128,3 +128,49 @@ def test_deploy_runs_the_gguf_header_check_on_what_it_ships(tiny_export_run, tmp
     result = CliRunner().invoke(cli, ["deploy", str(run), "--host", "nobody@127.0.0.1", "--port", "9",
                                       "--quant", "q8_0", "--device", "x86-64"])
     assert_one_line_error(result, gguf.name, "damaged")
+
+
+def _copy_model(src, dest):
+    shutil.copytree(src, dest)
+    return dest
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("gpt2 config", "config.json says GPT2LMHeadModel, but tensor"),
+    ("wider config", "do not have the shapes config.json gives"),
+])
+def test_a_model_folder_whose_config_is_another_models_is_refused(tiny_llama, tmp_path, damage, needle):
+    folder = _copy_model(tiny_llama, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    if damage == "gpt2 config":
+        config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config["vocab_size"],
+                  "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 1024}
+    else:
+        config["intermediate_size"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["eval", "--model", str(folder), "--run", str(tmp_path / "r"), "--window", "128",
+                                      "--stride", "128", "--eval-budget", "300"])
+    assert_one_line_error(result, str(folder), needle)
+
+
+def test_a_pickle_only_model_folder_is_refused_before_torch_sees_it(tiny_llama, tmp_path):
+    folder = _copy_model(tiny_llama, tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    result = CliRunner().invoke(cli, ["eval", "--model", str(folder), "--run", str(tmp_path / "r")])
+    assert_one_line_error(result, "pickle files (pytorch_model.bin)", "safetensors")
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("train:\n  - data: demo\n", "section 'train' is list"),
+    ("train: demo\n", "section 'train' is str"),
+    ("merge: 3\n", "section 'merge' is int"),
+    ("train:\n", "section 'train' is empty"),
+    ("export: [1, 2]\n", "section 'export' is list"),
+    ("run: [a]\n", "'run' is list"),
+])
+def test_pipeline_sections_of_the_wrong_shape_are_one_line(tmp_path, body, needle):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(body)
+    result = CliRunner().invoke(cli, ["run", str(pipeline), "--run", str(tmp_path / "r")])
+    assert_one_line_error(result, "p.yaml", needle)

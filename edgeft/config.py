@@ -112,6 +112,21 @@ def _coerce(value, tp, where: str):
     return value
 
 
+def _in_range(value, f: dataclasses.Field, where: str):
+    """A number against its field's `range` metadata, (low, high) with None for no bound and "<" marking an
+    open end ("<1": below 1): numbers that cannot mean anything are refused before any work starts."""
+    bounds = f.metadata.get("range")
+    if bounds is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return value
+    low, high = bounds
+    ok = ((low is None or value >= low) and
+          (high is None or (value < float(high[1:]) if isinstance(high, str) else value <= high)))
+    if not ok:
+        upper = "" if high is None else (f" and below {high[1:]}" if isinstance(high, str) else f" and at most {high}")
+        raise EdgeftError(f"{where}: {value!r} is out of range; use a number of at least {low}{upper}")
+    return value
+
+
 def _type_name(tp) -> str:
     if tp is int:
         return "int (a whole number)"
@@ -169,6 +184,7 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
     """Build `cls` from defaults, then the file at `path`, then non-None `overrides`."""
     hints = _field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     data: dict = {}
     if path:
         raw = read_config_file(path)
@@ -181,7 +197,8 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
                 raise EdgeftError(f"--config {path}: keys '{seen[name]}' and '{key}' are the same setting; keep "
                                   f"'{name}'")
             seen[name] = key
-            data[name] = _coerce(value, hints[name], f"--config {path}: key '{key}'")
+            data[name] = _in_range(_coerce(value, hints[name], f"--config {path}: key '{key}'"), fields[name],
+                                   f"--config {path}: key '{key}'")
     given = {k for k, v in (overrides or {}).items() if v is not None}
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -195,7 +212,8 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
         if key not in hints:
             raise EdgeftError(f"unknown setting '{key}' for {cls.__name__}; valid: {', '.join(names)}")
         if value is not None:
-            data[key] = _coerce(value, hints[key], f"--{key.replace('_', '-')}")
+            data[key] = _in_range(_coerce(value, hints[key], f"--{key.replace('_', '-')}"), fields[key],
+                                  f"--{key.replace('_', '-')}")
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
     if missing:

@@ -110,14 +110,21 @@ def parse_gates(spec: str | float | None, defaults: dict[str, float], made: list
     if number is not None:
         if not math.isfinite(number):
             raise EdgeftError(f"{flag} {spec}: a gate's limit must be a finite number")
-        return {q: number for q in gates}
-    for part in str(spec).split(","):
-        q, _, v = part.partition("=")
-        if q.strip() not in gates:
-            raise EdgeftError(f"{flag} {spec}: '{q.strip()}' is not among the artifacts being made "
-                              f"({', '.join(gates) or 'none'})")
-        try:
-            gates[q.strip()] = float(v)
-        except ValueError:
-            raise EdgeftError(f"{flag} {spec}: '{v}' is not a number") from None
+        gates = {q: number for q in gates}
+    else:
+        for part in str(spec).split(","):
+            q, _, v = part.partition("=")
+            if q.strip() not in gates:
+                raise EdgeftError(f"{flag} {spec}: '{q.strip()}' is not among the artifacts being made "
+                                  f"({', '.join(gates) or 'none'})")
+            try:
+                gates[q.strip()] = float(v)
+            except ValueError:
+                raise EdgeftError(f"{flag} {spec}: '{v}' is not a number") from None
+    # Every gate is a relative change (of perplexity, of exact answers): nothing can fall by 100% or more, so a
+    # limit at or below -1 is a gate no artifact can pass, found only after the work (a typo for 0.1, 5 for 5%).
+    low = next((v for v in gates.values() if v is not None and (v <= -1 or not math.isfinite(v))), None)
+    if low is not None:
+        raise EdgeftError(f"{flag} {spec}: {low:g} is a change of {100 * low:g}%, which nothing can reach; a limit is "
+                          f"a fraction above -1 (0.1 = 10%)")
     return gates

@@ -75,14 +75,14 @@ class TrainConfig(HeldOutOptions):
         "metavar": "FIELD=COLUMN,...",
         "help": "the data's own column names for edgeft's fields, e.g. prompt=question,completion=answer (config file: "
                 "columns: {prompt: question, completion: answer})"})
-    eval_split: float = field(default=0.1, metadata={"help": "fraction of --data held out for task eval"})
+    eval_split: float = field(default=0.1, metadata={"range": (0, "<1"), "help": "fraction of --data held out for task eval"})
     base_quant: str = field(default="auto", metadata={
         "help": "the base while training: auto|4bit|8bit|none (auto: 4bit NF4 on CUDA, none on CPU)"})
     method: str = field(default="lora", metadata={
         "help": "PEFT method: " + "; ".join(f"{m.name} ({m.summary})" for m in map(methods.get, methods.names()))})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_r: int = field(default=16, metadata={"range": (1, None), "help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"range": (1, None), "help": "LoRA alpha (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"range": (0, "<1"), "help": "LoRA dropout"})
     target_modules: list[str] = field(default_factory=list, metadata={
         "help": "comma-separated module names (default: every attention and MLP projection)"})
     chat_template: str = field(default="", metadata={
@@ -90,19 +90,19 @@ class TrainConfig(HeldOutOptions):
         "help": "a chat template for a base model without one (chatml, or a Jinja file), or to replace the base's: "
                 "used to render the rows, stored with the adapter, and from there in merge, export (the GGUF's "
                 "tokenizer.chat_template, the Modelfile) and chat. Without any, rows are rendered plainly"})
-    max_seq_len: int = field(default=1024, metadata={"help": "longer rows are truncated (or refused with --strict)"})
+    max_seq_len: int = field(default=1024, metadata={"range": (1, None), "help": "longer rows are truncated (or refused with --strict)"})
     strict: bool = field(default=False, metadata={"help": "refuse rows longer than --max-seq-len"})
-    batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=0.0, metadata={
+    batch_size: int = field(default=8, metadata={"range": (1, None), "help": "rows per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"range": (1, None), "help": "micro-batches per optimizer step"})
+    lr: float = field(default=0.0, metadata={"range": (0, None), 
         "help": "peak learning rate (0: the method's: "
                 + ", ".join(f"{m} {r:g}" for m, r in methods.lr_defaults("lr").items()) + ")"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warmup"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    epochs: int = field(default=1, metadata={"help": "passes over the data (when --max-steps is 0)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps (0: from --epochs)"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: only on Ctrl-C)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "how many checkpoints to keep"})
+    warmup_ratio: float = field(default=0.05, metadata={"range": (0, "<1"), "help": "fraction of steps of linear warmup"})
+    weight_decay: float = field(default=0.0, metadata={"range": (0, None), "help": "AdamW weight decay"})
+    epochs: int = field(default=1, metadata={"range": (1, None), "help": "passes over the data (when --max-steps is 0)"})
+    max_steps: int = field(default=0, metadata={"range": (0, None), "help": "optimizer steps (0: from --epochs)"})
+    save_every: int = field(default=50, metadata={"range": (0, None), "help": "checkpoint every N steps (0: only on Ctrl-C)"})
+    keep_checkpoints: int = field(default=2, metadata={"range": (1, None), "help": "how many checkpoints to keep"})
     resume: bool = field(default=False, metadata={"help": "continue from the run's last checkpoint"})
     seed: int = field(default=0, metadata={"help": "seed for init, data order and dropout"})
     gradient_checkpointing: str = field(default="auto", metadata={
@@ -123,12 +123,12 @@ class TrainConfig(HeldOutOptions):
     shard: bool = field(default=False, metadata={
         "help": "split the 16-bit base and the adapter across the launched processes (FSDP2) instead of a whole "
                 "copy in each: for a base that does not fit one device"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    threads: int = field(default=0, metadata={"range": (0, 4096), "help": "CPU threads for torch (0: torch's default)"})
     max_ppl_rise: str = field(default="0.1", metadata={
         "help": "forgetting gate: max held-out perplexity rise of the adapter vs the base, as in export: one "
                 "number ('0.1') or per artifact ('adapter=0.1')"})
-    eval_generate: int = field(default=20, metadata={"help": "held-out prompts answered greedily for exact match"})
-    eval_every: int = field(default=0, metadata={
+    eval_generate: int = field(default=20, metadata={"range": (0, None), "help": "held-out prompts answered greedily for exact match"})
+    eval_every: int = field(default=0, metadata={"range": (0, None), 
         "help": "every N optimizer steps (and at the last), score the held-out text (all its ids up to 4 windows, "
                 "else the first quarter) and the task's perplexity; in train_log.csv, TensorBoard and the progress "
                 "line (0: only after training)"})
@@ -139,7 +139,7 @@ class TrainConfig(HeldOutOptions):
     report_to: list[str] = field(default_factory=list, metadata={
         "help": "also log the training metrics to: tensorboard (RUN/tensorboard/) or none; RUN/train_log.csv is "
                 "always written"})
-    log_every: int = field(default=0, metadata={
+    log_every: int = field(default=0, metadata={"range": (0, None), 
         "help": "when stderr is not a terminal, a progress line every N steps (0: about ten per run, and at least "
                 "every 30 s)"})
 

@@ -174,3 +174,26 @@ def test_pipeline_sections_of_the_wrong_shape_are_one_line(tmp_path, body, needl
     pipeline.write_text(body)
     result = CliRunner().invoke(cli, ["run", str(pipeline), "--run", str(tmp_path / "r")])
     assert_one_line_error(result, "p.yaml", needle)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--warmup-ratio", "-1"], "--warmup-ratio: -1.0 is out of range; use a number of at least 0 and below 1"),
+    (["--eval-generate", "-1"], "--eval-generate: -1 is out of range"),
+    (["--threads", "-1"], "--threads: -1 is out of range"),
+    (["--lora-dropout", "1"], "--lora-dropout: 1.0 is out of range"),
+    (["--max-ppl-rise", "-5"], "--max-ppl-rise -5: -5 is a change of -500%"),
+    (["--max-ppl-rise", "adapter=-1"], "a change of -100%"),
+])
+def test_numbers_that_cannot_mean_anything_are_refused_before_training(tiny_llama, tmp_path, args, needle):
+    result = CliRunner().invoke(cli, ["train", "--model", str(tiny_llama), "--data", "demo", "--run",
+                                      str(tmp_path / "r"), *args])
+    assert_one_line_error(result, needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_number_out_of_range_in_a_config_file_names_the_key(tiny_llama, tmp_path):
+    config = tmp_path / "t.yaml"
+    config.write_text("warmup_ratio: 2\n")
+    result = CliRunner().invoke(cli, ["train", "--model", str(tiny_llama), "--data", "demo", "--run",
+                                      str(tmp_path / "r"), "--config", str(config)])
+    assert_one_line_error(result, f"--config {config}: key 'warmup_ratio': 2.0 is out of range")

@@ -25,7 +25,7 @@ from ..errors import EdgeftError
 from ..gates import BOARD_MATCH, BOARD_Z, Gate, check
 from ..heldout import EvalTokens
 from ..inputs import parse_json
-from ..progress import console
+from ..progress import activity
 from ..prompt import answer_ok, prompt_ids, prompt_text
 from ..run import MANIFEST, MERGE, MERGE_CHOICE, SMOKE, TOKENS_FILE, Run
 from ..scoring import Comparison, PerplexityResult, score, token_difference
@@ -68,7 +68,7 @@ def _task_on_target(entry: dict, task, c: SmokeConfig, board_json, model_file: s
     and the same examples (a subset when emulating: qemu runs llama.cpp 20-50x slower)."""
     n = min(c.task_items or (3 if c.emulate else len(task.items)), len(task.items))
     tokens = sum(len(i.ids) for i in task.items[:n])
-    with console.status(f"smoke: the task's perplexity and answers on {n} examples"):
+    with activity(f"smoke: the task's perplexity and answers on {n} examples"):
         scored = board_json("score", model_file, TASK_PIECES, str(threads), str(n), timeout=(60 + tokens / 10) * slow,
                             keys=("ppl", "nll_sum", "tokens", "pieces", "seconds"))
         answered = board_json("answers", model_file, TASK_PROMPTS, str(threads), str(n), timeout=(60 + n * 10) * slow,
@@ -150,7 +150,7 @@ def smoke(config: SmokeConfig) -> SmokeResult:
         return out
 
     with run.record(SMOKE, to_dict(c), inputs) as entry:
-        with console.status(f"smoke on {inputs['mode']} {profile.name}: generate"):
+        with activity(f"smoke on {inputs['mode']} {profile.name}: generate"):
             gen = board_json("generate", model_file, "prompt_ids.txt", "32", str(threads), timeout=60 * slow,
                              keys=("ids",))
         answer = tokenizer.decode(gen["ids"], skip_special_tokens=True)
@@ -158,11 +158,11 @@ def smoke(config: SmokeConfig) -> SmokeResult:
         # and whether it is the host's greedy answer for the same GGUF (a small quant of a small model can
         # ramble on the host too; the board reproducing the host is what the smoke test is about).
         gen_ok = answer_ok(answer)
-        with console.status(f"smoke on {inputs['mode']} {profile.name}: bench"):
+        with activity(f"smoke on {inputs['mode']} {profile.name}: bench"):
             pp, tg = (32, 8) if c.emulate else (128, 32)
             bench = board_json("bench", model_file, str(pp), str(tg), str(threads), timeout=60 * slow,
                                keys=("tg_tokens_per_s", "model_bytes"))
-        with console.status(f"smoke on {inputs['mode']} {profile.name}: perplexity on {len(ids)} ids"):
+        with activity(f"smoke on {inputs['mode']} {profile.name}: perplexity on {len(ids)} ids"):
             board = board_json("perplexity", model_file, "eval_ids.txt", str(window), str(stride), str(threads),
                                str(len(ids)), timeout=120 * slow + len(ids) * slow / 10,
                                keys=("ppl", "tokens", "windows", "seconds", "token_nll", "top1"))

@@ -111,3 +111,36 @@ def bar(description: str, total: int | None = None, enabled: bool = True, every:
             progress.update(task, completed=done, total=new_total or total, info=info)
 
         yield update
+
+
+@contextmanager
+def activity(description: str, every: float = PLAIN_INTERVAL_S) -> Iterator[None]:
+    """A wait with nothing to count (a board command under qemu, a quantization, an ONNX export): on a terminal
+    rich's spinner; anywhere else a line when it starts, one every `every` seconds while it lasts, and one when it
+    ends, so that a log is never silent for minutes (the emulated smoke once printed nothing for 13)."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    if console.is_terminal:
+        with console.status(description):
+            yield
+        return
+    import threading
+
+    started, stop = time.monotonic(), threading.Event()
+    _write_plain(f"{description} ...")
+
+    def heartbeat() -> None:
+        while not stop.wait(every):
+            _write_plain(f"{description}  elapsed {_clock(time.monotonic() - started)}")
+
+    beat = threading.Thread(target=heartbeat, name="edgeft-activity", daemon=True)
+    beat.start()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        stop.set()
+        beat.join()
+        _write_plain(f"{description}: {'done' if ok else 'stopped'} in {_clock(time.monotonic() - started)}")

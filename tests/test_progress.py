@@ -126,3 +126,21 @@ def test_a_log_written_before_the_evaluation_columns_is_continued_with_them(tiny
     rows = _rows(resumed.run)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(len(r) == 9 and None not in r.values() for r in rows)
+
+
+def test_a_wait_with_nothing_to_count_prints_lines_while_it_lasts(capsys):
+    """No silent minutes in a log: the emulated smoke's board commands, quantization and ONNX export."""
+    import time as _time
+
+    from edgeft.progress import activity
+
+    with activity("smoke on emulated rpi5: perplexity on 1024 ids", every=0.1):
+        _time.sleep(0.45)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "smoke on emulated rpi5: perplexity on 1024 ids ..."
+    beats = [line for line in lines if "elapsed 0:00:00" in line]
+    assert len(beats) >= 3 and lines[-1].startswith("smoke on emulated rpi5: perplexity on 1024 ids: done in")
+    with pytest.raises(ValueError):
+        with activity("x", every=10):
+            raise ValueError
+    assert capsys.readouterr().err.splitlines()[-1].startswith("x: stopped in")

@@ -32,7 +32,7 @@ from ..ledger import artifact
 from ..llamacpp import QUANT_TYPES, LlamaCpp, quantize, reference_tree
 from ..models import EMBEDDED_MODELS, hub_id, load_model
 from ..noise import quiet_llama_cpp_log
-from ..progress import bar, console
+from ..progress import activity, bar, console
 from ..prompt import answer_ok, prompt_ids, prompt_text
 from ..run import EXPORT_GGUF, EXPORT_GGUF_CHOICE, EXPORT_GGUF_LORA, MERGE, TOKENS_FILE, Run
 from ..scoring import Comparison, compare, score
@@ -159,7 +159,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
     for q in made:
         try:
             with run.record(EXPORT_GGUF, to_dict(c), {**inputs, "quant": q, "from": ref_path.name}) as entry:
-                with atomic_file(paths[q]) as tmp, console.status(f"quantize {ref_path.name} → {q}"):
+                with atomic_file(paths[q]) as tmp, activity(f"quantize {ref_path.name} → {q}"):
                     quiet_llama_cpp_log()  # the per-tensor fallback lines: the entry counts them instead
                     quantize(ref_path, tmp, q, c.threads, imatrix=table)
                 entry["outputs"].append(artifact(paths[q], run.path))
@@ -370,7 +370,7 @@ def _imatrix(c: GGUFExportConfig, run: Run, source: Source, tokenizer) -> dict:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, source.adapter.path).merge_and_unload()
-    with console.status(f"importance matrix from {c.imatrix} ({sum(map(len, chunks))} tokens)"):
+    with activity(f"importance matrix from {c.imatrix} ({sum(map(len, chunks))} tokens)"):
         return compute(model.eval(), chunks, imatrix_name_map(source.path))
 
 
@@ -423,7 +423,7 @@ def adapter_only(c: GGUFExportConfig, source: Source, paths: dict, fused: LlamaC
         served = entry["metrics"]["served_bases"] = {}
         for q in made:
             base_q = paths[f"base-{q}"]
-            with atomic_file(base_q) as tmp, console.status(f"quantize {paths['base'].name} → {q}"):
+            with atomic_file(base_q) as tmp, activity(f"quantize {paths['base'].name} → {q}"):
                 quiet_llama_cpp_log()
                 quantize(paths["base"], tmp, q, c.threads)
             entry["outputs"].append(artifact(base_q, run.path))

@@ -23,7 +23,7 @@ from ..gates import HF_MATCH, ONNX_GATES, Gate, check, parse_gates
 from ..ledger import artifact
 from ..models import copy_tokenizer, load_model
 from ..onnx_runtime import REBUILD_CACHE_AT, OnnxLM
-from ..progress import bar, console
+from ..progress import activity, bar
 from ..prompt import answer_ok, prompt_ids, prompt_text
 from ..run import EXPORT_ONNX, TOKENS_FILE
 from ..scoring import Comparison, compare, score
@@ -209,7 +209,7 @@ def export_onnx(config: OnnxExportConfig) -> ExportResult:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, source.adapter.path).merge_and_unload()
-        with console.status("torch.onnx.export (dynamo) of the KV-cache graph; minutes for a 100M+ model"):
+        with activity("torch.onnx.export (dynamo) of the KV-cache graph; minutes for a 100M+ model"):
             with atomic_dir(folders["fp32"]) as tmp:
                 export_graph(model, tmp)
                 copy_tokenizer(source.path, tmp, also=_MODEL_FILES)
@@ -240,7 +240,7 @@ def export_onnx(config: OnnxExportConfig) -> ExportResult:
     for q in made:
         try:
             with run.record(EXPORT_ONNX, to_dict(c), {**inputs, "quant": q, "from": "fp32"}) as entry:
-                with console.status(f"MatMulNBits {ONNX_QUANTS[q]}-bit, block {c.block_size}"):
+                with activity(f"MatMulNBits {ONNX_QUANTS[q]}-bit, block {c.block_size}"):
                     with atomic_dir(folders[q]) as tmp:
                         quantize_graph(folders["fp32"] / "model.onnx", tmp, ONNX_QUANTS[q], c)
                         copy_tokenizer(source.path, tmp, also=_MODEL_FILES)

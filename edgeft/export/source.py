@@ -111,7 +111,7 @@ def hf_reference(source: Source, tokens, task, tokenizer, window: int, stride: i
     if source.loras:
         model = add_adapter(model, source.adapter.path)
     how = "measured now (torch, PEFT)" if source.loras else "measured now (torch)"
-    ppl = measure(model, tokens.ids, window, stride, label)
+    ppl = measure(model, tokens.ids, window, stride, label, tokens.bos)
     task_entry = score_torch(model, task, tokenizer, label, answers).entry(f"HF {source.label}", task.source) \
         if task else None
     del model

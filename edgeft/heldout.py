@@ -162,7 +162,6 @@ def eval_tokens(tokenizer, text: str | None, budget: int, run_dir: Path | None =
             raise EdgeftError(f"{run_dir / TOKENS_FILE}: this run's eval tokens were made with another tokenizer; "
                               f"use a new --run folder for a model with a different tokenizer")
         if stored.bos != bos:  # a run from before: its file has no "bos" (None), and only a BOS model changes
-
             stored = replace(stored, bos=bos)
             write_json(run_dir / TOKENS_FILE, stored.to_json())
             if bos is not None:

@@ -93,12 +93,15 @@ def hf_reference(source: Source, tokens, task, tokenizer, window: int, stride: i
 
     label = "base+adapter (HF)" if source.loras else source.path.name
     reused = None
-    # The same scored tokens too: a step run with --checks quick scored only part of the run's ids.
-    scored = sum(w.end - w.score_from for w in windows(len(tokens.ids), window, stride))
+    # The same scored tokens too: a step run with --checks quick scored only part of the run's ids; and the same
+    # BOS convention (an entry from before BOS-aware scoring has no "bos": scored without).
+    bos = tokens.bos is not None
+    scored = sum(w.end - w.score_from for w in windows(len(tokens.ids), window, stride, bos))
     if not source.loras:
         for entry in reversed(source.run.steps()):
             measured = entry.get("perplexity") or {}
-            if entry["status"] == "ok" and (measured.get("window"), measured.get("tokens")) == (window, scored) and any(
+            same = (measured.get("window"), measured.get("tokens"), bool(measured.get("bos"))) == (window, scored, bos)
+            if entry["status"] == "ok" and same and any(
                     (source.run.path / out["path"]).resolve() == source.path.resolve() for out in entry["outputs"]):
                 reused = entry
                 break

@@ -285,3 +285,25 @@ def test_scoring_reproduces_llama_perplexity_and_every_backend_agrees(which, tin
                                                                      len(ids) - own_torch.windows)
     assert own_cpp.ppl == pytest.approx(own_torch.ppl, rel=1e-3)
     assert board["ppl"] == pytest.approx(own_cpp.ppl, rel=1e-3)
+
+
+def test_export_of_a_bos_model_scores_with_bos_and_records_it(tiny_bos_llama, tmp_path):
+    """The whole export on a BOS-adding model: the GGUF says add_bos like the tokenizer, F16 within 0.1% of HF
+    with BOS windows on both, and every perplexity in the ledger says bos: true."""
+    from click.testing import CliRunner
+
+    from edgeft.cli import cli
+    from edgeft.heldout import TOKENS_FILE
+
+    from .conftest import WINDOW
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["export", "--model", str(tiny_bos_llama), "--quant", "f16", "--run", str(run),
+                                      *WINDOW])
+    assert result.exit_code == 0, result.output
+    tokens = json.loads((run / TOKENS_FILE).read_text())
+    assert tokens["bos"] == 1 and tokens["ids"][0] != 1
+    entry = json.loads((run / "manifest.json").read_text())["steps"][-1]
+    assert entry["metrics"]["tokenizer_parity"]["bos"] == {"hf": 1, "gguf": 1}
+    assert entry["perplexity"]["bos"] is True and entry["reference"]["bos"] is True
+    assert entry["perplexity"]["tokens"] == len(tokens["ids"])  # BOS windows score every id

@@ -238,6 +238,8 @@ def test_scoring_reproduces_llama_perplexity_and_every_backend_agrees(which, tin
 
     from edgeft.board_build import tools
     from edgeft.converters.hf_to_gguf import convert
+    from edgeft.errors import EdgeftError
+    from edgeft.smoke import board_perplexity
     from edgeft.llamacpp import LlamaCpp
     from edgeft.scoring import torch_logits_fn
 
@@ -274,7 +276,7 @@ def test_scoring_reproduces_llama_perplexity_and_every_backend_agrees(which, tin
 
         # Our own plan: windows of N_CTX positions, BOS first when the tokenizer adds it.
         own_torch = score(ids, torch_logits_fn(model), window=N_CTX, stride=N_CTX, bos=bos)
-        own_cpp = score(ids, cpp.logits, window=N_CTX, stride=N_CTX, bos=bos, backend="llama.cpp")
+        own_cpp = score(ids, cpp.logits, window=N_CTX, stride=N_CTX, bos=bos, backend="llama.cpp", per_token=True)
     finally:
         cpp.close()
     board = _board_perplexity(bin_dir / "edgeft-board", gguf, ids, N_CTX, tmp_path)
@@ -285,6 +287,10 @@ def test_scoring_reproduces_llama_perplexity_and_every_backend_agrees(which, tin
                                                                      len(ids) - own_torch.windows)
     assert own_cpp.ppl == pytest.approx(own_torch.ppl, rel=1e-3)
     assert board["ppl"] == pytest.approx(own_cpp.ppl, rel=1e-3)
+    # smoke reads the board's output against the host's: the same convention, or one line naming it
+    assert board_perplexity(board, own_cpp, "board").bos == (bos is not None)
+    with pytest.raises(EdgeftError, match="BOS"):
+        board_perplexity({**board, "bos": -1 if bos is not None else 0}, own_cpp, "board")
 
 
 def test_export_of_a_bos_model_scores_with_bos_and_records_it(tiny_bos_llama, tmp_path):

@@ -145,3 +145,34 @@ def _run(cmd: list[str], logf, what: str, progress: bool = False) -> None:
         logf.flush()
         tail = Path(logf.name).read_text().strip().splitlines()[-5:]
         raise EdgeftError(f"{what} failed (log: {logf.name}): {' | '.join(tail)[-400:]}")
+
+
+def tools(device: str, targets: tuple[str, ...], threads: int = 0) -> Path:
+    """Other targets of the board's CMake project built for a profile, e.g. llama.cpp's own `llama-perplexity`
+    beside edgeft-board (the tests hold edgeft's scoring against the tool's figure): the same vendored source,
+    flags and cache as `build`, in $EDGEFT_HOME/builds/ARCH-KEY-TARGETS. Returns the folder holding them."""
+    from ..llamacpp import vendored_source
+
+    profile = get(device)
+    _need("cmake", "cmake")
+    flags = cmake_flags(profile)
+    target = edgeft_home() / "builds" / f"{profile.arch}-{_cache_key(profile, flags)}-{'-'.join(targets)}"
+    if all((target / "bin" / t).is_file() for t in targets):
+        return target / "bin"
+    source = vendored_source()
+    start = time.perf_counter()
+    with atomic_dir(target) as tmp:
+        work = tmp / "cmake"
+        with open(tmp / "build.log", "w") as logf:
+            _run(["cmake", "-S", str(_board_source()), "-B", str(work), f"-DLLAMA_CPP_SOURCE={source}", *flags],
+                 logf, f"configure for {profile.name}")
+            _run(["cmake", "--build", str(work), "--target", *targets, "-j", str(threads or os.cpu_count() or 2)],
+                 logf, f"compile {', '.join(targets)} for {profile.name}", progress=True)
+        (tmp / "bin").mkdir()
+        for t in targets:
+            shutil.copy2(work / t if (work / t).is_file() else work / "bin" / t, tmp / "bin" / t)
+        shutil.rmtree(work)
+        write_json(tmp / "build.json", {"profile": profile.name, "targets": list(targets), "flags": flags,
+                                        "llama_cpp_python": metadata.version("llama_cpp_python"),
+                                        "seconds": round(time.perf_counter() - start, 1)})
+    return target / "bin"

@@ -28,7 +28,7 @@ from ..inputs import parse_json
 from ..progress import activity
 from ..prompt import answer_ok, prompt_ids, prompt_text
 from ..run import MANIFEST, MERGE, MERGE_CHOICE, SMOKE, TOKENS_FILE, Run
-from ..scoring import Comparison, PerplexityResult, score, token_difference
+from ..scoring import Comparison, PerplexityResult, model_bos, score, token_difference
 from ..task import TaskScore, changes, judge_answers, read_task_set, score_task
 from .deploy import TASK_PIECES, TASK_PROMPTS, bundle
 from .ssh import SSHOptions
@@ -168,7 +168,8 @@ def smoke(config: SmokeConfig) -> SmokeResult:
                                keys=("ppl", "tokens", "windows", "seconds", "token_nll", "top1"))
         task = read_task_set(run.path, tokenizer)
         host_model = LlamaCpp(gguf, n_ctx=max(window, 128, task.longest if task else 0))
-        host = score(ids, host_model.logits, window=window, stride=stride, backend="llama.cpp (host)", per_token=True)
+        host = score(ids, host_model.logits, window=window, stride=stride, backend="llama.cpp (host)", per_token=True,
+                     bos=model_bos(tokenizer))
         host_ids, _ = host_model.generate(prompt_ids(tokenizer), 32)
         if task:
             _task_on_target(entry, task, c, board_json, model_file, threads, host_model, tokenizer, slow,

@@ -29,7 +29,7 @@ from ..heldout import EvalTokens
 from ..inputs import parse_json
 from ..prompt import prompt_ids
 from ..run import SMOKE, TOKENS_FILE, what_to_serve
-from ..scoring import Comparison, score, token_difference
+from ..scoring import Comparison, model_bos, score, token_difference
 from ..task import answer_budget, judge, read_task_set
 from . import serve
 from .deploy import served_dest
@@ -158,7 +158,7 @@ def _one_adapter(c, entry, run, served, i, client, target, threads, slow, tokeni
     host_model = LlamaCpp(fused, n_ctx=max(window, 128, task.longest if task else 0))
     try:
         host = score(ids, host_model.logits, window=window, stride=stride, backend="llama.cpp (host, fused)",
-                     per_token=True)
+                     per_token=True, bos=model_bos(tokenizer))
         on_board = board_perplexity(out, host, f"llama.cpp on {profile.name}, base + LoRA")
         Comparison(measured=on_board, reference=host).record(
             entry, f"{served.model.name} + {lora} on {profile.name}" + (" (emulated)" if c.emulate else ""),

@@ -72,9 +72,17 @@ def board_perplexity(out: dict, host: PerplexityResult, backend: str) -> Perplex
     """edgeft-board's perplexity output as a result over the same tokens as the host's (per token, so the two
     can be compared token by token)."""
     token_nll = [math.nan if x is None else x for x in out["token_nll"]]  # the board prints NaN as null
+    # The board starts its windows with BOS when the GGUF's vocabulary adds one, the host when the HF tokenizer
+    # does (scoring.model_bos); a build from before BOS-aware scoring prints no "bos" and uses none.
+    if (out.get("bos", -1) >= 0) != host.bos:
+        raise EdgeftError(f"edgeft-board scored {'with' if out.get('bos', -1) >= 0 else 'without'} BOS where the "
+                          f"host's tokenizer {'adds' if host.bos else 'adds no'} BOS: the GGUF's add_bos_token "
+                          f"disagrees with the tokenizer, or the board has another version's build; run `edgeft "
+                          f"deploy` again")
     if len(token_nll) != host.tokens:
         raise EdgeftError(f"edgeft-board scored {len(token_nll)} tokens where the host scored {host.tokens}: "
                           f"another version's build; run `edgeft deploy` again")
     return PerplexityResult(ppl=math.exp(sum(token_nll) / len(token_nll)), nll_sum=sum(token_nll),
                             tokens=len(token_nll), windows=out["windows"], window=host.window, stride=host.stride,
-                            seconds=out["seconds"], backend=backend, token_nll=token_nll, token_top1=out["top1"])
+                            seconds=out["seconds"], backend=backend, bos=host.bos, token_nll=token_nll,
+                            token_top1=out["top1"])

@@ -256,6 +256,9 @@ def ledger_table(manifest: dict, title: str) -> Table:
     for r in rows:
         status = {"ok": "[green]ok[/]", "ref": "[dim]ref[/]"}.get(r["status"], f"[red]{r['status']}[/]")
         step = r["step"] + (" (quick)" if r["checks"] == "quick" else "")  # not comparable with full checks
+        if not r["comparable"]:  # scored under the other BOS convention than the run's newest rows
+            step += " (BOS)" if r["bos"] else " (no BOS)"
+
         cells = [step, r["model"], status, "" if r["ppl"] is None else f"{r['ppl']:.4f}",
                  "" if r["delta_pct"] is None else f"{r['delta_pct']:+.2f}%",
                  "" if r["tokens"] is None else str(r["tokens"])]

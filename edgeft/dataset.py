@@ -32,6 +32,8 @@ from pathlib import Path
 from .errors import EdgeftError, first_line
 from .inputs import decode_utf8, parse_json, parse_json_rows
 from .prompt import TemplateRefused, apply_template
+from .scoring import model_bos
+
 
 IGNORE = -100
 # The fields a row may have, which --columns maps a file's own columns to.
@@ -362,11 +364,15 @@ def render(tokenizer, row: dict) -> tuple[list[int], list[int]]:
     the answer up to the next turn is trained. Pieces are tokenized separately, which is what makes the
     label boundary exact. Tool results fall in the context before the next assistant turn."""
     messages, tools = as_messages(row), tools_of(row)
+    # Rows rendered without a chat template start with the BOS the tokenizer adds to every text (Gemma, Llama),
+    # as llama.cpp and transformers put it in front of a prompt; it is context, never a target. A template
+    # writes its own BOS (bos_token in the template), so templated rows are left as rendered.
+    head = [] if (bos := model_bos(tokenizer)) is None else [bos]
     if messages is None:
         ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             ids = ids + [tokenizer.eos_token_id]
-        return ids, list(ids)
+        return head + ids, [IGNORE] * len(head) + ids
     uses_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
     if not tokenizer.chat_template:
         if uses_tools:
@@ -375,7 +381,7 @@ def render(tokenizer, row: dict) -> tuple[list[int], list[int]]:
         # No template (a base model): prompt and answer joined plainly, answer + EOS trained.
         prompt = "".join(m["content"] + "\n" for m in messages if m["role"] != "assistant")
         answer = "".join(m["content"] for m in messages if m["role"] == "assistant")
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        p = head + tokenizer(prompt, add_special_tokens=False)["input_ids"]
         a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return p + a, [IGNORE] * len(p) + a
     ids: list[int] = []

@@ -106,7 +106,7 @@ def _eval_hf(path: Path, tokens, task, tokenizer, c: EvalConfig):
     if torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()
-    result = measure(model, tokens.ids, c.window, c.stride, c.model)
+    result = measure(model, tokens.ids, c.window, c.stride, c.model, tokens.bos)
     return result, (score_torch(model, task, tokenizer, c.model, c.task_answers) if task else None)
 
 
@@ -119,7 +119,7 @@ def _eval_gguf(gguf: Path, tokens, task, tokenizer, c: EvalConfig):
     try:
         with bar(f"llama.cpp perplexity {gguf.name}") as update:
             result = score(tokens.ids, model.logits, window=c.window, stride=c.stride, backend="llama.cpp",
-                           progress=update)
+                           progress=update, bos=tokens.bos)
         scored = score_task(task, model.logits, lambda p, n: model.generate(p, n)[0], tokenizer, "llama.cpp",
                             answer_limit=c.task_answers) if task else None
     finally:

@@ -18,7 +18,7 @@ from .errors import EdgeftError
 from .inputs import read_json, token_ids
 from .models import edgeft_home
 from .run import Run
-from .scoring import DEFAULT_STRIDE, DEFAULT_WINDOW
+from .scoring import DEFAULT_STRIDE, DEFAULT_WINDOW, model_bos
 
 DEFAULT_TEXT = "pydoc"
 CHECKS = ("full", "quick")
@@ -80,15 +80,18 @@ class EvalTokens:
     text_sha256: str
     tokenizer_sha256: str
     budget: int
+    # The BOS id that starts every window (scoring.model_bos: the tokenizer adds it to every text), or None.
+    # The ids themselves never hold it. A file written before edgeft scored with BOS has no "bos" key.
+    bos: int | None = None
 
     def to_json(self) -> dict:
         return {"source": self.source, "text_sha256": self.text_sha256, "tokenizer_sha256": self.tokenizer_sha256,
-                "budget": self.budget, "n_tokens": len(self.ids), "ids": self.ids}
+                "budget": self.budget, "n_tokens": len(self.ids), "bos": self.bos, "ids": self.ids}
 
     @classmethod
     def from_json(cls, d: dict) -> "EvalTokens":
         return cls(ids=list(d["ids"]), source=d["source"], text_sha256=d["text_sha256"],
-                   tokenizer_sha256=d["tokenizer_sha256"], budget=d["budget"])
+                   tokenizer_sha256=d["tokenizer_sha256"], budget=d["budget"], bos=d.get("bos"))
 
     @classmethod
     def read(cls, path: Path) -> "EvalTokens":
@@ -100,6 +103,8 @@ class EvalTokens:
         if not all(isinstance(d.get(k), str) for k in ("source", "text_sha256", "tokenizer_sha256")) or \
                 type(d.get("budget")) is not int:
             raise EdgeftError(f"{path}: not an edgeft eval-token file (source, hashes, budget); {fix}")
+        if d.get("bos") is not None and not token_ids([d["bos"]]):
+            raise EdgeftError(f"{path}: 'bos' must be a token id or null; {fix}")
         return cls.from_json(d)
 
 
@@ -147,14 +152,26 @@ def tokenize_budget(tokenizer, text: str, budget: int) -> list[int]:
 
 def eval_tokens(tokenizer, text: str | None, budget: int, run_dir: Path | None = None) -> EvalTokens:
     """The run's token ids: read from the run if it already has them (every step of a run scores the
-    same ids), else from the cache in $EDGEFT_HOME/tokens, else tokenized now and cached."""
+    same ids), else from the cache in $EDGEFT_HOME/tokens, else tokenized now and cached. Its `bos` is the
+    tokenizer's (model_bos), written into the run's file, which a run from before BOS-aware scoring lacks."""
     tok_sha = tokenizer_sha256(tokenizer)
+    bos = model_bos(tokenizer)
     ids_file = Run(run_dir).ids if run_dir is not None else None
     if ids_file is not None and ids_file.is_file():
         stored = EvalTokens.read(ids_file)
         if stored.tokenizer_sha256 != tok_sha:
             raise EdgeftError(f"{ids_file}: this run's eval tokens were made with another tokenizer; "
                               f"use a new --run folder for a model with a different tokenizer")
+        if stored.bos != bos:  # a run from before: its file has no "bos" (None), and only a BOS model changes
+            stored = replace(stored, bos=bos)
+            write_json(ids_file, stored.to_json())
+            if bos is not None:
+                from .progress import console
+
+                console.print(f"note: {run_dir}'s earlier perplexities were scored without the model's BOS; from "
+                              f"now on every window starts with it (BOS id {bos}), as llama.cpp scores and prompts "
+                              f"the model; `show` marks the older rows as not comparable", style="yellow",
+                              markup=False, highlight=False, soft_wrap=True)
         # The default budget is what a step has when it is not given one, so only another number was asked for.
         if budget != stored.budget and budget != DEFAULT_BUDGET:
             from .progress import console
@@ -168,12 +185,13 @@ def eval_tokens(tokenizer, text: str | None, budget: int, run_dir: Path | None =
     key = hashlib.sha256(f"{tok_sha}:{text_sha}:{budget}".encode()).hexdigest()[:24]
     cache = edgeft_home() / "tokens" / f"{key}.json"
     if cache.is_file():
-        result = EvalTokens.read(cache)
+        result = replace(EvalTokens.read(cache), bos=bos)
     else:
         ids = tokenize_budget(tokenizer, body, budget)
         if len(ids) < 2:
             raise EdgeftError(f"--text {source}: gives {len(ids)} token(s); perplexity needs at least 2")
-        result = EvalTokens(ids=ids, source=source, text_sha256=text_sha, tokenizer_sha256=tok_sha, budget=budget)
+        result = EvalTokens(ids=ids, source=source, text_sha256=text_sha, tokenizer_sha256=tok_sha, budget=budget,
+                            bos=bos)
         write_json(cache, result.to_json())
     if ids_file is not None:
         write_json(ids_file, result.to_json())

@@ -140,6 +140,9 @@ def read_manifest(path: Path) -> dict:
         for key in ("perplexity", "reference"):
             if entry.get(key):
                 _check_fields(entry[key], _MEASURED_FIELDS, f"{where}.{key}")
+                if not isinstance(entry[key].get("bos", False), bool):  # the BOS convention (scoring.py)
+                    raise EdgeftError(f"{where}.{key}.bos is {json.dumps(entry[key]['bos'])[:40]}, not true or "
+                                      f"false; {_FIX}")
         for j, out in enumerate(entry.get("outputs") or []):
             if not isinstance(out, dict):
                 raise EdgeftError(f"{where}.outputs[{j}] is not an object; {_FIX}")

@@ -1,7 +1,7 @@
 """llama.cpp as a backend, through llama-cpp-python: logits per window, tokenization, greedy generation,
 quantization (`llama_model_quantize`, the same code as the `llama-quantize` tool).
 
-Scoring uses perplexity.score with these logits, so a GGUF is measured on exactly the run's token ids in
+Scoring uses scoring.score with these logits, so a GGUF is measured on exactly the run's token ids in
 exactly the windows `edgeft eval` uses.
 
 A GGUF that did not come from this process (a run folder can be copied from anywhere) is checked first:
@@ -107,7 +107,17 @@ class LlamaCpp:
         self.llm.eval(window_ids)
         return np.asarray(self.llm.scores[: len(window_ids)], dtype=np.float32)
 
+    @property
+    def bos(self) -> int | None:
+        """The BOS llama.cpp puts in front of a prompt for this GGUF (its vocabulary's add_bos_token, as
+        llama-perplexity and edgeft-board read it), or None when it adds none."""
+        from llama_cpp import llama_vocab_bos, llama_vocab_get_add_bos
+
+        vocab = self.llm._model.vocab
+        return int(llama_vocab_bos(vocab)) if llama_vocab_get_add_bos(vocab) else None
+
     def tokenize(self, text: str) -> list[int]:
+
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
     def generate(self, prompt_ids: list[int], max_tokens: int = 48) -> tuple[list[int], bool]:

@@ -205,7 +205,7 @@ def _unmerged_model(base_path: Path, adapter: Adapter, into: str):
 
 
 def _score(model, tokenizer, tokens, task, c: MergeConfig, label: str) -> dict:
-    ppl = measure(model, tokens.ids, c.window, c.stride, label)
+    ppl = measure(model, tokens.ids, c.window, c.stride, label, tokens.bos)
     scored = score_torch(model, task, tokenizer, label, c.eval_generate) if task else None
     return {"ppl": ppl, "task": scored, "eval_loss": scored.loss if scored else None,
             "exact_match": scored.exact_match if scored else None,
@@ -343,7 +343,7 @@ def _earlier_unmerged(adapter: Adapter, fp_record: dict, tokens, task, c: MergeC
         return None  # not from `edgeft train`: no ledger measured it
     weights = torch_weights(fp_record["actual"], artifact(adapter.path)["sha256"], "none", "float32", _device())
     return find_measurement(Run(adapter.run), measurement_key(weights, tokens.ids, c.window, c.stride, task,
-                                                              c.eval_generate))
+                                                              c.eval_generate, tokens.bos))
 
 
 def _reused(entry: dict) -> dict:

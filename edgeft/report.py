@@ -48,6 +48,11 @@ def _measured(manifest: dict) -> list[dict]:
     return [r for r in ledger_rows(manifest) if r["ppl"] is not None]
 
 
+def _step(r: dict) -> str:
+    """A row's step, marked when it was scored under the other BOS convention than the run's newest rows."""
+    return r["step"] + ("" if r["comparable"] else " (BOS)" if r["bos"] else " (no BOS)")
+
+
 def _quants(manifest: dict) -> list[dict]:
     """The exported artifacts with a measured perplexity, in ledger order."""
     return [e for e in manifest["steps"] if e["step"] in QUANT_STEPS and e.get("perplexity") and e.get("outputs")]
@@ -92,7 +97,7 @@ def _ledger(ax, manifest: dict) -> None:
         _nothing(ax, "no perplexity measured in this run")
         return
     values = [r["delta_pct"] or 0.0 for r in rows]
-    _change_bars(ax, rows, values, [f"{r['step']}\n{r['model'][:40]}" for r in rows], "ppl")
+    _change_bars(ax, rows, values, [f"{_step(r)}\n{r['model'][:40]}" for r in rows], "ppl")
     for i, (r, v) in enumerate(zip(rows, values)):
         vs = "reference" if r["delta_pct"] is None else f"{r['delta_pct']:+.2f}%"
         on = f"{r['tokens']:,} tokens" if r["tokens"] else "? tokens"
@@ -109,7 +114,7 @@ def _task_ledger(ax, manifest: dict) -> None:
         _nothing(ax, "no task data in this run\n(train on a dataset, or `edgeft eval --data FILE`)")
         return
     values = [r["task_delta_pct"] or 0.0 for r in rows]
-    _change_bars(ax, rows, values, [r["step"] for r in rows], "task_ppl")
+    _change_bars(ax, rows, values, [_step(r) for r in rows], "task_ppl")
     for i, (r, v) in enumerate(zip(rows, values)):
         if r["task_ppl"] is None:
             ax.text(0, i, " not measured", va="center", fontsize=7, color="#777777")
@@ -298,7 +303,9 @@ def _fmt(value, spec: str, suffix: str = "", scale: float = 1.0) -> str:
 
 
 def _ledger_table(manifest: dict) -> str:
-    rows = [[r["step"], r["model"], r["status"], _fmt(r["ppl"], ".4f"), _fmt(r["delta_pct"], "+.2f", "%"),
+    rows = [[_step(r), r["model"], r["status"], _fmt(r["ppl"], ".4f"), _fmt(r["delta_pct"], "+.2f", "%"),
+
+
              _fmt(r["tokens"], ","), _fmt(r["task_ppl"], ".4f"), _fmt(r["task_delta_pct"], "+.2f", "%"),
              _fmt(r["exact_match"], ".0f", "%", 100), _fmt(r["bytes"], ".1f", " MiB", 1 / MiB),
              _fmt(r["wall_s"], ".1f", " s"), _fmt(r["peak_rss_mb"], ".0f", " MiB"), r["reason"]]

@@ -35,12 +35,18 @@ def torch_weights(base_fingerprint: dict, adapter_sha256: str, base_held: str, c
             "device": device, "attn": attn, "compiled": compiled}
 
 
-def measurement_key(weights: dict, ids: Sequence[int], window: int, stride: int, task=None, answers: int = 0) -> str:
+def measurement_key(weights: dict, ids: Sequence[int], window: int, stride: int, task=None, answers: int = 0,
+                    bos: int | None = None) -> str:
     """The hash of a measurement's inputs: `weights` (torch_weights), the held-out ids as scored and their
-    windows, and the task set (task.TaskSet) with the number of its prompts answered."""
-    return _sha256({"weights": weights, "ids": _sha256(list(ids)), "window": window, "stride": stride,
-                    "task": _sha256(task.to_json()) if task is not None else None,
-                    "answers": answers if task is not None else 0})
+    windows (with the BOS that starts each, if any), and the task set (task.TaskSet) with the number of its
+    prompts answered."""
+    inputs = {"weights": weights, "ids": _sha256(list(ids)), "window": window, "stride": stride,
+              "task": _sha256(task.to_json()) if task is not None else None,
+              "answers": answers if task is not None else 0}
+    if bos is not None:  # only then: a model without BOS keeps the keys its runs recorded before
+        inputs["bos"] = bos
+    return _sha256(inputs)
+
 
 
 def find_measurement(run, key: str) -> dict | None:

@@ -5,7 +5,16 @@ model sees only that window, and a token is scored at most once: in the first wi
 context before it. With stride == window (the default) this is plain disjoint chunks, as llama.cpp's
 perplexity tool and the usual HF recipe do: the first token of each chunk has no context and is not scored
 (8192 ids in windows of 512 score 16 x 511 tokens). With stride < window every token but the very first is
-scored. No BOS is inserted: the backends see exactly the stored ids.
+scored.
+
+BOS follows the model: when its tokenizer adds a BOS to every text it encodes (Gemma, Llama 3, Llama 2; see
+`model_bos`), every window starts with that BOS, as llama.cpp's llama-perplexity starts every chunk and as every
+real prompt starts. The BOS takes one of the window's positions and is context only: a window holds BOS and
+window - 1 ids, and its first id is scored with BOS as its context (with stride == window every id is scored:
+8192 ids in windows of 512 make 17 windows). A tokenizer that adds none (the default model, SmolLM2) gets the
+plan above unchanged. Scoring a BOS model without its BOS measures something else: 2,044 held-out tokens of one
+base model gave 37.63 without BOS and 14.88 with it. Each result records the convention (`bos`), and the ledger
+marks rows scored under another one as not comparable.
 
 The task (the fine-tune's held-out answers, see task.py) is scored the same way: each held-out example is
 one piece, and only its answer tokens are scored, with the prompt as context.
@@ -49,25 +58,65 @@ class Piece:
     targets: tuple[int, ...]
 
 
-def windows(n_tokens: int, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE) -> list[Window]:
+def windows(n_tokens: int, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE, bos: bool = False
+            ) -> list[Window]:
+    """The plan over the ids (begin/end index the ids, without the BOS). With `bos` each window's BOS takes one
+    of its `window` positions, so it spans window - 1 ids, and its first id has context (the BOS)."""
     if window < 2 or stride < 1 or stride > window:
         raise ValueError(f"need window >= 2 and 1 <= stride <= window (got window={window}, stride={stride})")
+    span = window - 1 if bos else window
+    step = min(stride, span)
+    lead = 0 if bos else 1  # ids at a window's start that have no context there
     out: list[Window] = []
-    scored_until = 1  # token 0 has no context
+    scored_until = lead  # without BOS, token 0 has no context
     begin = 0
     while scored_until < n_tokens:
-        end = min(begin + window, n_tokens)
+        end = min(begin + span, n_tokens)
         if end > scored_until:
-            out.append(Window(begin, end, max(scored_until, begin + 1)))
+            out.append(Window(begin, end, max(scored_until, begin + lead)))
             scored_until = end
-        begin += stride
+        begin += step
     return out
 
 
-def text_pieces(ids: Sequence[int], window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE) -> list[Piece]:
+def text_pieces(ids: Sequence[int], window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE,
+                bos: int | None = None) -> list[Piece]:
+    """The windows as pieces: `bos` (an id, or None for a model whose tokenizer adds none) starts each."""
     ids = list(ids)
-    return [Piece(ids[w.begin:w.end], tuple(range(w.score_from - w.begin, w.end - w.begin)))
-            for w in windows(len(ids), window, stride)]
+    head = [] if bos is None else [bos]
+    return [Piece(head + ids[w.begin:w.end], tuple(range(w.score_from - w.begin + len(head),
+                                                         w.end - w.begin + len(head))))
+            for w in windows(len(ids), window, stride, bos is not None)]
+
+
+def llama_perplexity_pieces(ids: Sequence[int], n_ctx: int, bos: int | None) -> list[Piece]:
+    """The chunking of llama.cpp's `llama-perplexity` (tools/perplexity, `perplexity()`), to hold our scoring
+    against that tool's figure: it tokenizes the text with BOS in front (when the vocabulary adds one), cuts
+    n_tokens // n_ctx chunks of n_ctx tokens, overwrites each chunk's first token with BOS (when added), and
+    scores only the second half of each chunk: the tokens after position n_ctx // 2. `ids` are the text's ids
+    without the BOS, as edgeft stores them."""
+    tokens = ([] if bos is None else [bos]) + list(ids)
+    first = n_ctx // 2
+    pieces = []
+    for start in range(0, len(tokens) // n_ctx * n_ctx, n_ctx):
+        chunk = tokens[start:start + n_ctx]
+        if bos is not None:
+            chunk[0] = bos
+        pieces.append(Piece(chunk, tuple(range(first + 1, n_ctx))))
+    return pieces
+
+
+def model_bos(tokenizer) -> int | None:
+    """The BOS id the model's HF tokenizer puts in front of every text it encodes (its post-processor or
+    add_bos_token: Gemma, Llama 2/3), or None when it adds none (SmolLM2, Qwen). This, not whether a BOS token
+    exists, decides: SmolLM2 names <|im_start|> its BOS and never adds it. Our GGUFs carry the same answer as
+    llama.cpp's add_bos_token."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    added = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos if added[:1] == [bos] and plain[:1] != [bos] else None
 
 
 @dataclass
@@ -80,6 +129,9 @@ class PerplexityResult:
     stride: int
     seconds: float
     backend: str
+    # The convention: whether each window started with the model's BOS (see the module docstring). Ledger
+    # entries written before edgeft scored with BOS have no such key: they were scored without one.
+    bos: bool = False
     # Per scored token, in order (score(..., per_token=True), or the board's own): the NLL and the top-1 id.
     token_nll: list[float] | None = field(default=None, repr=False)
     token_top1: list[int] | None = field(default=None, repr=False)
@@ -96,7 +148,8 @@ class PerplexityResult:
         """Back from a ledger entry's perplexity (reused measurements)."""
         return cls(ppl=entry["ppl"], nll_sum=entry.get("nll_sum", math.log(entry["ppl"]) * entry["tokens"]),
                    tokens=entry["tokens"], windows=entry.get("windows", 0), window=entry.get("window", 0),
-                   stride=entry.get("stride", 0), seconds=entry.get("seconds", 0.0), backend=entry.get("backend", ""))
+                   stride=entry.get("stride", 0), seconds=entry.get("seconds", 0.0), backend=entry.get("backend", ""),
+                   bos=bool(entry.get("bos", False)))
 
 
 @dataclass
@@ -148,8 +201,8 @@ def _rows_and_targets(piece: Piece, logits) -> tuple[np.ndarray, np.ndarray]:
 
 def score_pieces(pieces: list[Piece], logits_fn: Callable[[list[int]], np.ndarray], *, backend: str = "torch",
                  window: int = 0, stride: int = 0, progress: Callable[[int, int], None] | None = None,
-                 per_token: bool = False) -> PerplexityResult:
-    """Perplexity over every piece's scored positions. `window`/`stride` only describe the plan (0 for
+                 per_token: bool = False, bos: bool = False) -> PerplexityResult:
+    """Perplexity over every piece's scored positions. `window`/`stride`/`bos` only describe the plan (0 for
     task pieces, one per held-out example). `per_token` keeps each scored token's NLL and top-1 id."""
     start = time.perf_counter()
     nll = 0.0
@@ -168,16 +221,17 @@ def score_pieces(pieces: list[Piece], logits_fn: Callable[[list[int]], np.ndarra
             progress(i + 1, len(pieces))
     return PerplexityResult(ppl=math.exp(nll / count), nll_sum=nll, tokens=count, windows=len(pieces),
                             window=window or max((len(p.ids) for p in pieces), default=0), stride=stride,
-                            seconds=round(time.perf_counter() - start, 3), backend=backend,
+                            seconds=round(time.perf_counter() - start, 3), backend=backend, bos=bos,
                             token_nll=token_nll if per_token else None, token_top1=token_top1 if per_token else None)
 
 
 def score(ids: Sequence[int], logits_fn: Callable[[list[int]], np.ndarray], *, window: int = DEFAULT_WINDOW,
           stride: int = DEFAULT_STRIDE, backend: str = "torch", progress: Callable[[int, int], None] | None = None,
-          per_token: bool = False) -> PerplexityResult:
-    """Perplexity of held-out text ids in the window plan above."""
-    return score_pieces(text_pieces(ids, window, stride), logits_fn, backend=backend, window=window, stride=stride,
-                        progress=progress, per_token=per_token)
+          per_token: bool = False, bos: int | None = None) -> PerplexityResult:
+    """Perplexity of held-out text ids in the window plan above; `bos`: the model's BOS id (model_bos), which
+    starts every window, or None."""
+    return score_pieces(text_pieces(ids, window, stride, bos), logits_fn, backend=backend, window=window,
+                        stride=stride, progress=progress, per_token=per_token, bos=bos is not None)
 
 
 @dataclass
@@ -260,7 +314,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def compare_pieces(reference, other, pieces: list[Piece], progress: Callable[[int, int], None] | None = None,
-                   backends: tuple[str, str] = ("", ""), window: int = 0, stride: int = 0) -> Comparison:
+                   backends: tuple[str, str] = ("", ""), window: int = 0, stride: int = 0, bos: bool = False
+                   ) -> Comparison:
     """Perplexity of two models on the same pieces, mean KL(reference || other) and top-1 agreement.
     Each model is anything with `.logits(piece_ids)`. Piece by piece: at most one piece of logits per model
     is held, never all of them."""
@@ -288,22 +343,26 @@ def compare_pieces(reference, other, pieces: list[Piece], progress: Callable[[in
 
     def result(total: float, backend: str) -> PerplexityResult:
         return PerplexityResult(ppl=math.exp(total / count), nll_sum=total, tokens=count, windows=len(pieces),
-                                window=window, stride=stride, seconds=seconds, backend=backend)
+                                window=window, stride=stride, seconds=seconds, backend=backend, bos=bos)
 
     return Comparison(measured=result(nll, backends[1]), reference=result(nll_ref, backends[0]),
                       kl_mean=kl / count, top1_agreement=top1 / count)
 
 
 def compare(reference, other, ids: Sequence[int], window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE,
-            progress: Callable[[int, int], None] | None = None, backends: tuple[str, str] = ("", "")
-            ) -> Comparison:
-    """`compare_pieces` on held-out text ids in the window plan above."""
-    return compare_pieces(reference, other, text_pieces(ids, window, stride), progress, backends, window, stride)
+            progress: Callable[[int, int], None] | None = None, backends: tuple[str, str] = ("", ""),
+            bos: int | None = None) -> Comparison:
+    """`compare_pieces` on held-out text ids in the window plan above (`bos` as in `score`)."""
+    return compare_pieces(reference, other, text_pieces(ids, window, stride, bos), progress, backends, window, stride,
+                          bos is not None)
 
 
-def measure(model, ids: Sequence[int], window: int, stride: int, label: str) -> PerplexityResult:
-    """Perplexity of a loaded torch model on `ids`, with a progress bar."""
+def measure(model, ids: Sequence[int], window: int, stride: int, label: str, bos: int | None = None
+            ) -> PerplexityResult:
+    """Perplexity of a loaded torch model on `ids` (`bos` as in `score`), with a progress bar."""
     from .progress import bar
 
     with bar(f"perplexity {label}") as update:
-        return score(ids, torch_logits_fn(model), window=window, stride=stride, backend="torch", progress=update)
+        return score(ids, torch_logits_fn(model), window=window, stride=stride, backend="torch", progress=update,
+                     bos=bos)
+

@@ -14,22 +14,41 @@ def ledger_rows(manifest: dict) -> list[dict]:
     """One row per measured model, in the order a person reads the chain. A step that compares against a
     reference (train: the base without the adapter) gets the reference's row first; Δ is against the
     step's reference, else against the run's first perplexity. Task columns (the fine-tune's held-out
-    answers: their perplexity and the exact-answer rate) come from the entry's `task`, when the run has one."""
+    answers: their perplexity and the exact-answer rate) come from the entry's `task`, when the run has one.
+
+    Each row says whether its windows started with the model's BOS (`bos`; an entry from before edgeft scored
+    with BOS has no such key and was scored without). Where a run holds both (a BOS model's run continued after
+    the change), the rows scored otherwise than its newest are marked `comparable: False` with a note, and Δ
+    never reaches across the two: a run's first perplexity is kept per convention."""
     rows = []
-    first_ppl = None
+    first_ppl: dict[bool, float] = {}
     for entry in manifest.get("steps", []):
         ref = entry.get("reference")
         task = entry.get("task") or {}
+        measured = entry.get("perplexity") or {}
+        bos = _bos(measured if measured.get("ppl") is not None else ref or {})
         # A reference already on the ledger (the F16 GGUF that every quant compares with) is not repeated.
-        if ref and ref.get("ppl") is not None and not any(r["ppl"] == ref["ppl"] for r in rows):
+        if ref and ref.get("ppl") is not None and not any(r["ppl"] == ref["ppl"] and r["bos"] == _bos(ref)
+                                                          for r in rows):
             rows.append(_row(entry, ref, task.get("reference") or {}, status="ref", delta_to=None))
-            first_ppl = first_ppl or ref["ppl"]
-        ppl = (entry.get("perplexity") or {}).get("ppl")
-        rows.append(_row(entry, entry.get("perplexity") or {}, task, status=entry["status"],
-                         delta_to=(ref or {}).get("ppl", first_ppl)))
-        if first_ppl is None and ppl is not None:
-            first_ppl = ppl
+            first_ppl.setdefault(_bos(ref), ref["ppl"])
+        ppl = measured.get("ppl")
+        delta_to = ref["ppl"] if ref and "ppl" in ref and _bos(ref) == bos else first_ppl.get(bos)
+        rows.append(_row(entry, measured, task, status=entry["status"], delta_to=delta_to))
+        if ppl is not None:
+            first_ppl.setdefault(bos, ppl)
+    newest = next((r["bos"] for r in reversed(rows) if r["ppl"] is not None), False)
+    for r in rows:
+        r["comparable"] = r["ppl"] is None or r["bos"] == newest
+        if not r["comparable"]:
+            r["reason"] = (f"not comparable: scored {'with' if r['bos'] else 'without'} the model's BOS, the newer "
+                           f"rows {'with' if newest else 'without'}" + (f"; {r['reason']}" if r["reason"] else ""))
     return rows
+
+
+def _bos(measured: dict) -> bool:
+    """Whether a ledger perplexity was scored with BOS windows (see scoring.py); older entries: without."""
+    return bool(measured.get("bos", False))
 
 
 def _row(entry: dict, measured: dict, task: dict, status: str, delta_to: float | None) -> dict:
@@ -41,7 +60,9 @@ def _row(entry: dict, measured: dict, task: dict, status: str, delta_to: float |
         "model": measured.get("model", ""),
         "status": status,
         "ppl": ppl,
-        "delta_pct": None if ppl is None or not delta_to else round(100 * (ppl / delta_to - 1), 2),
+        "bos": _bos(measured),
+        "delta_pct"
+: None if ppl is None or not delta_to else round(100 * (ppl / delta_to - 1), 2),
         "tokens": measured.get("tokens"),
         "task_ppl": task.get("ppl"),
         "task_delta_pct": None if task.get("ppl_change") is None or not own else round(100 * task["ppl_change"], 2),
@@ -52,7 +73,6 @@ def _row(entry: dict, measured: dict, task: dict, status: str, delta_to: float |
         "peak_rss_mb": entry.get("peak_rss_mb") if own else None,
         "reason": (entry.get("reason") or entry.get("note") or task.get("note") or "") if own else "",
     }
-
 
 def methods_columns(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The comparison as headers and text cells: one table for the CLI, the report and the README."""

@@ -9,6 +9,9 @@ text's ids, so that torch, llama.cpp, onnxruntime and the board all score exactl
     rendered with the model's own chat template and the generation prompt, sent to every backend as ids:
     no backend guesses the template), compared with the expected answer. Where every expected answer is
     a JSON object, answers are compared as JSON and the share of correct fields is recorded too.
+The ids start with the BOS the model is prompted with: the template's own, or for rows rendered without a
+template the one the tokenizer adds (dataset.render), so no backend adds another.
+
 """
 
 from __future__ import annotations

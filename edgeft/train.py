@@ -891,11 +891,11 @@ def evaluate(s: Setup, t: Trainer) -> dict:
         model.get_base_model().set_attn_implementation("sdpa")
     model.eval()
     label = f"{c.model}+adapter"
-    after_ppl = measure(model, s.tokens.ids, c.window, c.stride, label)
+    after_ppl = measure(model, s.tokens.ids, c.window, c.stride, label, s.tokens.bos)
     after = score_torch(model, s.task, s.tokenizer, label, c.eval_generate) if s.task else None
     with model.disable_adapter():
         base_label = c.model if s.hw["quant"] == "none" else f"{c.model} ({s.hw['quant']})"
-        before_ppl = measure(model, s.tokens.ids, c.window, c.stride, base_label)
+        before_ppl = measure(model, s.tokens.ids, c.window, c.stride, base_label, s.tokens.bos)
         before = score_torch(model, s.task, s.tokenizer, base_label, c.eval_generate) if s.task else None
     return {"label": label, "base_label": base_label, "after": after, "before": before,
             "forgetting": Comparison(measured=after_ppl, reference=before_ppl)}
@@ -909,7 +909,8 @@ def record(s: Setup, t: Trainer, p: Progress, entry: dict, evaluated: dict, peak
     # takes these numbers from the ledger (reuse.py).
     weights = torch_weights(s.fingerprint, entry["outputs"][-1]["sha256"], hw["quant"],
                             hw["compute_dtype"], hw["device"], c.attn, c.compile)
-    entry[KEY] = measurement_key(weights, s.tokens.ids, c.window, c.stride, task, c.eval_generate)
+    entry[KEY] = measurement_key(weights, s.tokens.ids, c.window, c.stride, task, c.eval_generate,
+                                  s.tokens.bos)
     evaluated["forgetting"].record(entry, evaluated["label"], evaluated["base_label"], "base", s.tokens.source)
     if task:
         after.record(entry, evaluated["label"], task.source, before.entry(evaluated["base_label"], task.source), "base")

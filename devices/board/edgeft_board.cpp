@@ -4,6 +4,12 @@
 // perplexity uses exactly the windows and ids of every other backend (see edgeft/scoring.py, whose
 // window plan this file repeats). Prompts for generation also arrive as ids.
 //
+// BOS: `perplexity` starts every window with the model's BOS when the GGUF's vocabulary says to add one
+// (llama_vocab_get_add_bos, read as llama-perplexity reads it), and prints the id it used ("bos", -1: none);
+// the host scores with the BOS its HF tokenizer adds and refuses a board whose "bos" differs. The board reads
+// it from the file rather than being told, so the GGUF it runs decides, as it does for every prompt there.
+// `score`, `generate` and `answers` take ids that already hold the BOS (the host rendered them).
+//
 //   edgeft-board perplexity MODEL IDS_FILE WINDOW STRIDE THREADS [MAX_IDS]
 //                           (the first MAX_IDS ids only; also prints each scored token's NLL and top-1 id)
 //   edgeft-board generate   MODEL IDS_FILE MAX_NEW THREADS
@@ -143,22 +149,32 @@ static int perplexity(int argc, char ** argv) {
     if (argc != 7 && argc != 8) { fprintf(stderr, "usage: perplexity MODEL IDS WINDOW STRIDE THREADS [MAX_IDS]\n"); return 2; }
     std::vector<llama_token> ids = read_ids(argv[3]);
     int window = atoi(argv[4]), stride = atoi(argv[5]), threads = atoi(argv[6]);
+    if (window < 2 || stride < 1) { fprintf(stderr, "need WINDOW >= 2 and STRIDE >= 1\n"); return 2; }
     if (argc == 8 && (size_t) atol(argv[7]) < ids.size()) ids.resize((size_t) atol(argv[7]));
     Session s(argv[2], window, threads);
     int n_vocab = llama_vocab_n_tokens(s.vocab);
+    const bool add_bos = llama_vocab_get_add_bos(s.vocab);
+    const llama_token bos = add_bos ? llama_vocab_bos(s.vocab) : -1;
     double start = now(), nll = 0.0;
     long count = 0, n_windows = 0;
     std::vector<double> token_nll;  // per scored token, for the host's per-token comparison
     std::vector<int> top1;
-    size_t n = ids.size(), scored_until = 1, begin = 0;
-    while (scored_until < n) {  // the same plan as edgeft.perplexity.windows
-        size_t end = begin + window < n ? begin + window : n;
+    // The same plan as edgeft.scoring.windows: with BOS a window holds BOS and WINDOW - 1 ids and its first id
+    // is scored (BOS is its context); without, WINDOW ids and the first is context only.
+    const size_t span = add_bos ? window - 1 : window, step = (size_t) stride < span ? stride : span;
+    const size_t lead = add_bos ? 0 : 1, offset = add_bos ? 1 : 0;
+    size_t n = ids.size(), scored_until = lead, begin = 0;
+    std::vector<llama_token> piece;
+    while (scored_until < n) {
+        size_t end = begin + span < n ? begin + span : n;
         if (end > scored_until) {
-            size_t score_from = scored_until > begin + 1 ? scored_until : begin + 1;
+            size_t score_from = scored_until > begin + lead ? scored_until : begin + lead;
+            piece.assign(add_bos ? 1 : 0, bos);
+            piece.insert(piece.end(), ids.begin() + begin, ids.begin() + end);
             llama_memory_clear(llama_get_memory(s.ctx), true);
-            s.decode(ids, begin, end, true);
+            s.decode(piece, 0, piece.size(), true);
             for (size_t t = score_from; t < end; t++) {
-                const float * logits = llama_get_logits_ith(s.ctx, (int) (t - 1 - begin));
+                const float * logits = llama_get_logits_ith(s.ctx, (int) (t - begin + offset - 1));
                 double token = nll_of(logits, n_vocab, ids[t]);
                 nll += token;
                 token_nll.push_back(token);
@@ -168,14 +184,14 @@ static int perplexity(int argc, char ** argv) {
             scored_until = end;
             n_windows++;
         }
-        begin += stride;
+        begin += step;
     }
     printf("{\"ppl\": ");
     print_number("%.8f", std::exp(nll / count));
     printf(", \"nll_sum\": ");
     print_number("%.6f", nll);
-    printf(", \"tokens\": %ld, \"windows\": %ld, \"window\": %d, \"stride\": %d, \"seconds\": %.3f, \"token_nll\": [",
-           count, n_windows, window, stride, now() - start);
+    printf(", \"tokens\": %ld, \"windows\": %ld, \"window\": %d, \"stride\": %d, \"bos\": %d, \"seconds\": %.3f, "
+           "\"token_nll\": [", count, n_windows, window, stride, (int) bos, now() - start);
     for (size_t i = 0; i < token_nll.size(); i++) {
         if (i) printf(", ");
         print_number("%.6f", token_nll[i]);

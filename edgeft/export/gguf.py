@@ -135,9 +135,16 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
         if not parity["equal"]:
             raise EdgeftError(f"{ref_path.name}: llama.cpp tokenizes the held-out text differently from HF (first "
                               f"difference at token {parity['first_difference']}); the tokenizer metadata is wrong")
+        # llama.cpp (llama-perplexity, every prompt, edgeft-board) adds the BOS the GGUF's add_bos_token says;
+        # our scoring adds the HF tokenizer's. They must be one BOS, or the GGUF is prompted unlike its scoring.
+        parity["bos"] = {"hf": tokens.bos, "gguf": ref.bos}
+        if ref.bos != tokens.bos:
+            raise EdgeftError(f"{ref_path.name}: llama.cpp adds BOS {ref.bos} where the HF tokenizer adds "
+                              f"{tokens.bos} (None: no BOS); the tokenizer metadata (add_bos_token) is wrong")
         with bar(f"llama.cpp perplexity {ref_path.name}") as update:
+
             got = score(tokens.ids, ref.logits, window=c.window, stride=c.stride, backend="llama.cpp",
-                        progress=update)
+                        progress=update, bos=tokens.bos)
         vs_hf = Comparison(measured=got, reference=hf.ppl)
         ref_label = f"GGUF {reference_type.upper()} ({label})"
         vs_hf.record(entry, ref_label, f"HF {label}", "hf", tokens.source, source=hf.how)
@@ -167,7 +174,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
                 model = LlamaCpp(paths[q], n_ctx=n_ctx, threads=c.threads, trusted=True)
                 with bar(f"llama.cpp {paths[q].name} vs {ref_path.name}") as update:
                     cmp = compare(ref, model, tokens.ids, c.window, c.stride, progress=update,
-                                  backends=("llama.cpp", "llama.cpp"))
+                                  backends=("llama.cpp", "llama.cpp"), bos=tokens.bos)
                 cmp.record(entry, f"GGUF {q.upper()} ({label})", f"GGUF {reference_type.upper()}", reference_type,
                            tokens.source)
                 entry["metrics"].update({"ppl_rise": round(cmp.change, 6),
@@ -411,7 +418,7 @@ def adapter_only(c: GGUFExportConfig, source: Source, paths: dict, fused: LlamaC
             applied = LlamaCpp(base, n_ctx=fused.n_ctx, threads=c.threads, lora=paths["lora"], trusted=True)
             with bar(f"llama.cpp {base.name} + LoRA vs fused") as update:
                 result = compare(fused, applied, tokens.ids, c.window, c.stride, progress=update,
-                                 backends=("llama.cpp", "llama.cpp"))
+                                 backends=("llama.cpp", "llama.cpp"), bos=tokens.bos)
             applied.close()
             return result
 

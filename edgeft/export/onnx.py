@@ -219,7 +219,7 @@ def export_onnx(config: OnnxExportConfig) -> ExportResult:
         ref = OnnxLM(folders["fp32"] / "model.onnx", c.threads)
         with bar("onnxruntime perplexity fp32") as update:
             got = score(tokens.ids, ref.logits, window=c.window, stride=c.stride, backend="onnxruntime",
-                        progress=update)
+                        progress=update, bos=tokens.bos)
         sample = _answer(ref, tokenizer, c.generate_tokens)
         vs_hf = Comparison(measured=got, reference=hf.ppl)
         same_answer = sample["ids"] == reference_ids
@@ -247,7 +247,7 @@ def export_onnx(config: OnnxExportConfig) -> ExportResult:
                 lm = OnnxLM(folders[q] / "model.onnx", c.threads)
                 with bar(f"onnxruntime {q} vs fp32") as update:
                     cmp = compare(ref, lm, tokens.ids, c.window, c.stride, progress=update,
-                                  backends=("onnxruntime", "onnxruntime"))
+                                  backends=("onnxruntime", "onnxruntime"), bos=tokens.bos)
                 sample = _answer(lm, tokenizer, c.generate_tokens)
                 entry["outputs"].append(artifact(folders[q], run.path))
                 cmp.record(entry, f"ONNX {q} ({label})", "ONNX fp32", "fp32", tokens.source)

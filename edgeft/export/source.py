@@ -92,13 +92,16 @@ def hf_reference(source: Source, tokens, task, tokenizer, window: int, stride: i
 
     label = "base+adapter (HF)" if source.loras else source.path.name
     reused = None
-    # The same scored tokens too: a step run with --checks quick scored only part of the run's ids.
-    scored = sum(w.end - w.score_from for w in windows(len(tokens.ids), window, stride))
+    # The same scored tokens too: a step run with --checks quick scored only part of the run's ids; and the same
+    # BOS convention (an entry from before BOS-aware scoring has no "bos": scored without).
+    bos = tokens.bos is not None
+    scored = sum(w.end - w.score_from for w in windows(len(tokens.ids), window, stride, bos))
     if not source.loras:
         def same(entry: dict) -> bool:
             measured = entry.get("perplexity") or {}
-            return (measured.get("window"), measured.get("tokens")) == (window, scored) and any(
-                (source.run.path / out["path"]).resolve() == source.path.resolve() for out in entry["outputs"])
+            return ((measured.get("window"), measured.get("tokens"), bool(measured.get("bos"))) == (window, scored, bos)
+                    and any((source.run.path / out["path"]).resolve() == source.path.resolve()
+                            for out in entry["outputs"]))
 
         reused = source.run.last(where=same)
     if reused is not None and (task is None or reused.get("task")):
@@ -110,7 +113,7 @@ def hf_reference(source: Source, tokens, task, tokenizer, window: int, stride: i
     if source.loras:
         model = add_adapter(model, source.adapter.path)
     how = "measured now (torch, PEFT)" if source.loras else "measured now (torch)"
-    ppl = measure(model, tokens.ids, window, stride, label)
+    ppl = measure(model, tokens.ids, window, stride, label, tokens.bos)
     task_entry = score_torch(model, task, tokenizer, label, answers).entry(f"HF {source.label}", task.source) \
         if task else None
     del model

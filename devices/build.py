@@ -17,6 +17,7 @@ import platform
 import re
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -32,6 +33,10 @@ from . import Profile, get
 BOARD = ("edgeft-board",)  # what smoke needs
 RUNTIME = ("llama-server", "llama-cli")  # what deploy --serve installs (and a user runs by hand)
 BINARIES = BOARD + RUNTIME
+# One build at a time in this process: a fleet's boards ask for the same build from their threads at once, and
+# the build's temporary folder is named by process (atomic.py), so two threads would write into one folder;
+# the second now finds the first's build cached. Other processes build into folders of their own.
+_BUILDING = threading.Lock()
 _CROSS = {"aarch64": ("aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++", "gcc-aarch64-linux-gnu g++-aarch64-linux-gnu")}
 
 
@@ -91,6 +96,11 @@ def build(device: str, threads: int = 0, runtime: bool = True) -> Build:
     """The profile's build, cached. `runtime=False` (smoke, which runs only edgeft-board) takes a full build if
     one is cached and otherwise builds edgeft-board alone, in a folder of its own: the server and CLI are the
     larger part of a cold build, and a smoke test here (--local, --emulate) never needs them."""
+    with _BUILDING:
+        return _build(device, threads, runtime)
+
+
+def _build(device: str, threads: int, runtime: bool) -> Build:
     from ..llamacpp import vendored_source
 
     profile = get(device)

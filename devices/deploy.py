@@ -96,7 +96,7 @@ def bundle(run: Run, gguf: Path, build_bin: Path, tokenizer) -> list[tuple[Path,
     """(local file, name on the board) pairs of a one-model deploy: the GGUF, the board's binaries, the ids."""
     from .build import BINARIES
 
-    # A smoke-only build (board_build.build(runtime=False)) has edgeft-board alone.
+    # A smoke-only build (build.build(runtime=False)) has edgeft-board alone.
     return [(gguf, gguf.name), *[(build_bin / b, b) for b in BINARIES if (build_bin / b).is_file()],
             *id_files(run, tokenizer)]
 

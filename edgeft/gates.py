@@ -1,7 +1,7 @@
 """Quality gates: the limit each step's result must stay within, and the one way a gate is recorded.
 
 Every step that can degrade the model records its gate in its ledger entry with `check`, which raises
-GateFailed when the gate fails: the entry is then written as failed with that reason (see Run.step), and
+GateFailed when the gate fails: the entry is then written as failed with that reason (see run.Run.record), and
 the command exits 3. A value that is not a finite number (NaN, inf) always fails: "NaN > limit" is False,
 so a comparison alone would let a broken model through.
 """

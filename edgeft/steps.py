@@ -1,6 +1,6 @@
 """The chain's steps as data: for each section of a pipeline, the config it is read into, the function that
 runs it, and the ledger entries it writes. `edgeft run` (pipeline.py) runs them in this order, `--from`
-checks a skipped step by its ledger names, and compare builds and judges each method's chain from them.
+checks a skipped step by its ledger names, and compare runs each method's chain through the runner.
 
 Functions are named, not imported: a step's module imports torch when it runs, and the CLI reads this
 table for --help. Export formats are the same kind of table (export/config.py FORMATS).

@@ -80,3 +80,18 @@ def test_shipped_demo_pipeline_is_valid():
     spec = load_pipeline("demo")
     assert spec["train"]["data"] == "demo" and spec["smoke"]["emulate"] is True
     assert spec["export"][0]["quant"] == ["f16", "q8_0", "q4_k_m"]
+
+
+def test_the_step_table_names_real_functions_and_every_entry_they_write():
+    import importlib
+
+    from edgeft import run
+    from edgeft.steps import CHAIN, STEPS
+
+    assert list(STEPS) == ["train", "merge", "export", "smoke"]  # the chain's order
+    for step in CHAIN:
+        module, function = step.function.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), step.function
+    written = {name for step in CHAIN for name in step.ledger}
+    assert written == {run.TRAIN, run.MERGE, run.MERGE_CHOICE, run.EXPORT_GGUF, run.EXPORT_GGUF_CHOICE,
+                       run.EXPORT_GGUF_LORA, run.EXPORT_ONNX, run.SMOKE}

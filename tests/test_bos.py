@@ -113,7 +113,8 @@ def test_task_prompts_without_a_template_start_with_bos(bos_tokenizer):
 def test_eval_tokens_record_the_bos_and_an_older_run_gets_it(bos_tokenizer, tiny_tokenizer, tmp_path):
     from transformers import AutoTokenizer
 
-    from edgeft.heldout import TOKENS_FILE, eval_tokens
+    from edgeft.heldout import eval_tokens
+    from edgeft.run import TOKENS_FILE
 
     tok = AutoTokenizer.from_pretrained(bos_tokenizer)
     run = tmp_path / "run"
@@ -299,7 +300,7 @@ def test_export_of_a_bos_model_scores_with_bos_and_records_it(tiny_bos_llama, tm
     from click.testing import CliRunner
 
     from edgeft.cli import cli
-    from edgeft.heldout import TOKENS_FILE
+    from edgeft.run import TOKENS_FILE
 
     from .conftest import WINDOW
 

@@ -159,6 +159,10 @@ def eval_tokens(tokenizer, text: str | None, budget: int, run_dir: Path | None =
     ids_file = Run(run_dir).ids if run_dir is not None else None
     if ids_file is not None and ids_file.is_file():
         stored = EvalTokens.read(ids_file)
+        beyond = max(stored.ids)
+        if beyond >= len(tokenizer):  # an IndexError in torch, "llama_decode returned -1" in llama.cpp
+            raise EdgeftError(f"{ids_file}: token id {beyond} is past the tokenizer's {len(tokenizer)} ids; the file "
+                              f"was edited or is another model's: restore it, or use a new --run")
         if stored.tokenizer_sha256 != tok_sha:
             raise EdgeftError(f"{ids_file}: this run's eval tokens were made with another tokenizer; "
                               f"use a new --run folder for a model with a different tokenizer")

@@ -197,3 +197,15 @@ def test_a_number_out_of_range_in_a_config_file_names_the_key(tiny_llama, tmp_pa
     result = CliRunner().invoke(cli, ["train", "--model", str(tiny_llama), "--data", "demo", "--run",
                                       str(tmp_path / "r"), "--config", str(config)])
     assert_one_line_error(result, f"--config {config}: key 'warmup_ratio': 2.0 is out of range")
+
+
+def test_stored_ids_past_the_vocabulary_are_one_line_not_an_index_error(tiny_llama, tmp_path):
+    from edgeft.run import TOKENS_FILE
+
+    args = ["eval", "--model", str(tiny_llama), "--run", str(tmp_path / "r"), "--window", "128", "--stride", "128",
+            "--eval-budget", "300"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    stored = json.loads((tmp_path / "r" / TOKENS_FILE).read_text())
+    stored["ids"][5] = 10**9  # under 2^31, past the 2,048-id vocabulary
+    (tmp_path / "r" / TOKENS_FILE).write_text(json.dumps(stored))
+    assert_one_line_error(CliRunner().invoke(cli, args), TOKENS_FILE, "token id 1000000000 is past the tokenizer's")

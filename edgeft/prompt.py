@@ -7,6 +7,11 @@ answers are comparable token for token.
 
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
 from .errors import EdgeftError, first_line
 
 CHAT_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -29,9 +34,13 @@ def apply_template(tokenizer, messages: list[dict], generation_prompt: bool, tok
     if not tokenizer.chat_template:
         raise EdgeftError(f"{tokenizer.name_or_path}: {NO_TEMPLATE}")
     try:
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=tokenize,
-                                            **({"return_dict": True} if tokenize else {}),
-                                            **({"tools": tools} if tools else {}))
+        with _time_limit(RENDER_SECONDS):
+            out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=tokenize,
+                                                **({"return_dict": True} if tokenize else {}),
+                                                **({"tools": tools} if tools else {}))
+    except _TooSlow:
+        raise EdgeftError(f"{tokenizer.name_or_path}: its chat template did not render one conversation in "
+                          f"{RENDER_SECONDS} s (a loop that never ends?); fix chat_template in the model folder") from None
     except TemplateSyntaxError as e:
         raise EdgeftError(f"{tokenizer.name_or_path}: its chat template does not parse ({first_line(e)}, template "
                           f"line {e.lineno}); fix chat_template in the model folder") from None
@@ -41,6 +50,35 @@ def apply_template(tokenizer, messages: list[dict], generation_prompt: bool, tok
         raise EdgeftError(f"{tokenizer.name_or_path}: its chat template fails ({type(e).__name__}: "
                           f"{first_line(e)}); fix chat_template in the model folder") from None
     return out["input_ids"] if tokenize else out
+
+
+# A chat template is code from the model folder: Jinja's sandbox keeps it from the system, but not from looping
+# for hours (nested range() loops). One conversation renders in milliseconds; this is far past any real one.
+RENDER_SECONDS = 10
+
+
+class _TooSlow(Exception):
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: int) -> Iterator[None]:
+    """Interrupt the Python code inside (Jinja renders in Python) after `seconds`; in the main thread only, where
+    signals are delivered (elsewhere: no limit)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise _TooSlow
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def prompt_ids(tokenizer) -> list[int]:

@@ -209,3 +209,19 @@ def test_stored_ids_past_the_vocabulary_are_one_line_not_an_index_error(tiny_lla
     stored["ids"][5] = 10**9  # under 2^31, past the 2,048-id vocabulary
     (tmp_path / "r" / TOKENS_FILE).write_text(json.dumps(stored))
     assert_one_line_error(CliRunner().invoke(cli, args), TOKENS_FILE, "token id 1000000000 is past the tokenizer's")
+
+
+def test_a_chat_template_that_loops_for_hours_is_stopped_in_one_line(tiny_tokenizer):
+    import time
+
+    from transformers import AutoTokenizer
+
+    from edgeft.prompt import RENDER_SECONDS, prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}"
+                         "{% endfor %}{% endfor %}{% endfor %}")
+    start = time.monotonic()
+    with pytest.raises(EdgeftError, match=f"did not render one conversation in {RENDER_SECONDS} s"):
+        prompt_ids(tok)
+    assert time.monotonic() - start < RENDER_SECONDS + 5

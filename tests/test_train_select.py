@@ -85,7 +85,7 @@ def test_the_kept_adapter_is_that_steps_weights(tiny_llama, tmp_path, looked_at_
 @pytest.mark.parametrize("args,needle", [
     (["--select", "best"], "add --eval-every N"),
     (["--select", "first"], "--select first: use last or best"),
-    (["--eval-every", "-1"], "--eval-every -1: must be >= 0"),
+    (["--eval-every", "-1"], "--eval-every: -1 is out of range"),
     (["--eval-every", "2", "--base-quant", "4bit"], "--eval-every on a 4-bit base runs on CUDA only"),
 ])
 def test_select_and_eval_every_are_checked_in_one_line(tiny_llama, tmp_path, args, needle):

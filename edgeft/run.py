@@ -323,7 +323,8 @@ class Run:
         finally:
             entry["wall_s"] = round(time.perf_counter() - start, 2)
             with _OPEN_LOCK:
-                _OPEN.remove(inner)
+                # By identity: concurrent steps (a fleet's boards) hold equal cells, and remove() goes by equality.
+                del _OPEN[next(i for i, cell in enumerate(_OPEN) if cell is inner)]
                 entry["peak_rss_mb"] = max(read_peak_rss_mb(), inner[0])
                 for other in _OPEN:
                     other[0] = max(other[0], entry["peak_rss_mb"])

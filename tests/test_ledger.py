@@ -178,3 +178,29 @@ def test_fuzzed_manifests_give_a_table_or_one_line_never_a_traceback(tmp_path):
         outcomes["shown" if result.exit_code == 0 else "refused"] += 1
     print(f"fuzz manifest: {outcomes}, 0 tracebacks")  # the counts the README states
     assert outcomes["shown"] > 20 and outcomes["refused"] > 100, outcomes
+
+
+def test_steps_recorded_at_once_from_threads_each_close_their_own_entry(tmp_path):
+    """A fleet records each board's step from its own thread while its own entry is open: every entry is
+    written once, with its peak RSS, however their starts and ends interleave."""
+    import threading
+
+    run = Run(tmp_path)
+    started, go = threading.Barrier(4), threading.Event()
+
+    def step(i):
+        with run.record(f"p{i}", {}, {"i": i}):
+            started.wait()
+            go.wait(5)
+
+    with run.record("fleet-smoke", {}, {}) as outer:
+        threads = [threading.Thread(target=step, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        go.set()
+        for t in threads:
+            t.join()
+    steps = run.steps()
+    assert sorted(e["step"] for e in steps) == ["fleet-smoke", "p0", "p1", "p2", "p3"]
+    assert all(e["status"] == "ok" and e["peak_rss_mb"] > 0 for e in steps)
+    assert outer["peak_rss_mb"] >= max(e["peak_rss_mb"] for e in steps if e["step"] != "fleet-smoke")

@@ -121,6 +121,13 @@ def read_rows(path: str | Path, columns=None) -> list[tuple[int, dict]]:
             raw = _jsonl_rows(path)
     except OSError as e:
         raise EdgeftError(f"--data {path}: cannot read it ({e.strerror or first_line(e)})") from None
+    if columns:  # a mapped column no row has is a typo, not a field to leave out: found before any row is read
+        raw = list(raw)
+        present = {key for _, row in raw if isinstance(row, dict) for key in row}
+        absent = next(((f, col) for f, col in columns.items() if col not in present), None)
+        if absent is not None and present:
+            raise EdgeftError(f"--columns {absent[0]}={absent[1]}: {path} has no column '{absent[1]}' (its columns: "
+                              f"{', '.join(sorted(map(str, present))[:12])}); map to one of them")
     rows = [(n, shape(row, place(path, n), columns, tools)) for n, row in raw]
     if not rows:
         raise EdgeftError(f"{path}: the file has no rows; add rows with {SHAPES}")

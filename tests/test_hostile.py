@@ -229,3 +229,11 @@ def test_a_chat_template_that_loops_for_hours_is_stopped_in_one_line(tiny_tokeni
     with pytest.raises(EdgeftError, match=f"did not render one conversation in {RENDER_SECONDS} s"):
         prompt_ids(tok)
     assert time.monotonic() - start < RENDER_SECONDS + 5
+
+
+def test_columns_naming_a_column_the_file_lacks_is_one_line(tiny_llama, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(4)))
+    result = CliRunner().invoke(cli, ["train", "--model", str(tiny_llama), "--data", str(data), "--run",
+                                      str(tmp_path / "r"), "--columns", "prompt=question,completion=answr"])
+    assert_one_line_error(result, "--columns completion=answr", "has no column 'answr'", "answer, question")

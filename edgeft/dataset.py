@@ -33,6 +33,7 @@ from .errors import EdgeftError, first_line
 from .inputs import decode_utf8, parse_json, parse_json_rows
 from .prompt import TemplateRefused, apply_template
 from .scoring import model_bos
+from .templates import plain_prompt
 
 
 IGNORE = -100
@@ -386,9 +387,8 @@ def render(tokenizer, row: dict) -> tuple[list[int], list[int]]:
             raise TemplateRefused(f"the model has no chat template, so tools and tool calls cannot be rendered; "
                                   f"{NO_TOOLS}")
         # No template (a base model): prompt and answer joined plainly, answer + EOS trained.
-        prompt = "".join(m["content"] + "\n" for m in messages if m["role"] != "assistant")
+        p = plain_prompt(tokenizer, messages)  # the same ids the sample prompt and the Modelfile's TEMPLATE give
         answer = "".join(m["content"] for m in messages if m["role"] == "assistant")
-        p = head + tokenizer(prompt, add_special_tokens=False)["input_ids"]
         a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return p + a, [IGNORE] * len(p) + a
     ids: list[int] = []

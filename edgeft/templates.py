@@ -53,7 +53,11 @@ def load(spec: str) -> str:
 
 
 def plain_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """A conversation's prompt rendered without a template, as train renders it for a base model: each turn that
-    is not the assistant's, followed by a newline."""
+    """A conversation's prompt rendered without a template, as train renders a base model's rows (dataset.render):
+    the BOS the tokenizer adds to every text, if any, then each turn that is not the assistant's, followed by a
+    newline."""
+    from .scoring import model_bos
+
+    head = [] if (bos := model_bos(tokenizer)) is None else [bos]
     text = "".join(m["content"] + "\n" for m in messages if m["role"] != "assistant")
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return head + tokenizer(text, add_special_tokens=False)["input_ids"]

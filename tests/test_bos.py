@@ -314,3 +314,19 @@ def test_export_of_a_bos_model_scores_with_bos_and_records_it(tiny_bos_llama, tm
     assert entry["metrics"]["tokenizer_parity"]["bos"] == {"hf": 1, "gguf": 1}
     assert entry["perplexity"]["bos"] is True and entry["reference"]["bos"] is True
     assert entry["perplexity"]["tokens"] == len(tokens["ids"])  # BOS windows score every id
+
+
+def test_the_sample_prompt_of_a_base_model_is_its_training_rows_prompt(bos_tokenizer, tiny_tokenizer):
+    """Without a chat template, the fixed prompt every artifact and board is asked is rendered as train rendered
+    the rows: the tokenizer's BOS (when it adds one), then the prompt turn and a newline."""
+    from transformers import AutoTokenizer
+
+    from edgeft.dataset import IGNORE, render
+    from edgeft.prompt import CHAT_PROMPT, prompt_ids
+
+    for folder in (bos_tokenizer, tiny_tokenizer):
+        tok = AutoTokenizer.from_pretrained(folder)
+        tok.chat_template = None
+        ids, labels = render(tok, {"prompt": CHAT_PROMPT[-1]["content"], "completion": "Paris"})
+        trained_prompt = ids[:labels.index(next(x for x in labels if x != IGNORE))]
+        assert prompt_ids(tok) == trained_prompt

@@ -464,6 +464,7 @@ class Trainer:
     optimizer: object
     scheduler: object
     scaler: object  # torch.amp.GradScaler, enabled for fp16 compute
+    params: list  # the trainable parameters (clipped each step)
     steps: int
     per_epoch: int  # global batches per epoch
     trainable: int
@@ -637,13 +638,13 @@ def prepare(s: Setup) -> tuple[Trainer, Progress]:
         objective = s.acc.prepare_model(SummedLoss(model), device_placement=False)
     per_epoch = math.ceil(len(s.train_set) / (c.batch_size * s.world))
     steps = c.max_steps or math.ceil(c.epochs * per_epoch / c.grad_accum)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr,
-                                  weight_decay=c.weight_decay, fused=s.acc.device.type == "cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay, fused=s.acc.device.type == "cuda")
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(c.warmup_ratio * steps), steps)
     # fp16 gradients underflow without loss scaling; the scale is part of a checkpoint (a resumed run scales
     # as the uninterrupted one would)
     scaler = torch.amp.GradScaler(s.acc.device.type, enabled=hw["loss_scaling"])
-    t = Trainer(model, targets, objective, optimizer, scheduler, scaler, steps, per_epoch, trainable, total)
+    t = Trainer(model, targets, objective, optimizer, scheduler, scaler, params, steps, per_epoch, trainable, total)
     p = Progress()
     if s.resume_from is not None:
         blob = load_checkpoint(s.resume_from, model, optimizer, scheduler, hw["shard"])
@@ -745,7 +746,7 @@ def one_step(s: Setup, t: Trainer, step: int, plans: dict, ctrl_c) -> tuple[floa
             acc.backward(t.scaler.scale(loss * (world / n_labels)))
         step_loss += loss.detach()
     t.scaler.unscale_(t.optimizer)  # clip the true gradients (a no-op without loss scaling)
-    torch.nn.utils.clip_grad_norm_([q for q in t.model.parameters() if q.requires_grad], 1.0)
+    torch.nn.utils.clip_grad_norm_(t.params, 1.0)
     lr = t.scheduler.get_last_lr()[0]  # this step's, before the schedule moves on
     t.scaler.step(t.optimizer)  # skipped by the scaler when fp16 gradients overflowed
     t.scaler.update()

@@ -221,10 +221,7 @@ class Run:
                 entry = min(passed, key=lambda e: e["outputs"][0]["bytes"])
             else:
                 raise EdgeftError(f"{self.path}: no GGUF passed its gate; pass --quant to ship one anyway")
-        path = self.path / entry["outputs"][0]["path"]
-        if not self.contains(path):
-            raise EdgeftError(f"{self.manifest_path}: the GGUF it names ({entry['outputs'][0]['path']}) is outside "
-                              f"the run folder; restore the manifest or export again")
+        path = self.recorded_path(entry["outputs"][0], f"{self.manifest_path}: the GGUF it names")
         if not path.is_file() or sha256_file(path) != entry["outputs"][0]["sha256"]:
             raise EdgeftError(f"{path}: missing or changed since export (sha256 differs from the ledger); export again")
         # The digest says it is the file the ledger recorded, not that it is whole: a ledger can be edited along
@@ -258,8 +255,8 @@ class Run:
             raise EdgeftError(f"{self.manifest_path}: its adapter export names files it does not list; export again")
         paths = []
         for o in (by_name[want], lora):
-            path = self.path / o["path"]
-            if not self.contains(path) or not path.is_file() or sha256_file(path) != o["sha256"]:
+            path = self.recorded_path(o, f"{self.manifest_path}: the adapter export")
+            if not path.is_file() or sha256_file(path) != o["sha256"]:
                 raise EdgeftError(f"{path}: missing or changed since export (sha256 differs from the ledger); export "
                                   f"again")
             paths.append(path)

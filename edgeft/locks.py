@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import EdgeftError
 from .run import LOCKS_DIR
@@ -42,3 +42,16 @@ def writing(run_dir: Path, artifact: str, command: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def writing_files(held: ExitStack, run_dir: Path, paths: Iterable[Path], command: str) -> None:
+    """Hold the lock of every file or folder in `paths` (named by its place in the run, or its full path when it
+    is written elsewhere with --out) until `held` closes; refuse if another command holds one of them."""
+    run_dir = Path(run_dir)
+    for path in paths:
+        path = Path(path)
+        try:
+            name = str(path.resolve().relative_to(run_dir.resolve()))
+        except ValueError:
+            name = str(path.resolve())
+        held.enter_context(writing(run_dir, name, command))

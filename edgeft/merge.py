@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -31,6 +32,7 @@ from .errors import EdgeftError
 from .gates import Gate, check, parse_gates
 from .heldout import HeldOutOptions
 from .ledger import artifact, read_peak_rss_mb
+from .locks import writing_files
 from .models import add_adapter, copy_tokenizer, load_for_scoring, load_tokenizer, resolve_model, stored_dtype
 from .progress import bar
 from .reuse import find_measurement, measurement_key, torch_weights
@@ -231,6 +233,11 @@ def _task_set_for_run(run_dir: Path, tokenizer) -> TaskSet | None:
 
 
 def merge(config: MergeConfig) -> MergeResult:
+    with ExitStack() as held:  # the merged folder's lock, held until the choice is recorded
+        return _merge(config, held)
+
+
+def _merge(config: MergeConfig, held: ExitStack) -> MergeResult:
     c = config
     if not c.adapter:
         raise EdgeftError("--adapter is required: a run folder from `edgeft train` or a PEFT adapter folder")
@@ -259,6 +266,7 @@ def merge(config: MergeConfig) -> MergeResult:
     run_dir = Path(c.run) if c.run else (adapter.run or default_run_dir(MERGE))
     run = Run(run_dir)
     out = Path(c.out) if c.out else run.merged
+    writing_files(held, run.path, [out], "merge")
     tokenizer = load_tokenizer(adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

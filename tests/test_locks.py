@@ -41,3 +41,34 @@ def test_a_second_train_into_a_run_being_trained_is_refused_and_overwrites_nothi
                                       "--max-steps", "1", "--eval-generate", "0", "--max-ppl-rise", "100", *WINDOW])
     assert result.exit_code == 0, result.output
     assert time.monotonic() - start < 120
+
+
+def test_a_merge_into_a_run_whose_merged_model_is_being_written_is_refused(tiny_adapter_run, copy_run):
+    run = copy_run(tiny_adapter_run)
+    before = (run / "manifest.json").read_text()
+    holder = _hold(run, "merged", "merge")
+    try:
+        result = CliRunner().invoke(cli, ["merge", "--adapter", str(run), "--dtype", "float32", *WINDOW])
+        assert_one_line_error(result, "merged is being written by edgeft merge (pid", "another --run")
+        assert not (run / "merged").exists()
+        assert (run / "manifest.json").read_text() == before  # no entry for a merge that did not happen
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_an_export_of_a_file_another_export_is_writing_is_refused(tiny_llama, tiny_export_run, copy_run):
+    run = copy_run(tiny_export_run)
+    q8 = next(run.rglob("*-Q8_0.gguf"))
+    q8_bytes = q8.read_bytes()
+    before = (run / "manifest.json").read_text()
+    holder = _hold(run, str(q8.relative_to(run)), "export")
+    try:
+        result = CliRunner().invoke(cli, ["export", "--model", str(tiny_llama), "--run", str(run), "--quant", "q8_0",
+                                          *WINDOW])
+        assert_one_line_error(result, f"{q8.name} is being written by edgeft export (pid", "another --run")
+        assert q8.read_bytes() == q8_bytes
+        assert (run / "manifest.json").read_text() == before
+    finally:
+        holder.kill()
+        holder.wait()

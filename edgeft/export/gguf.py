@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from contextlib import ExitStack
 from pathlib import Path
 
 from .. import methods
@@ -29,6 +30,7 @@ from ..errors import EdgeftError, GateFailed
 from ..gates import GGUF_GATE_OTHER, GGUF_GATES, HF_MATCH, LORA_MATCH, Gate, check, parse_gates, passed
 from ..heldout import read_text
 from ..ledger import artifact
+from ..locks import writing_files
 from ..llamacpp import QUANT_TYPES, LlamaCpp, quantize, reference_tree
 from ..models import EMBEDDED_MODELS, hub_id, load_model
 from ..noise import quiet_llama_cpp_log
@@ -74,6 +76,11 @@ def _quants(c: GGUFExportConfig) -> tuple[list[str], str, bool]:
 
 
 def export_gguf(config: GGUFExportConfig) -> ExportResult:
+    with ExitStack() as held:  # the locks of the files this export writes, held to its end
+        return _export_gguf(config, held)
+
+
+def _export_gguf(config: GGUFExportConfig, held: ExitStack) -> ExportResult:
     c = config
     quants, reference_type, auto = _quants(c)
     profile = None
@@ -101,6 +108,7 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
         paths["base"] = out_dir / f"{source.path.name}-base-{reference_type.upper()}.gguf"
         paths.update({f"base-{q}": out_dir / f"{source.path.name}-base-{q.upper()}.gguf" for q in made})
     converter = pick_converter(c, source)  # before anything is loaded or written
+    writing_files(held, run.path, paths.values(), "export")
     tokenizer, tokens, task = load_inputs(c, source, paths.values())
     n_ctx = max(c.window, task.longest if task else 0)  # the longest task example must fit one context
 

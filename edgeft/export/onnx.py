@@ -21,6 +21,7 @@ from ..config import to_dict
 from ..errors import EdgeftError, GateFailed
 from ..gates import HF_MATCH, ONNX_GATES, Gate, check, parse_gates
 from ..ledger import artifact
+from ..locks import writing_files
 from ..models import copy_tokenizer, load_model
 from ..onnx_runtime import REBUILD_CACHE_AT, OnnxLM
 from ..progress import activity, bar
@@ -183,6 +184,11 @@ def _hf_greedy(model, tokenizer, max_new: int) -> list[int]:
 
 
 def export_onnx(config: OnnxExportConfig) -> ExportResult:
+    with contextlib.ExitStack() as held:  # the locks of the folders this export writes, held to its end
+        return _export_onnx(config, held)
+
+
+def _export_onnx(config: OnnxExportConfig, held: contextlib.ExitStack) -> ExportResult:
     c = config
     quants = [q.lower() for q in c.quant] or ["fp32", "int8", "int4"]
     bad = [q for q in quants if q not in ONNX_QUANTS]
@@ -199,6 +205,7 @@ def export_onnx(config: OnnxExportConfig) -> ExportResult:
     run, label = source.run, source.label
     out_dir = Path(c.out) if c.out else run.export_dir("onnx")
     folders = {q: out_dir / f"{q}" for q in quants}
+    writing_files(held, run.path, folders.values(), "export")
     tokenizer, tokens, task = load_inputs(c, source, folders.values())
     inputs = source.inputs(TOKENS_FILE, format="onnx")
     entries: list[dict] = []

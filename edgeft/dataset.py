@@ -271,6 +271,10 @@ def _conversation(turns, where: str, key: str) -> list[dict]:
                           f"user turn before it; a conversation starts with a user turn (after an optional system "
                           f"turn)")
     for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m.get("tool_calls") and not m["content"].strip():
+            # trained on, it teaches the model to end its turn at once (an empty completion is refused too)
+            raise EdgeftError(f"{where}: {key}[{i}] is an empty assistant turn, so it would teach an empty answer; "
+                              f"write its answer or drop the turn")
         before = messages[i - 1] if i else {}
         if m["role"] == "tool" and not (before.get("role") == "tool" or before.get("tool_calls")):
             raise EdgeftError(f"{where}: {key}[{i}] is a tool result with no tool call before it; put the assistant "

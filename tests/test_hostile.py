@@ -237,3 +237,17 @@ def test_columns_naming_a_column_the_file_lacks_is_one_line(tiny_llama, tmp_path
     result = CliRunner().invoke(cli, ["train", "--model", str(tiny_llama), "--data", str(data), "--run",
                                       str(tmp_path / "r"), "--columns", "prompt=question,completion=answr"])
     assert_one_line_error(result, "--columns completion=answr", "has no column 'answr'", "answer, question")
+
+
+@pytest.mark.parametrize("turn", [{"role": "assistant", "content": ""}, {"role": "assistant", "content": "  \n"},
+                                  {"from": "gpt", "value": ""}])
+def test_an_empty_assistant_turn_is_refused_like_an_empty_completion(tiny_llama, tmp_path, turn):
+    data = tmp_path / "chat.jsonl"
+    key = "conversations" if "from" in turn else "messages"
+    user = {"from": "human", "value": "hi"} if "from" in turn else {"role": "user", "content": "hi"}
+    good = {key: [user, {**turn, **({"value": "hello"} if "from" in turn else {"content": "hello"})}]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps({key: [user, turn]}) + "\n")
+    result = CliRunner().invoke(cli, ["train", "--model", str(tiny_llama), "--data", str(data), "--run",
+                                      str(tmp_path / "r"), "--max-steps", "1"])
+    assert_one_line_error(result, f"{data}:2:", f"{key}[1] is an empty assistant turn", "write its answer")
+    assert not (tmp_path / "r" / "adapter").exists()

@@ -14,6 +14,7 @@ What differs between architectures lives in `families` (one class per family); t
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,18 +106,52 @@ def read_safetensors_index(model_dir: Path) -> list[SourceTensor]:
                 header = json.loads(fh.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise ConversionError(f"{f}: damaged safetensors header; copy or save it again") from None
-        end = 0
+        if not isinstance(header, dict):
+            raise ConversionError(f"{f}: damaged safetensors header (not a table of tensors); copy or save it again")
+        end, ranges = 0, []
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            start, stop = info["data_offsets"]
+            start, stop, shape = _tensor_entry(f, name, info)
             end = max(end, stop)
-            out.append(SourceTensor(name, f, tuple(info["shape"]), info["dtype"], 8 + header_len + start,
-                                    stop - start))
+            ranges.append((start, stop, name))
+            out.append(SourceTensor(name, f, shape, info["dtype"], 8 + header_len + start, stop - start))
+        # Two tensors sharing bytes would each be read as the other's weights; the format forbids it.
+        ranges.sort()
+        for (_, stop_a, a), (start_b, _, b) in zip(ranges, ranges[1:]):
+            if start_b < stop_a:
+                raise ConversionError(f"{f}: tensors {a} and {b} overlap in the file (damaged or crafted header); "
+                                      f"save the model again with safe_serialization=True")
         if 8 + header_len + end > size:
             raise ConversionError(f"{f}: truncated safetensors file (needs {8 + header_len + end} bytes, has {size}); "
                                   f"copy or save it again")
     return out
+
+
+# bytes per element of each safetensors dtype
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def _tensor_entry(f: Path, name: str, info) -> tuple[int, int, tuple[int, ...]]:
+    """(start, stop, shape) of one header entry, checked: its byte range is the size its dtype and shape need."""
+    bad = f"{f}: tensor {name!r} has a damaged header entry"
+    fix = "copy or save the model again"
+    if not isinstance(info, dict):
+        raise ConversionError(f"{bad} (not a table); {fix}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _ST_BYTES:
+        raise ConversionError(f"{bad} (dtype {dtype!r}); {fix}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise ConversionError(f"{bad} (shape {shape!r}); {fix}")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise ConversionError(f"{bad} (data_offsets {offsets!r}); {fix}")
+    need = math.prod(shape) * _ST_BYTES[dtype]
+    if offsets[1] - offsets[0] != need:
+        raise ConversionError(f"{bad} (holds {offsets[1] - offsets[0]} bytes, its {dtype} shape {shape} needs {need}); "
+                              f"{fix}")
+    return offsets[0], offsets[1], tuple(shape)
 
 
 def llama3_rope_freqs(config: dict, head_dim: int, theta: float, scaling: dict) -> np.ndarray:

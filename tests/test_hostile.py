@@ -3,6 +3,7 @@ field or line) and the fix, exit 2, and nothing runs from them. Fast tier."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -11,7 +12,7 @@ from edgeft.cli import cli
 from edgeft.errors import EdgeftError
 from edgeft.inputs import parse_json, parse_json_rows, parse_yaml
 
-from .conftest import assert_one_line_error
+from .conftest import WINDOW, assert_one_line_error
 
 SHIPPED = "rpi5.yaml"
 
@@ -251,3 +252,38 @@ def test_an_empty_assistant_turn_is_refused_like_an_empty_completion(tiny_llama,
                                       str(tmp_path / "r"), "--max-steps", "1"])
     assert_one_line_error(result, f"{data}:2:", f"{key}[1] is an empty assistant turn", "write its answer")
     assert not (tmp_path / "r" / "adapter").exists()
+
+
+def _rewrite_safetensors_header(folder: Path, change) -> None:
+    """Rewrite the header of the folder's one safetensors file with `change(header)`, keeping the data."""
+    import struct
+
+    f = next(folder.glob("*.safetensors"))
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    change(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    f.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+
+def _overlap(header):
+    norms = sorted(k for k in header if k.endswith("layernorm.weight"))
+    header[norms[1]]["data_offsets"] = header[norms[0]]["data_offsets"]  # same size: the bytes are shared
+
+
+def _wrong_size(header):
+    name = next(k for k in header if k.endswith("q_proj.weight"))
+    start, stop = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [start, stop - 2]
+
+
+@pytest.mark.parametrize("change, needle", [(_overlap, "overlap in the file"), (_wrong_size, "needs")])
+def test_a_safetensors_header_with_overlapping_or_missized_ranges_is_one_line(tiny_llama, tmp_path, change, needle):
+    model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
+    _rewrite_safetensors_header(model, change)
+    result = CliRunner().invoke(cli, ["eval", "--model", str(model), "--run", str(tmp_path / "r"), *WINDOW])
+    assert_one_line_error(result, ".safetensors", needle)
+    entry = json.loads((tmp_path / "r" / "manifest.json").read_text())["steps"][-1]
+    assert entry["status"] == "failed" and entry["perplexity"] is None and needle in entry["reason"]

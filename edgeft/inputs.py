@@ -233,6 +233,27 @@ def _kind(value) -> str:
         type(value), "number")
 
 
+# ------------------------------------------------------------------------------------------- tokenizer
+def check_tokenizer_json(path: str | os.PathLike) -> None:
+    """A folder's tokenizer.json has the shape the tokenizers library reads (an object whose "model" is an object
+    with a type, "added_tokens" a list of {id, content}); a wrong shape was an AttributeError, KeyError or
+    TypeError out of transformers, or a Rust error naming no file."""
+    path = Path(path)
+    fix = "copy the tokenizer files again or save the tokenizer with save_pretrained"
+    doc = parse_json(path.read_bytes(), str(path), fix)
+    if not isinstance(doc, dict):
+        raise EdgeftError(f"{path}: a tokenizer.json is a JSON object, not a JSON {_kind(doc)}; {fix}")
+    model = doc.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("type", "BPE"), str):
+        raise EdgeftError(f"{path}: field 'model' must be an object with its 'type' (BPE, Unigram, WordPiece); {fix}")
+    added = doc.get("added_tokens", [])
+    if not isinstance(added, list):
+        raise EdgeftError(f"{path}: field 'added_tokens' must be a list; {fix}")
+    for i, t in enumerate(added):
+        if not (isinstance(t, dict) and token_ids([t.get("id")]) and isinstance(t.get("content"), str)):
+            raise EdgeftError(f"{path}: added_tokens[{i}] needs an integer 'id' and a string 'content'; {fix}")
+
+
 # ---------------------------------------------------------------------------------------- safetensors
 def check_safetensors(folder: str | os.PathLike, fix: str) -> None:
     """Every .safetensors file in `folder`: a readable header whose tensors lie within the file (the

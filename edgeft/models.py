@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .atomic import atomic_dir, sha256_file, write_json
 from .errors import EdgeftError, first_line
-from .inputs import check_safetensors, read_json
+from .inputs import check_safetensors, check_tokenizer_json, read_json
 
 DEFAULT_BASE = "smollm2-135m"
 
@@ -195,10 +195,17 @@ def copy_tokenizer(source: Path, folder: Path, also: tuple[str, ...] = ()) -> No
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    if (Path(path) / "tokenizer.json").is_file():
+        check_tokenizer_json(Path(path) / "tokenizer.json")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise EdgeftError(f"{path}: cannot load its tokenizer ({first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for what it cannot parse
+        if type(e) is not Exception:
+            raise
+        raise EdgeftError(f"{path}: cannot load its tokenizer ({first_line(e)}); copy the tokenizer files again "
+                          f"or save the tokenizer with save_pretrained") from None
 
 
 def load_model(path: Path, dtype: str = "float32", **kwargs):

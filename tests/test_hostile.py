@@ -287,3 +287,24 @@ def test_a_safetensors_header_with_overlapping_or_missized_ranges_is_one_line(ti
     assert_one_line_error(result, ".safetensors", needle)
     entry = json.loads((tmp_path / "r" / "manifest.json").read_text())["steps"][-1]
     assert entry["status"] == "failed" and entry["perplexity"] is None and needle in entry["reason"]
+
+
+def _tokenizer_cases():
+    def field(key, value):
+        return lambda doc: {**doc, key: value}
+
+    return [(lambda doc: [], "not a JSON array"), (lambda doc: "x", "not a JSON string"),
+            (lambda doc: None, "not a JSON null"), (lambda doc: {}, "field 'model'"),
+            (field("model", 3), "field 'model'"), (field("added_tokens", {"a": 1}), "field 'added_tokens'"),
+            (field("added_tokens", [{"id": "a"}]), "added_tokens[0]"),
+            # a shape only the tokenizers library knows is wrong: its error, with the folder and the fix
+            (lambda doc: {**doc, "model": {**doc["model"], "vocab": [1, 2]}}, "cannot load its tokenizer")]
+
+
+@pytest.mark.parametrize("change, needle", _tokenizer_cases())
+def test_a_tokenizer_json_of_the_wrong_shape_is_one_line(tiny_llama, tmp_path, change, needle):
+    model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
+    doc = json.loads((model / "tokenizer.json").read_text())
+    (model / "tokenizer.json").write_text(json.dumps(change(doc)))
+    result = CliRunner().invoke(cli, ["eval", "--model", str(model), "--run", str(tmp_path / "r"), *WINDOW])
+    assert_one_line_error(result, "model", needle, "save_pretrained")

@@ -153,8 +153,14 @@ def _run(cmd: list[str], logf, what: str, progress: bool = False) -> None:
                 update(int(m.group(1)))
     if proc.wait() != 0:
         logf.flush()
-        tail = Path(logf.name).read_text().strip().splitlines()[-5:]
-        raise EdgeftError(f"{what} failed (log: {logf.name}): {' | '.join(tail)[-400:]}")
+        log = Path(logf.name)
+        tail = log.read_text().strip().splitlines()[-5:]
+        # The log sits in the build's temporary folder, which is deleted as the error leaves it: keep a copy
+        # where the message can point, one per build folder (the next failure of the same build replaces it).
+        kept = edgeft_home() / "builds" / "failed" / f"{log.parent.name.lstrip('.')}.log"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, kept)
+        raise EdgeftError(f"{what} failed (log: {kept}): {' | '.join(tail)[-400:]}")
 
 
 def tools(device: str, targets: tuple[str, ...], threads: int = 0) -> Path:

@@ -308,3 +308,15 @@ def test_a_tokenizer_json_of_the_wrong_shape_is_one_line(tiny_llama, tmp_path, c
     (model / "tokenizer.json").write_text(json.dumps(change(doc)))
     result = CliRunner().invoke(cli, ["eval", "--model", str(model), "--run", str(tmp_path / "r"), *WINDOW])
     assert_one_line_error(result, "model", needle, "save_pretrained")
+
+
+def test_a_failed_build_points_to_a_log_that_is_still_there(edgeft_home):
+    path = _profile(edgeft_home, "broken-board", cmake=["-DLLAMA_CPP_SOURCE=/nonexistent/llama.cpp"])
+    try:
+        result = CliRunner().invoke(cli, ["build", "--device", "broken-board"])
+        assert_one_line_error(result, "configure for broken-board failed (log: ")
+        log = Path(result.output.split("(log: ", 1)[1].split(")", 1)[0])
+        assert log.is_file() and "/nonexistent/llama.cpp" in log.read_text()
+        assert edgeft_home in log.parents
+    finally:
+        path.unlink()

@@ -18,7 +18,7 @@ from .compare import CompareConfig
 from .config import config_options, load_config, step_options
 from .devices.deploy import DeployConfig
 from .devices.smoke import SmokeConfig
-from .errors import EdgeftError
+from .errors import EdgeftError, cannot_write
 from .evaluate import EvalConfig
 from .export import ExportConfig, GGUFExportConfig, OnnxExportConfig, load_export_config
 from .merge import MergeConfig
@@ -41,6 +41,12 @@ class _Group(click.Group):
         except EdgeftError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except OSError as e:  # a place that cannot be written, wherever it was met: one line too
+            bad = cannot_write(e)
+            if bad is None:
+                raise
+            click.echo(f"error: {bad}", err=True)
+            ctx.exit(bad.exit_code)
 
 
 @click.group(cls=_Group, context_settings={"show_default": False})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -158,6 +159,13 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatr
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     del keep  # the buffers the imatrix array points into lived until here
     if rc != 0:
+        # llama.cpp says only "failed"; a full disk is the cause the user can fix, and the partial output is
+        # still there now, so the free space tells (a quantized file is never larger than its source).
+        free = shutil.disk_usage(dst.parent).free
+        if free < src.stat().st_size:
+            raise EdgeftError(f"{dst}: no space left on device while quantizing to {quant} ({free / 2**20:.1f} MiB "
+                              f"free, up to {src.stat().st_size / 2**20:.1f} MiB needed); free space there or write "
+                              f"elsewhere (--out/--run); nothing half-written was kept")
         raise EdgeftError(f"llama.cpp could not quantize {src} to {quant} (code {rc})")
 
 

@@ -13,7 +13,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import EdgeftError
+from .errors import EdgeftError, cannot_write
 from .run import LOCKS_DIR
 
 
@@ -23,20 +23,18 @@ def writing(run_dir: Path, artifact: str, command: str) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     folder = Path(run_dir) / LOCKS_DIR
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EdgeftError(f"{run_dir}: cannot write in the run folder ({e.strerror}); give a --run you can write") \
-            from None
     name = re.sub(r"[^\w.-]", "_", artifact)
     holder = folder / f"{name}.pid"
     lock = FileLock(folder / f"{name}.lock", timeout=0)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except Timeout:
         who = holder.read_text().strip() if holder.is_file() else "another process"
         raise EdgeftError(f"{run_dir}: {artifact} is being written by {who}; wait for it to finish, or {command} "
                           f"into another --run") from None
+    except OSError as e:
+        raise (cannot_write(e, run_dir) or e) from None
     try:
         holder.write_text(f"edgeft {command} (pid {os.getpid()})\n")
         yield

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 
 from . import __version__
 from .atomic import NON_FINITE, finite, sha256_file, write_json
-from .errors import EdgeftError
+from .errors import EdgeftError, cannot_write
 from .inputs import check_gguf
 from .ledger import current_rss_mb, now, peak_gpu_mb, read_manifest, read_peak_rss_mb, reset_peak_memory, versions
 
@@ -263,6 +263,17 @@ class Run:
         return paths[0], paths[1], entry
 
     # -------------------------------------------------------------------------------------------- writing
+    def check_writable(self) -> None:
+        """The run folder exists (made if need be) and a file can be created in it; else one line naming it.
+        A probe, not os.access: root passes access() on a folder it cannot write (a read-only mount)."""
+        probe = self.path / f".write-probe-{os.getpid()}-{threading.get_ident()}"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise (cannot_write(e, self.path) or e) from None
+
     def _append(self, entry: dict) -> None:
         """Add `entry` to the manifest. Non-finite numbers in it become null, listed under the entry's
         "non_finite" (the caller's dict is updated in place, so what it prints matches the ledger)."""
@@ -273,16 +284,20 @@ class Run:
             clean[NON_FINITE] = {**(clean.get(NON_FINITE) or {}), **notes}
         entry.clear()
         entry.update(clean)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.check_writable()
         try:
             with FileLock(self.path / LOCK, timeout=LOCK_TIMEOUT_S):
                 manifest = self.manifest()
                 manifest["steps"].append(entry)
                 manifest["updated"] = now()
                 write_json(self.manifest_path, manifest)
+        except OSError as e:
+            raise (cannot_write(e, self.path) or e) from None
         except Timeout:
             raise EdgeftError(f"{self.path / LOCK}: held by another process for {LOCK_TIMEOUT_S} s; if no edgeft "
                               f"step is running on {self.path}, that process is stuck: stop it") from None
+        except OSError as e:
+            raise (cannot_write(e, self.path) or e) from None
 
     @contextmanager
     def record(self, name: str, config: dict, inputs: dict, also: list[Run] = (), also_inputs: dict | None = None
@@ -292,7 +307,7 @@ class Run:
         "failed" (a comparison or a fleet whose parts failed, which the caller raises after showing them).
         Each run of `also` (the other runs a deploy served, a fleet's runs) gets a copy, its inputs updated
         with `also_inputs`, unless the body raised."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.check_writable()  # before the step's work, not after an hour of it
         entry: dict = {"step": name, "status": "running", "started": now(), "inputs": inputs, "outputs": [],
                        "perplexity": None, "metrics": {}, "config": config, "versions": versions()}
         reset_peak_memory()

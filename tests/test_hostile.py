@@ -320,3 +320,79 @@ def test_a_failed_build_points_to_a_log_that_is_still_there(edgeft_home):
         assert edgeft_home in log.parents
     finally:
         path.unlink()
+
+
+# Read-only and full folders for real: a tmpfs mounted in a private mount namespace (`unshare -rm`, which needs
+# no privilege where user namespaces are allowed), so the commands meet EROFS and ENOSPC from the kernel even
+# when the tests run as root (root writes through file permissions). One child process runs every command.
+_IN_NAMESPACE = r"""
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+from click.testing import CliRunner
+from edgeft.cli import cli
+
+adapter_run, export_run, model, mnt, src_gguf = map(Path, sys.argv[1:6])
+window = ["--window", "128", "--stride", "128"]
+
+def mount(size, readonly=False):
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
+
+out = {}
+mount("64m")
+shutil.copytree(adapter_run, mnt / "adapter-run")
+shutil.copytree(export_run, mnt / "export-run")
+subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+commands = {
+    "report": ["report", str(mnt / "export-run")],
+    "eval": ["eval", "--model", str(model), "--run", str(mnt / "export-run"), *window],
+    "eval-new-run": ["eval", "--model", str(model), "--run", str(mnt / "new"), *window],
+    "export": ["export", "--model", str(model), "--run", str(mnt / "export-run"), "--quant", "q8_0", *window],
+    "train": ["train", "--model", str(model), "--data", "demo", "--run", str(mnt / "adapter-run"), "--max-steps", "1",
+              *window],
+    "merge": ["merge", "--adapter", str(mnt / "adapter-run"), *window],
+}
+for name, args in commands.items():
+    r = CliRunner().invoke(cli, args)
+    out[name] = [r.exit_code, r.output, repr(r.exception) if r.exit_code not in (0, 2, 3) else ""]
+subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+# a full disk while llama.cpp quantizes: the source fits, the output does not
+from edgeft.atomic import atomic_file
+from edgeft.errors import EdgeftError
+from edgeft.llamacpp import quantize
+mount(f"{src_gguf.stat().st_size // 8}")
+try:
+    with atomic_file(mnt / "out.gguf") as tmp:  # as export writes it
+        quantize(src_gguf, tmp, "q8_0")
+    out["quantize"] = [0, "", ""]
+except EdgeftError as e:
+    out["quantize"] = [2, str(e), ""]
+out["quantize-left"] = sorted(p.name for p in mnt.iterdir())
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_a_read_only_or_full_folder_is_one_line_naming_it(tiny_llama, tiny_adapter_run, tiny_export_run, tmp_path):
+    import subprocess
+    import sys
+
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (a private mount namespace) is not allowed here")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    f16 = next(tiny_export_run.rglob("*-F16.gguf"))
+    proc = subprocess.run(["unshare", "-rm", sys.executable, "-c", _IN_NAMESPACE, str(tiny_adapter_run),
+                           str(tiny_export_run), str(tiny_llama), str(mnt), str(f16)],
+                          capture_output=True, text=True, timeout=600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
+    got = json.loads(line[len("RESULT "):])
+    for name in ("report", "eval", "eval-new-run", "export", "train", "merge"):
+        code, output, exception = got[name]
+        assert code == 2, f"{name}: exit {code} {exception}\n{output[-1500:]}"
+        lines = [x for x in output.splitlines() if x.startswith("error: ")]
+        assert len(lines) == 1 and str(mnt) in lines[0] and "read-only file system" in lines[0], (name, output)
+        assert "give a folder you can write" in lines[0]
+    code, message, _ = got["quantize"]
+    assert code == 2 and "no space left on device while quantizing to q8_0" in message and str(mnt) in message
+    assert got["quantize-left"] == []  # the partial output was removed

@@ -107,10 +107,10 @@ def check_adapter_fits(adapter: Adapter, base_path: Path, weights: dict, force: 
                     f"{str(recorded.get('weights_sha256'))[:12]}) but --model {base_path} is {actual['architecture']}, "
                     f"weights {actual['weights_sha256'][:12]}; pass the base it was trained on, or --force")
             record["forced"] = True
-            console.print("[yellow]warning: base fingerprint differs from the adapter's; merging anyway (--force)")
+            console.print("warning: base fingerprint differs from the adapter's; merging anyway (--force)", style="yellow")
     else:
-        console.print("[yellow]warning: the adapter has no edgeft fingerprint (not from `edgeft train`); "
-                      "only module names and shapes are checked")
+        console.print("warning: the adapter has no edgeft fingerprint (not from `edgeft train`); "
+                      "only module names and shapes are checked", style="yellow")
     # An IA³ bias update applies only where the base has that bias.
     adapter.loras = {n: u for n, u in adapter.loras.items() if n in weights or not n.endswith(".bias")}
     missing = [n for n in adapter.loras if n not in weights]

@@ -181,8 +181,8 @@ class StopAtStepBoundary:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        console.print("[yellow]Ctrl-C: stopping at the end of this step, where a checkpoint is saved (Ctrl-C again: "
-                      "stop at once, saving nothing of this step)")
+        console.print("Ctrl-C: stopping at the end of this step, where a checkpoint is saved (Ctrl-C again: "
+                      "stop at once, saving nothing of this step)", style="yellow")
 
     def __enter__(self) -> "StopAtStepBoundary":
         import signal

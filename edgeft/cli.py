@@ -11,6 +11,7 @@ import sys
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .atomic import json_text
 from .chat import ChatConfig
@@ -27,7 +28,9 @@ from .steps import STEPS
 from .tables import fleet_rows, ledger_rows, methods_columns, served_rows
 from .train import TrainConfig
 
-out = Console()  # results on stdout; progress and errors go to stderr
+# results on stdout; progress and errors go to stderr. No markup: the ledger's text (model names, reasons) is
+# data and may hold "[...]"; colour is given as a style.
+out = Console(markup=False)
 if not out.is_terminal:
     out.width = 160  # piped or captured: don't squeeze the ledger table into 80 columns
 
@@ -260,7 +263,7 @@ def ledger_table(manifest: dict, title: str) -> Table:
     for col, justify in columns:
         table.add_column(col, justify=justify)
     for r in rows:
-        status = {"ok": "[green]ok[/]", "ref": "[dim]ref[/]"}.get(r["status"], f"[red]{r['status']}[/]")
+        status = Text(r["status"], style={"ok": "green", "ref": "dim"}.get(r["status"], "red"))
         step = r["step"] + (" (quick)" if r["checks"] == "quick" else "")  # not comparable with full checks
         if not r["comparable"]:  # scored under the other BOS convention than the run's newest rows
             step += " (BOS)" if r["bos"] else " (no BOS)"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import platform
 import resource
 import sys
@@ -31,13 +32,74 @@ from .errors import EdgeftError
 from .inputs import read_json
 
 _FIX = "restore it from a copy or use a new --run"
-# The fields the ledger's readers use, and the JSON types each may hold (None: may be absent or null).
-_ENTRY_FIELDS = {"step": (str,), "status": (str,), "inputs": (dict,), "outputs": (list,), "metrics": (dict,),
-                 "perplexity": (dict, None), "reference": (dict, None),
-                 "config": (dict, None), "gate": (dict, None), "reason": (str, None), "note": (str, None),
-                 "wall_s": (int, float, None), "peak_rss_mb": (int, float, None)}
-_MEASURED_FIELDS = {"ppl": (int, float, None), "tokens": (int, None), "model": (str, None)}
-_OUTPUT_FIELDS = {"path": (str,), "bytes": (int,), "sha256": (str,)}
+
+# The ledger's schema: every field a reader of the manifest uses (show, report, the pipeline, deploy), with the
+# JSON types it may hold; the ledger is data like any file handed over, so a crafted or damaged one is one line
+# naming the field, never a TypeError in a table. A tuple lists the types (None: may be absent or null); a dict is
+# an object (absent or null allowed) checked field by field; [spec] a list whose items are checked; {"*": spec} an
+# object whose every value is checked. Fields not named are not read by anything that needs their type.
+NUM = (int, float, None)
+TEXT = (str, None)
+_MEASURED = {"ppl": NUM, "tokens": (int, None), "model": TEXT, "bos": (bool, None), "nll_sum": NUM,
+             "windows": (int, None), "backend": TEXT, "text": TEXT}
+_TASK = {"ppl": NUM, "ppl_change": NUM, "exact_match": NUM, "items": (int, None), "note": TEXT,
+         "reference": {"ppl": NUM, "exact_match": NUM}}
+_FLEET_ROW = {"board": TEXT, "device": TEXT, "model": TEXT, "tokens_per_s": NUM, "ppl_change": NUM,
+              "passed": (bool, None), "skipped": (bool, None), "error": TEXT}
+_METHOD_ROW = {"method": TEXT, "trainable_params": (int, None), "adapter_mb": NUM, "train_seconds": NUM,
+               "peak_ram_mb": NUM, "forgetting": NUM, "error": TEXT, "merged": {"ppl": NUM, "exact_match": NUM},
+               "quants": {"*": {"ppl": NUM, "exact_match": NUM, "status": TEXT}}}
+ENTRY_SCHEMA = {
+    "step": (str,), "status": (str,), "started": TEXT, "inputs": {"*": (str, int, float, bool, list, dict, None)},
+    "outputs": [{"path": (str,), "bytes": (int,), "sha256": (str,)}],
+    "perplexity": _MEASURED, "reference": _MEASURED, "task": _TASK,
+    "metrics": {"kl_mean": NUM, "top1_agreement": NUM, "ppl_rise": NUM, "loss_curve": [NUM[:2]],
+                "tensor_types": {"*": (int,)}, "bench": {"tg_tokens_per_s": (int, float), "pp_tokens_per_s": NUM},
+                "decode_bound_tokens_per_s": NUM, "boards": [_FLEET_ROW], "rows": [_METHOD_ROW],
+                "served_answers": {"exact_match": NUM, "host_exact_match": NUM, "identical_to_host": (bool, None),
+                                   "items": (int, None), "decode_tokens_per_s": NUM},
+                "switching": {"switch_cost_ms": NUM}, "memory": {"ratio": NUM}},
+    "config": {"*": (str, int, float, bool, list, dict, None)}, "versions": {"*": TEXT},
+    "gate": {"metric": TEXT, "value": NUM, "max": NUM}, "gates": [{"metric": TEXT, "value": NUM, "max": NUM}],
+    "reason": TEXT, "note": TEXT, "wall_s": NUM, "peak_rss_mb": NUM, "rss_at_start_mb": NUM,
+}
+STATUSES = ("ok", "failed", "running", "skipped")
+
+
+def check_schema(value, spec, where: str) -> None:
+    """`value` against one schema spec (see ENTRY_SCHEMA); the error names the field's path."""
+    def bad(shown):
+        return EdgeftError(f"{where} is {shown}, not what an edgeft ledger holds there; {_FIX}")
+
+    if isinstance(spec, tuple):
+        if value is None and None in spec:
+            return
+        types = tuple(t for t in spec if t is not None)
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            raise bad(json.dumps(value)[:40])
+        if isinstance(value, float) and not math.isfinite(value):  # a ledger writes null for these
+            raise bad(value)
+        return
+    if isinstance(spec, list):
+        if value is None:
+            return
+        if not isinstance(value, list):
+            raise bad(f"a {type(value).__name__}")
+        for i, item in enumerate(value):
+            check_schema(item, spec[0], f"{where}[{i}]")
+        return
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise bad(json.dumps(value)[:40])
+    for key, sub in spec.items():
+        if key == "*":
+            for k, v in value.items():
+                check_schema(v, sub, f"{where}.{k}")
+        else:
+            check_schema(value.get(key), sub, f"{where}.{key}")
+
+
 _STACK = ["torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "gguf", "llama_cpp_python",
           "onnxruntime", "safetensors", "tokenizers"]
 
@@ -136,28 +198,14 @@ def read_manifest(path: Path) -> dict:
         where = f"{path}: steps[{i}]"
         if not isinstance(entry, dict):
             raise EdgeftError(f"{where} is not an object; {_FIX}")
-        _check_fields(entry, _ENTRY_FIELDS, where)
-        for key in ("perplexity", "reference"):
-            if entry.get(key):
-                _check_fields(entry[key], _MEASURED_FIELDS, f"{where}.{key}")
-                if not isinstance(entry[key].get("bos", False), bool):  # the BOS convention (scoring.py)
-                    raise EdgeftError(f"{where}.{key}.bos is {json.dumps(entry[key]['bos'])[:40]}, not true or "
-                                      f"false; {_FIX}")
-        for j, out in enumerate(entry.get("outputs") or []):
-            if not isinstance(out, dict):
-                raise EdgeftError(f"{where}.outputs[{j}] is not an object; {_FIX}")
-            _check_fields(out, _OUTPUT_FIELDS, f"{where}.outputs[{j}]")
+        for key, kind in (("step", str), ("status", str), ("inputs", dict), ("outputs", list), ("metrics", dict)):
+            if not isinstance(entry.get(key), kind):
+                raise EdgeftError(f"{where}.{key} is missing or not a {kind.__name__}; {_FIX}")
+        check_schema(entry, ENTRY_SCHEMA, where)
+        if entry["status"] not in STATUSES:
+            raise EdgeftError(f"{where}.status is {json.dumps(entry['status'])[:40]}, not one of "
+                              f"{', '.join(STATUSES)}; {_FIX}")
     return manifest
-
-
-def _check_fields(obj: dict, fields: dict, where: str) -> None:
-    for key, types in fields.items():
-        value = obj.get(key)
-        if value is None and None in types:
-            continue
-        if isinstance(value, bool) or not isinstance(value, tuple(t for t in types if t is not None)):
-            raise EdgeftError(f"{where}.{key} is {json.dumps(value)[:40]}, not what an edgeft ledger holds there; "
-                              f"{_FIX}")
 
 
 def now() -> str:

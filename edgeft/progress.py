@@ -18,7 +18,9 @@ from typing import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+# No markup: descriptions and notes hold file names and ledger text, which may contain "[...]" (a user's
+# "[/bold]" would be a MarkupError). Colour is given as a style.
+console = Console(stderr=True, markup=False)
 PLAIN_INTERVAL_S = 30.0  # a log line at least this often while work goes on, however slow each item is
 PLAIN_LINES = 10  # lines per bar by default, when the total is known
 
@@ -102,8 +104,8 @@ def bar(description: str, total: int | None = None, enabled: bool = True, every:
         finally:
             plain.close()
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False), console=console,
                   transient=False) as progress:
         task = progress.add_task(description, total=total, info="")
 

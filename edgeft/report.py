@@ -55,7 +55,8 @@ def _step(r: dict) -> str:
 
 def _quants(manifest: dict) -> list[dict]:
     """The exported artifacts with a measured perplexity, in ledger order."""
-    return [e for e in manifest["steps"] if e["step"] in QUANT_STEPS and e.get("perplexity") and e.get("outputs")]
+    return [e for e in manifest["steps"] if e["step"] in QUANT_STEPS and e.get("outputs")
+            and (e.get("perplexity") or {}).get("ppl") is not None]
 
 
 def _quant_label(e: dict) -> str:

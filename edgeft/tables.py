@@ -57,7 +57,7 @@ def _row(entry: dict, measured: dict, task: dict, status: str, delta_to: float |
     return {
         "step": entry["step"],
         "checks": (entry.get("config") or {}).get("checks") or "full",  # quick: part of the ids, no answers
-        "model": measured.get("model", ""),
+        "model": measured.get("model") or "",
         "status": status,
         "ppl": ppl,
         "bos": _bos(measured),

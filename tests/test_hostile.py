@@ -396,3 +396,96 @@ def test_a_read_only_or_full_folder_is_one_line_naming_it(tiny_llama, tiny_adapt
     code, message, _ = got["quantize"]
     assert code == 2 and "no space left on device while quantizing to q8_0" in message and str(mnt) in message
     assert got["quantize-left"] == []  # the partial output was removed
+
+
+def _ledger_with_everything(tiny_adapter_run, tiny_export_run, folder: Path) -> dict:
+    """One ledger holding a training entry (loss curve, task) and export entries (KL, tensor types, gates)."""
+    steps = [*json.loads((tiny_adapter_run / "manifest.json").read_text())["steps"],
+             *json.loads((tiny_export_run / "manifest.json").read_text())["steps"]]
+    doc = {"edgeft_version": "0.1.0", "steps": steps}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps(doc))
+    return doc
+
+
+def _show_and_report(folder: Path, report: bool = True) -> list:
+    runs = [CliRunner().invoke(cli, ["show", str(folder)]), CliRunner().invoke(cli, ["show", str(folder), "--json"])]
+    return runs + ([CliRunner().invoke(cli, ["report", str(folder)])] if report else [])
+
+
+@pytest.mark.parametrize("where, value, needle", [
+    (("task",), "oops", ".task is \"oops\""),
+    (("metrics", "kl_mean"), "0.5", ".metrics.kl_mean is \"0.5\""),
+    (("metrics", "loss_curve"), ["a"], ".metrics.loss_curve[0] is \"a\""),
+    (("metrics", "boards"), "x", ".metrics.boards is a str"),
+    (("metrics", "boards"), [{"board": 3}], ".metrics.boards[0].board is 3"),
+    (("perplexity", "ppl"), [1, "x"], ".perplexity.ppl is [1, \"x\"]"),
+    (("status",), "[/bold]", ".status is \"[/bold]\", not one of ok, failed"),
+    (("gate",), 3, ".gate is 3"),
+])
+def test_a_crafted_ledger_field_is_one_line_in_show_and_report(tiny_adapter_run, tiny_export_run, tmp_path, where,
+                                                                value, needle):
+    doc = _ledger_with_everything(tiny_adapter_run, tiny_export_run, tmp_path / "run")
+    entry = next(e for e in doc["steps"] if all(k in e for k in where[:-1]) and
+                 (where[0] != "metrics" or e["step"] == "train"))
+    node = entry
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(doc))
+    for result in _show_and_report(tmp_path / "run"):
+        assert_one_line_error(result, "manifest.json: steps[", needle, "restore it from a copy")
+
+
+def test_markup_in_ledger_text_is_shown_as_written(tiny_adapter_run, tiny_export_run, tmp_path):
+    doc = _ledger_with_everything(tiny_adapter_run, tiny_export_run, tmp_path / "run")
+    doc["steps"][-1]["note"] = "[/bold]"  # short: a table column this narrow wraps longer text
+    doc["steps"][-1]["perplexity"]["model"] = "[red]m[/"
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(doc))
+    show, as_json, report = _show_and_report(tmp_path / "run")
+    assert show.exit_code == 0, show.output
+    assert "[/bold]" in show.output and "[red]m[/" in show.output
+    assert as_json.exit_code == 0 and report.exit_code == 0, report.output
+    assert "[/bold]" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_fuzzed_rich_ledgers_through_show_and_report_never_give_a_traceback(tiny_adapter_run, tiny_export_run,
+                                                                          tmp_path):
+    """Seeded: 150 copies of a ledger with training, task and export entries, one value anywhere replaced by a
+    hostile one (markup, wrong JSON types, non-finite, huge), through show, show --json and (every fifth) report."""
+    import random
+
+    good = _ledger_with_everything(tiny_adapter_run, tiny_export_run, tmp_path / "good")
+    rng = random.Random(26)
+    hostile = ["oops", "[/bold]", "[red]x", 3, -1.5, None, [], {}, [1, "x"], {"a": "[red]"}, True, 1e300, 2**70,
+               "\u202e", "x" * 500]
+
+    def places(node, path=()):
+        for key, value in (node.items() if isinstance(node, dict) else enumerate(node[:2])):
+            yield path + (key,)
+            if isinstance(value, (dict, list)) and len(path) < 4:
+                yield from places(value, path + (key,))
+
+    spots = list(places(good))
+    folder = tmp_path / "fuzz"
+    outcomes = {"cases": 0, "shown": 0, "one-line error": 0, "traceback": 0}
+    for i in range(150):
+        doc = json.loads(json.dumps(good))
+        *parents, last = rng.choice(spots)
+        node = doc
+        for key in parents:
+            node = node[key]
+        node[last] = rng.choice(hostile)
+        folder.mkdir(exist_ok=True)
+        (folder / "manifest.json").write_text(json.dumps(doc))
+        for result in _show_and_report(folder, report=i % 5 == 0):
+            outcomes["cases"] += 1
+            if result.exit_code == 0:
+                outcomes["shown"] += 1
+            elif result.exit_code == 2 and result.output.count("\n") == 1 and result.output.startswith("error: "):
+                outcomes["one-line error"] += 1
+            else:
+                outcomes["traceback"] += 1
+                raise AssertionError(f"{parents + [last]} = {node[last]!r}: {result.exception!r}\n{result.output}")
+    print(f"fuzz ledger (show, report): {outcomes}")  # the counts the closing note states
+    assert outcomes["shown"] > 50 and outcomes["one-line error"] > 50, outcomes

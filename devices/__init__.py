@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EdgeftError
+from ..inputs import shown_value
 
 _FIELDS = ("name", "description", "arch", "cpu", "threads", "ram_gb", "memory_bandwidth_gbs",
            "memory_bandwidth_source", "cmake", "c_flags", "qemu_cpu")
@@ -73,7 +74,7 @@ def _load(path: Path) -> Profile:
         raise EdgeftError(f"{path}: missing {', '.join(missing)}; see the shipped profiles in {Path(__file__).parent}")
 
     def bad(field: str, want: str) -> EdgeftError:
-        return EdgeftError(f"{path}: '{field}' is {data[field]!r}; it must be {want}")
+        return EdgeftError(f"{path}: '{field}' is {shown_value(data[field])}; it must be {want}")
 
     for f in ("name", "arch"):
         if not isinstance(data[f], str) or not _NAME.fullmatch(data[f]):

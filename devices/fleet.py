@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..config import to_dict
 from ..errors import EdgeftError, GateFailed
+from ..inputs import shown_value
 
 FIELDS = {"name": str, "host": str, "device": str, "ram_gb": (int, float), "port": int, "ssh_config": str,
           "emulate": bool, "dest": str}
@@ -64,9 +65,9 @@ def read_hosts(path: str) -> list[Board]:
             if key not in FIELDS:
                 raise EdgeftError(f"{where} ({b['name']}): unknown field '{key}'; use {', '.join(FIELDS)}")
             if not isinstance(value, FIELDS[key]) or (key != "emulate" and isinstance(value, bool)):
-                raise EdgeftError(f"{where} ({b['name']}): field '{key}' has the wrong type ({value!r})")
+                raise EdgeftError(f"{where} ({b['name']}): field '{key}' has the wrong type ({shown_value(value)})")
         if b["name"] in seen:
-            raise EdgeftError(f"{where}: the name {b['name']!r} is used twice; names must be unique")
+            raise EdgeftError(f"{where}: the name {shown_value(b['name'])} is used twice; names must be unique")
         seen.add(b["name"])
         out.append(Board(**{**b, "ssh_config": str(Path(b["ssh_config"]).expanduser()) if b.get("ssh_config") else ""}))
     return out

@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import json
 import math
-import reprlib
 import sys
 import types
 import typing
@@ -18,7 +17,7 @@ from pathlib import Path
 import click
 
 from .errors import EdgeftError, first_line
-from .inputs import check_unicode, parse_yaml
+from .inputs import check_unicode, parse_yaml, shown_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -108,7 +107,7 @@ def _coerce(value, tp, where: str):
                 raise TypeError(value)
             return str(value)
     except (TypeError, ValueError, OverflowError):
-        raise EdgeftError(f"{where}: {reprlib.repr(value)} is not a valid {_type_name(tp)}") from None
+        raise EdgeftError(f"{where}: {shown_value(value)} is not a valid {_type_name(tp)}") from None
     return value
 
 
@@ -123,7 +122,7 @@ def _in_range(value, f: dataclasses.Field, where: str):
           (high is None or (value < float(high[1:]) if isinstance(high, str) else value <= high)))
     if not ok:
         upper = "" if high is None else (f" and below {high[1:]}" if isinstance(high, str) else f" and at most {high}")
-        raise EdgeftError(f"{where}: {value!r} is out of range; use a number of at least {low}{upper}")
+        raise EdgeftError(f"{where}: {shown_value(value)} is out of range; use a number of at least {low}{upper}")
     return value
 
 

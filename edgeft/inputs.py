@@ -89,10 +89,32 @@ def parse_yaml(text: str, where: str):
                 seen.add(key)
             return super().construct_mapping(node, deep)
 
+        def construct_document(self, node):
+            counted: dict[int, int] = {}
+
+            def size(n) -> int:  # values the node expands to, each alias counted in full (memoised by node)
+                if id(n) not in counted:
+                    counted[id(n)] = 0  # a node that contains itself (a recursive alias) counts once
+                    items = n.value if isinstance(n, yaml.SequenceNode) else \
+                        [x for pair in n.value for x in pair] if isinstance(n, yaml.MappingNode) else []
+                    counted[id(n)] = 1 + sum(size(x) for x in items)
+                return counted[id(n)]
+
+            if size(node) > YAML_EXPANDED_LIMIT:
+                raise _AliasBomb()
+            return super().construct_document(node)
+
     try:
         return yaml.load(text, Loader=Loader)
     except DuplicateKey as e:
         raise EdgeftError(e.message(where)) from None
+    except _AliasBomb:
+        raise EdgeftError(f"{where}: its aliases (*name) expand to more than {YAML_EXPANDED_LIMIT:,} values; write "
+                          f"the values out, or use fewer nested aliases") from None
+
+
+class _AliasBomb(Exception):
+    pass
 
 
 def parse_json(data: bytes | str, where: str, fix: str):
@@ -202,6 +224,23 @@ def check_unicode(value, where: str, fix: str) -> None:
                 stack += [(k, f"the key {name!r}"), (v, f"{place}.{name}" if place else name)]
         elif isinstance(x, list):
             stack += [(v, f"{place}[{i}]") for i, v in enumerate(x)]
+
+
+def shown_value(value, limit: int = 80) -> str:
+    """A value from a file, short enough for a one-line error: nested and long values cut with "...". An
+    error echoes what it refuses, and what it refuses may be huge (YAML aliases expand a few lines into millions
+    of values)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 4, limit, limit
+    text = _shown(r.repr(value))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# A YAML document's aliases may expand to at most this many values: the largest edgeft file (a fleet of
+# hundreds of boards) is far below it, and ten lines of aliases nested nine deep reach 43 million.
+YAML_EXPANDED_LIMIT = 100_000
 
 
 def _shown(s: str) -> str:

@@ -489,3 +489,32 @@ def test_fuzzed_rich_ledgers_through_show_and_report_never_give_a_traceback(tiny
                 raise AssertionError(f"{parents + [last]} = {node[last]!r}: {result.exception!r}\n{result.output}")
     print(f"fuzz ledger (show, report): {outcomes}")  # the counts the closing note states
     assert outcomes["shown"] > 50 and outcomes["one-line error"] > 50, outcomes
+
+
+def _alias_bomb(depth: int = 8) -> str:
+    """A YAML flow value of a few hundred bytes whose aliases expand to 9**depth strings."""
+    names = "abcdefghij"
+    levels = ["&a [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"&{names[i]} [" + ", ".join([f"*{names[i - 1]}"] * 9) + "]" for i in range(1, depth)]
+    return "[" + ", ".join(levels) + "]"
+
+
+@pytest.mark.parametrize("name, text, args", [
+    ("fleet.yaml", "boards:\n- name: b\n  host: x\n  device: rpi5\n  port: {v}\n", ["deploy", "--hosts", "{f}", "{d}"]),
+    ("train.yaml", "lr: {v}\n", ["train", "--config", "{f}"]),
+    ("pipeline.yaml", "train:\n  lr: {v}\n", ["run", "{f}"]),
+])
+def test_a_yaml_alias_bomb_is_one_short_line(tmp_path, name, text, args):
+    path = tmp_path / name
+    path.write_text(text.format(v=_alias_bomb()))
+    result = CliRunner().invoke(cli, [a.format(f=path, d=tmp_path) for a in args])
+    assert_one_line_error(result, str(path), "aliases (*name) expand to more than 100,000 values")
+    assert len(result.output) < 400
+
+
+def test_a_long_value_echoed_in_an_error_is_cut(tmp_path):
+    path = tmp_path / "fleet.yaml"
+    path.write_text("boards:\n- name: b\n  host: x\n  device: rpi5\n  port: [" + ", ".join(["x" * 50] * 5000) + "]\n")
+    result = CliRunner().invoke(cli, ["deploy", "--hosts", str(path), str(tmp_path)])
+    assert_one_line_error(result, "field 'port' has the wrong type (['xxx")
+    assert len(result.output) < 400

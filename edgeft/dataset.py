@@ -404,9 +404,14 @@ def render(tokenizer, row: dict) -> tuple[list[int], list[int]]:
         before = _render(tokenizer, messages[:i], True, tools)
         through = _render(tokenizer, messages[:i + 1], False, tools)
         if not (before.startswith(done) and through.startswith(before)):
-            raise EdgeftError("the model's chat template does not render turns as a growing prefix; "
-                              "train on 'text' rows rendered by you instead")
+            raise TemplateRefused(f"the model's chat template does not render turns as a growing prefix (at "
+                                  f"turn {i}, an assistant turn); fix the template (--chat-template) or train on "
+                                  f"'text' rows rendered by you instead")
         turn = through[len(before):]
+        if m["content"].strip() and not turn.strip():
+            raise TemplateRefused(f"the model's chat template drops turn {i} (an assistant turn renders as nothing), "
+                                  f"so there is nothing to learn; fix the template (--chat-template) or train on "
+                                  f"'text' rows rendered by you instead")
         # A template without tool support renders a calling turn as empty content: training on that
         # would teach the model to say nothing.
         missing = next((c["function"]["name"] for c in m.get("tool_calls", ()) if c["function"]["name"] not in turn),

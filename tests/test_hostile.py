@@ -518,3 +518,21 @@ def test_a_long_value_echoed_in_an_error_is_cut(tmp_path):
     result = CliRunner().invoke(cli, ["deploy", "--hosts", str(path), str(tmp_path)])
     assert_one_line_error(result, "field 'port' has the wrong type (['xxx")
     assert len(result.output) < 400
+
+
+@pytest.mark.parametrize("template, needle", [
+    # assistant turns left out of the rendering
+    ("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}\n{% endif %}{% endfor %}",
+     "drops turn 1 (an assistant turn renders as nothing)"),
+    # a template that renders earlier turns differently once a later one follows
+    ("{% for m in messages %}{{ loop.length }}{{ m['content'] }}{% endfor %}", "growing prefix (at turn 1"),
+])
+def test_a_template_that_loses_assistant_turns_names_the_file_and_row(tiny_llama, tmp_path, template, needle):
+    model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
+    (model / "chat_template.jinja").write_text(template)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                                                  "content": "hello"}]}) + "\n")
+    result = CliRunner().invoke(cli, ["train", "--model", str(model), "--data", str(data), "--run",
+                                      str(tmp_path / "r"), "--max-steps", "1"])
+    assert_one_line_error(result, f"{data}:1: the model's chat template", needle, "--chat-template")

@@ -536,3 +536,20 @@ def test_a_template_that_loses_assistant_turns_names_the_file_and_row(tiny_llama
     result = CliRunner().invoke(cli, ["train", "--model", str(model), "--data", str(data), "--run",
                                       str(tmp_path / "r"), "--max-steps", "1"])
     assert_one_line_error(result, f"{data}:1: the model's chat template", needle, "--chat-template")
+
+
+def test_a_model_folder_with_its_own_code_never_runs_it(tiny_llama, tmp_path):
+    """config.json's auto_map names Python files in the folder (transformers' remote code): edgeft never trusts
+    remote code, so the folder loads as the architecture its model_type names (a Llama) and the file is never
+    imported."""
+    model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (model / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "pwned"
+    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    for args in (["eval", "--model", str(model), "--run", str(tmp_path / "r"), *WINDOW],
+                 ["export", "--model", str(model), "--run", str(tmp_path / "e"), "--quant", "f16", *WINDOW]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        assert not marker.exists()

@@ -33,17 +33,14 @@ class SSHOptions:
     """How to reach a board, shared by deploy and smoke."""
 
     host: str = field(default="", metadata={"help": "user@board (anything your ssh accepts, e.g. a config alias)"})
-    dest: str = field(default="", metadata={"help": "folder on the board (default: edgeft/RUN-NAME in the home)"})
+    dest: str = field(default="", metadata={"help": "the board's folder, one per served model (default: edgeft in "
+                                                     "the home); each deploy is a version folder in it"})
     ssh_config: str = field(default="", metadata={"help": "ssh config file (ssh -F)"})
     port: int = field(default=0, metadata={"help": "ssh port (default: ssh's)"})
     connect_timeout: int = field(default=10, metadata={"help": "seconds to wait for the board"})
 
     def remote(self) -> "Remote":
         return Remote(self.host, self.ssh_config, self.port, self.connect_timeout)
-
-    def board_dir(self, run_dir: Path) -> str:
-        """Where the run lives on the board: --dest, else edgeft/RUN-NAME under the login's home."""
-        return self.dest or f"edgeft/{Path(run_dir).resolve().name}"
 
 
 @dataclass

@@ -121,7 +121,7 @@ def unit_text(script_path: str, port: int, about: str) -> str:
     """The systemd user unit that runs `script_path`. systemd splits ExecStart at spaces and expands %
     specifiers, so the path is quoted and its % doubled ("my models" works); it refuses a program whose path
     holds a quote or a backslash, which is a one-line error here, before anything on the board changes."""
-    if any(ch in script_path for ch in '"\\\n\r'):
+    if any(ch in script_path for ch in '"\'\\\n\r'):  # systemd-analyze verify: "bad unit file setting", escaped too
         raise EdgeftError(f"--dest {script_path.rsplit('/', 1)[0]!r}: systemd cannot start a program whose path holds "
                           f"a quote or a backslash, or a line break; deploy --serve to a folder without them")
 

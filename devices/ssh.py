@@ -115,12 +115,14 @@ class Remote:
         if not paths:
             return {}
         quoted = " ".join(shlex.quote(p) for p in paths)
-        out = self.run(f"for f in {quoted}; do [ -f \"$f\" ] && sha256sum -- \"$f\"; done; true", timeout=600)
-        found = {}
-        for line in out.splitlines():
-            digest, _, name = line.partition("  ")
-            found[name] = digest
-        return found
+        # One digest (or -) per path, in order, read from stdin: sha256sum escapes a name holding a line break or
+        # a backslash in its output, so names are never read back.
+        out = self.run(f"for f in {quoted}; do if [ -f \"$f\" ]; then sha256sum < \"$f\" | cut -d' ' -f1; "
+                       f"else echo -; fi; done", timeout=600)
+        digests = out.split()
+        if len(digests) != len(paths):
+            raise EdgeftError(f"--host {self.host}: sha256sum printed {len(digests)} digests for {len(paths)} files")
+        return {p: d for p, d in zip(paths, digests) if d != "-"}
 
     def size(self, path: str) -> int:
         out = self.run(f"if [ -f {shlex.quote(path)} ]; then wc -c < {shlex.quote(path)}; else echo -1; fi").strip()

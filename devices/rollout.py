@@ -21,6 +21,7 @@ board does not hold verified. Boards that cannot be reached (or fail without a g
 from __future__ import annotations
 
 import math
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -188,6 +189,10 @@ def switch_back(c, board: Board, leaving: str | None, mark: str) -> dict:
             return _row(board, version=None, left=leaving, left_run=left_run, passed=False,
                         error=f"no earlier version on the board to go back to: its server on port {bc.serve_port} "
                               f"is stopped")
+        script = f"{versions.version_dir(dest, target)}/{versions.SCRIPT}"
+        if remote.run(f"[ -x {shlex.quote(script)} ] && echo yes || echo no").strip() != "yes":
+            raise EdgeftError(f"{target} on {board.host} was deployed without --serve (no {versions.SCRIPT} to start); "
+                              f"deploy its run again with --serve")
         versions.switch(remote, dest, target)
         versions.made_current(state, target)
         versions.write_state(remote, dest, state)
@@ -290,6 +295,10 @@ def rollout(c, deploy) -> dict:
                 break
         summary["metrics"] = {**_counts(rows), "not_reached": len(boards) - len(rows),
                               "waves_done": k if not stop else k - 1}
+        if not stop and unavailable:  # within --max-unavailable the waves went on; the exit still says so
+            stop = EdgeftError(f"{unavailable} of {len(boards)} boards were unavailable (within --max-unavailable "
+                               f"{c.max_unavailable}, so every wave ran); run the same command again when they are "
+                               f"back: the others are skipped")
         if stop:
             summary["status"] = "failed"
             summary["reason"] = str(stop)

@@ -206,3 +206,36 @@ def test_previous_and_pruning_follow_the_boards_record():
     versions.made_current(state, "a")
     assert versions.to_remove(state, 2) == ["c"]  # a (current) and b (the newest other that passed) stay
     assert versions.to_remove(state, 1) == ["b", "c"]
+
+
+def test_unreachable_boards_stop_a_rollout_beyond_max_unavailable(tiny_export_run, copy_run, tmp_path):
+    """Boards that cannot be reached are rows; more of them than --max-unavailable stop the rollout after
+    their wave (later waves untouched), within it every wave runs; either way the exit is 2, not a gate's 3."""
+    if not shutil.which("ssh"):
+        pytest.skip("openssh-client not installed")
+    import socket
+
+    def closed_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    run = copy_run(tiny_export_run)
+    hosts = tmp_path / "fleet.yaml"
+    hosts.write_text(yaml.safe_dump({"boards": [{"name": f"dead{i}", "host": "127.0.0.1", "device": "rpi5",
+                                                 "port": closed_port()} for i in range(3)]}))
+    args = ["deploy", str(run), "--hosts", str(hosts), "--serve", "--quant", "q8_0", "--waves", "1,100%",
+            "--connect-timeout", "3", "--json"]
+    stopped = CliRunner().invoke(cli, args)
+    assert stopped.exit_code == 2 and "later waves were not touched" in stopped.output.splitlines()[-1]
+    summary = json.loads(next(l for l in stopped.output.splitlines() if l.startswith("{")))
+    assert [r["board"] for r in summary["metrics"]["boards"]] == ["dead0"] and summary["metrics"]["not_reached"] == 2
+    assert summary["metrics"]["boards"][0]["unavailable"] and "unreachable" in summary["metrics"]["boards"][0]["error"]
+
+    tolerated = CliRunner().invoke(cli, [*args, "--max-unavailable", "3"])
+    assert tolerated.exit_code == 2 and "every wave ran" in tolerated.output.splitlines()[-1], tolerated.output
+    summary = json.loads(next(l for l in tolerated.output.splitlines() if l.startswith("{")))
+    assert summary["metrics"]["unavailable"] == 3 and summary["metrics"]["not_reached"] == 0
+    steps = [e["step"] for e in json.loads((run / "manifest.json").read_text())["steps"]]
+    # the first rollout: one wave; the second: two waves; each ends with its rollout entry
+    assert steps[-5:] == ["rollout-wave", "rollout", "rollout-wave", "rollout-wave", "rollout"]

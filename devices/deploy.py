@@ -73,8 +73,11 @@ class DeployConfig(SSHOptions):
         "help": "rollout checks: task prompts asked through the server (0: all; 3 when emulating)"})
     max_tokens: int = field(default=0, metadata={
         "help": "rollout checks: held-out ids scored on the board (0: all; 129 when emulating)"})
-    max_exact_drop: float = field(default=-1.0, metadata={
-        "help": "rollout checks: the largest exact-answer drop (default: the quant's gate, as export's)"})
+    max_exact_drop: str = field(default="", metadata={
+        "help": "rollout checks: the largest drop of the exact-answer rate, one number or per quant "
+                "('q4_k_m=0.1'; default: the quant's gate, as export's)"})
+    max_task_ppl_rise: str = field(default="", metadata={
+        "help": "rollout checks: the largest task-perplexity rise vs the version replaced (same syntax)"})
 
     ALIASES: ClassVar[dict[str, str]] = {"jobs": "parallel"}  # one vocabulary: issue 28 names it --parallel
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..config import to_dict
 from ..errors import EdgeftError, GateFailed
-from ..gates import TASK_PPL_GATE_OTHER, TASK_PPL_GATES, Gate
+from ..gates import TASK_PPL_GATE_OTHER, TASK_PPL_GATES, Gate, parse_gates
 from ..run import ROLLBACK, ROLLOUT, ROLLOUT_SWITCH, ROLLOUT_WAVE, Run, what_to_serve
 from . import serve, versions
 from .fleet import Board, board_config, read_hosts
@@ -100,7 +100,8 @@ def check_board(c, remote, served, version: str, replaces: dict | None) -> tuple
         gates = []
         task = entry["metrics"].get("served_task") or {}
         if task.get("ppl") and before.get("task_ppl") and task.get("items") == before.get("task_items"):
-            limit = TASK_PPL_GATES.get(served.quant, TASK_PPL_GATE_OTHER)
+            limit = parse_gates(c.max_task_ppl_rise, TASK_PPL_GATES, [served.quant], TASK_PPL_GATE_OTHER,
+                                "--max-task-ppl-rise")[served.quant]
             rise = task["ppl"] / before["task_ppl"] - 1
             gates.append(Gate("served task perplexity rise vs the version it replaces on this board", rise, limit,
                               f"{version}: task perplexity {task['ppl']:.4f} on the board, {100 * rise:+.1f}% from "
@@ -137,9 +138,11 @@ def _one_board(c, board: Board, served, version: str, deploy) -> dict:
     bc = board_config(c, board)
     dest = bc.dest or versions.DEFAULT_DEST
     model = served.model.name
+    reached = False
     try:
         remote = bc.remote()
         state = versions.read_state(remote, dest)
+        reached = True
         mine = state["versions"].get(version) or {}
         if not c.redo and state["current"] == version and (mine.get("check") or {}).get("passed"):
             figures = {k: mine["check"].get(k) for k in ("ppl_change", "exact_match", "tokens_per_s", "task_ppl")}
@@ -156,7 +159,16 @@ def _one_board(c, board: Board, served, version: str, deploy) -> dict:
             pass  # the board dropped off after failing: its row says why it failed
         return _row(board, model=model, version=version, error=str(e), failed_gate=True, **figures)
     except EdgeftError as e:
-        return _row(board, model=model, version=version, error=str(e), unavailable=True)
+        row = _row(board, model=model, version=version, error=str(e), unavailable=True)
+        # Switched to the new version but its server did not come up (or the board dropped off while it did):
+        # where the board still answers, it goes back to what it served, so it is not left down.
+        try:
+            if reached and versions.read_state(remote, dest)["current"] == version:
+                _record_check(remote, dest, version, False, {}, str(e), c.keep)
+                row["switched_back"] = switch_back(c, board, version, "failed")
+        except EdgeftError:  # it dropped off: its row says why, a rerun handles it
+            pass
+        return row
     _record_check(remote, dest, version, True, figures, None, c.keep)
     m = deployed.entry["metrics"]
     return _row(board, model=model, version=version, passed=True, adapters=len(served.loras), **figures,

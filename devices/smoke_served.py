@@ -24,7 +24,7 @@ import time
 
 from ..config import to_dict
 from ..errors import EdgeftError, GateFailed
-from ..gates import BOARD_MATCH, BOARD_Z, EXACT_DROP_GATE_OTHER, EXACT_DROP_GATES, Gate, check
+from ..gates import BOARD_MATCH, BOARD_Z, EXACT_DROP_GATE_OTHER, EXACT_DROP_GATES, Gate, check, parse_gates
 from ..heldout import EvalTokens
 from ..inputs import parse_json
 from ..prompt import prompt_ids
@@ -219,9 +219,10 @@ def _one_adapter(c, entry, run, served, i, client, target, threads, slow, tokeni
 
 
 def exact_limit(c, quant: str) -> float:
-    """The largest exact-answer drop: the quant's gate (as export's), unless the config sets one."""
-    given = getattr(c, "max_exact_drop", -1.0)
-    return given if given is not None and given >= 0 else EXACT_DROP_GATES.get(quant, EXACT_DROP_GATE_OTHER)
+    """The largest exact-answer drop: the quant's gate (as export's), unless the config sets one (a rollout's
+    --max-exact-drop, in the one syntax of every gate flag)."""
+    return parse_gates(getattr(c, "max_exact_drop", ""), EXACT_DROP_GATES, [quant], EXACT_DROP_GATE_OTHER,
+                       "--max-exact-drop")[quant]
 
 
 def _answers(c, entry, task, client, i, n, host_model, tokenizer, lora, quant) -> Gate:

@@ -239,3 +239,15 @@ def test_unreachable_boards_stop_a_rollout_beyond_max_unavailable(tiny_export_ru
     steps = [e["step"] for e in json.loads((run / "manifest.json").read_text())["steps"]]
     # the first rollout: one wave; the second: two waves; each ends with its rollout entry
     assert steps[-5:] == ["rollout-wave", "rollout", "rollout-wave", "rollout-wave", "rollout"]
+
+
+def test_a_damaged_versions_record_is_one_line_naming_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("edgeft").mkdir()
+    for text in ("{not json", "[1, 2]", '{"versions": 3}'):
+        Path("edgeft", versions.STATE).write_text(text)
+        with pytest.raises(EdgeftError, match="versions.json") as raised:
+            versions.read_state(Here("here"), "edgeft")
+        assert "\n" not in str(raised.value)
+    Path("edgeft", versions.STATE).unlink()
+    assert versions.read_state(Here("here"), "edgeft") == versions.empty_state()

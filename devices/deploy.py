@@ -18,20 +18,24 @@ import shlex
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from ..atomic import sha256_file
-from ..config import to_dict
+from ..config import accepts_old_names, to_dict
 from ..errors import EdgeftError
 from ..heldout import EvalTokens
 from ..inputs import read_json
 from ..progress import bar
 from ..prompt import prompt_ids
 from ..run import DEPLOY, Run, Served, what_to_serve
+from . import versions
+from .versions import TASK_PIECES, TASK_PROMPTS, served_dest, served_version
 from .ssh import SSHOptions
 from .target import qemu_prefix, target_threads
 
 
+@accepts_old_names
 @dataclass
 class DeployConfig(SSHOptions):
     run: str = field(default="", metadata={"help": "run folder with exported GGUFs"})
@@ -53,21 +57,41 @@ class DeployConfig(SSHOptions):
     stop: bool = field(default=False, metadata={"help": "stop edgeft's server on --serve-port and exit"})
     hosts: str = field(default="", metadata={"help": "fleet: YAML file with `boards:`, a list of name, host, device "
                                                      "(optional ram_gb, port, ssh_config, emulate, dest), in parallel"})
-    jobs: int = field(default=4, metadata={"help": "fleet: boards handled at once"})
+    parallel: int = field(default=4, metadata={"help": "fleet: boards handled at once"})
     redo: bool = field(default=False, metadata={"help": "fleet: redo boards that already succeeded"})
+    waves: str = field(default="", metadata={
+        "help": "fleet, with --serve: staged rollout, e.g. 1,25%,100% (a canary board first): each wave's boards "
+                "are checked through their server before the next wave starts; a wave that fails switches its "
+                "boards back and stops (exit 3)"})
+    max_unavailable: int = field(default=0, metadata={
+        "help": "rollout: boards that may be unreachable (or fail without a gate) before the rollout stops"})
+    keep: int = field(default=2, metadata={"help": "versions kept on a board once a newer one passed its checks "
+                                                   "(the current one counts)"})
+    rollback: bool = field(default=False, metadata={
+        "help": "switch the board(s) back to the version served before, and check them (no RUN needed)"})
+    task_items: int = field(default=0, metadata={
+        "help": "rollout checks: task prompts asked through the server (0: all; 3 when emulating)"})
+    max_tokens: int = field(default=0, metadata={
+        "help": "rollout checks: held-out ids scored on the board (0: all; 129 when emulating)"})
+    max_exact_drop: str = field(default="", metadata={
+        "help": "rollout checks: the largest drop of the exact-answer rate, one number or per quant "
+                "('q4_k_m=0.1'; default: the quant's gate, as export's)"})
+    max_task_ppl_rise: str = field(default="", metadata={
+        "help": "rollout checks: the largest task-perplexity rise vs the version replaced (same syntax)"})
+
+    ALIASES: ClassVar[dict[str, str]] = {"jobs": "parallel"}  # one vocabulary: issue 28 names it --parallel
 
 
 @dataclass
 class DeployResult:
     run: Path | None  # None for --stop
-    dest: str
+    dest: str  # the board's folder; the files are in its version folder (versions.py)
     files: dict[str, str]  # name on the board -> sha256
     entry: dict  # the first run's (every served run gets the same); with --hosts, the fleet's
     fleet: bool = False  # --hosts: `entry` is the fleet entry (its table in metrics.boards)
+    version: str = ""  # the version folder's name on the board
 
 
-TASK_PIECES = "task_pieces.txt"  # the task set's pieces for `edgeft-board score`
-TASK_PROMPTS = "task_prompts.txt"  # its prompts for `edgeft-board answers`
 
 
 def id_files(run: Run, tokenizer, folder: str = "") -> list[tuple[Path, str]]:
@@ -99,13 +123,6 @@ def bundle(run: Run, gguf: Path, build_bin: Path, tokenizer) -> list[tuple[Path,
     # A smoke-only build (build.build(runtime=False)) has edgeft-board alone.
     return [(gguf, gguf.name), *[(build_bin / b, b) for b in BINARIES if (build_bin / b).is_file()],
             *id_files(run, tokenizer)]
-
-
-def served_dest(c: SSHOptions, served: Served) -> str:
-    """The folder on the board: --dest, else edgeft/RUN-NAME, or edgeft/adapters-BASE for several adapters."""
-    if c.dest or not served.adapter_mode:
-        return c.board_dir(served.runs[0].path)
-    return f"edgeft/adapters-{served.model.name.removesuffix('.gguf')}"
 
 
 def preflight(remote, profile, gguf: Path, run: Run, model_config: dict, context: int, send_bytes: int, dest: str,
@@ -162,6 +179,13 @@ def deploy(config: DeployConfig) -> DeployResult:
     from .build import BINARIES, build
 
     c = config
+    if c.hosts and (c.waves or c.rollback):  # a staged rollout, or every board back to its previous version
+        from .rollout import rollback, rollout
+
+        entry = rollback(c) if c.rollback else rollout(c, deploy)
+        return DeployResult(run=Path(c.run) if c.run else None, dest="", files={}, entry=entry, fleet=True)
+    if c.waves:
+        raise EdgeftError("--waves needs --hosts FLEET.yaml (waves are groups of a fleet's boards)")
     if c.hosts:  # every board of the fleet, each through this function with its own host
         from .fleet import run_fleet
 
@@ -173,6 +197,11 @@ def deploy(config: DeployConfig) -> DeployResult:
     if c.stop:
         return DeployResult(run=None, dest="", files={}, entry={"step": "serve-stop", "status": "ok",
                                                                  "metrics": serve.stop(remote, c.serve_port)})
+    if c.rollback:
+        from .rollout import rollback
+
+        entry = rollback(c)
+        return DeployResult(run=None, dest=served_dest(c), files={}, entry=entry, fleet=True)
     served = what_to_serve(c.run, c.adapters, c.quant)
     run = served.runs[0]
     profile = get(c.device)
@@ -185,27 +214,38 @@ def deploy(config: DeployConfig) -> DeployResult:
     for r in served.runs:
         files += id_files(r, tokenizer, r.path.resolve().name if served.adapter_mode else "")
     hashes = {name: sha256_file(local) for local, name in files}
-    send_bytes = sum(local.stat().st_size for local, _ in files)
+    version = served_version(served, hashes)
+    folder = versions.version_dir(dest, version)
     model_bytes = served.model.stat().st_size + sum(lora.stat().st_size for lora in served.loras)
-    inputs = {"gguf": served.model.name, "quant": served.quant, "host": c.host, "dest": dest,
+    inputs = {"gguf": served.model.name, "quant": served.quant, "host": c.host, "dest": dest, "version": version,
               "device": profile.name, "build": board_build.folder.name,
               "adapters": [{"id": i, "run": str(r.path.resolve()), "lora": lora.name}
                            for i, (r, lora) in enumerate(zip(served.runs, served.loras))] or None}
     # every served run's ledger says where it now runs
     with run.record(DEPLOY, to_dict(c), inputs, also=served.runs[1:],
                     also_inputs={"served_with": str(run.path.resolve())}) as entry:
-        remote.run(f"mkdir -p -- {shlex.quote(dest)}")
+        remote.run(f"mkdir -p -- {shlex.quote(folder)}")
+        state = versions.read_state(remote, dest)
+        present = remote.sha256([f"{folder}/{name}" for _, name in files])
+        linked = _reuse(remote, dest, state, version, files, hashes, present)
+        if linked:
+            present = remote.sha256([f"{folder}/{name}" for _, name in files])
+        send_bytes = sum(local.stat().st_size for local, name in files
+                         if present.get(f"{folder}/{name}") != hashes[name])
         model_config = read_json(served.source / "config.json", "the exported model's folder is damaged; export again")
+        # The versions already there stay while this one is copied (a rollback must find them): the free disk
+        # must hold what is still to send on top of them.
         facts = preflight(remote, profile, served.model, run, model_config, c.context, send_bytes, dest, c.emulate,
                           model_bytes=model_bytes, ram_bytes=int(c.ram_gb * 2**30) or None)
+        facts["versions_on_board"] = len(set(state["versions"]) | {version})
         entry["metrics"]["preflight"] = facts
-        present = remote.sha256([f"{dest}/{name}" for _, name in files])
         start = time.perf_counter()
         sent = skipped = resumed = 0
-        with bar(f"copy to {c.host}:{dest}", send_bytes) as update:
+        total = sum(local.stat().st_size for local, _ in files)
+        with bar(f"copy to {c.host}:{folder}", total) as update:
             done = 0
             for local, name in files:
-                target = f"{dest}/{name}"
+                target = f"{folder}/{name}"
                 size = local.stat().st_size
                 if present.get(target) == hashes[name]:
                     skipped += 1
@@ -215,19 +255,52 @@ def deploy(config: DeployConfig) -> DeployResult:
                     resumed += bool(r["resumed_from"])
                 done += size
                 update(done)
-        remote.run("chmod +x -- " + " ".join(shlex.quote(f"{dest}/{b}") for b in BINARIES))
-        manifest = {"run": str(run.path.resolve()), "device": profile.name, "files": hashes,
+        remote.run("chmod +x -- " + " ".join(shlex.quote(f"{folder}/{b}") for b in BINARIES))
+        manifest = {"run": str(run.path.resolve()), "device": profile.name, "files": hashes, "version": version,
                     "gguf": served.model.name, "quant": served.quant, "adapters": inputs["adapters"]}
-        remote.run(f"printf '%s\\n' {shlex.quote(json.dumps(manifest))} > {shlex.quote(dest + '/deploy.json')}")
+        remote.run(f"printf '%s\\n' {shlex.quote(json.dumps(manifest))} > "
+                   f"{shlex.quote(f'{folder}/{versions.MANIFEST}')}")
         seconds = time.perf_counter() - start
-        entry["outputs"] = [{"path": f"{c.host}:{dest}/{name}", "bytes": local.stat().st_size,
+        before = state.get("current")
+        state["versions"][version] = {
+            "run": str(run.path.resolve()), "runs": [r.path.resolve().name for r in served.runs],
+            "gguf": served.model.name, "sha256": hashes[served.model.name], "quant": served.quant,
+            "adapters": [lora.name for lora in served.loras], "device": profile.name, "deployed": versions.now(),
+            "files": hashes, "check": None}
+        versions.switch(remote, dest, version)
+        versions.made_current(state, version)
+        versions.write_state(remote, dest, state)
+        entry["outputs"] = [{"path": f"{c.host}:{folder}/{name}", "bytes": local.stat().st_size,
                              "sha256": hashes[name]} for local, name in files]
         entry["metrics"].update({"bytes_sent": sent, "files_skipped": skipped, "files_resumed": resumed,
-                                 "seconds": round(seconds, 2),
+                                 "files_linked": linked, "seconds": round(seconds, 2), "previous": before,
                                  "mb_per_s": round(sent / 2**20 / seconds, 2) if seconds and sent else None})
         if c.serve:
             entry["metrics"]["serve"] = start_server(c, remote, profile, served, dest, facts["context"])
-    return DeployResult(run=run.path, dest=dest, files=hashes, entry=entry)
+    return DeployResult(run=run.path, dest=dest, files=hashes, entry=entry, version=version)
+
+
+def _reuse(remote, dest: str, state: dict, version: str, files, hashes: dict, present: dict) -> int:
+    """Files of this version that another version on the board already holds (the board's binaries, an
+    unchanged base GGUF) are hard-linked from there instead of sent again (a copy where links fail). The
+    caller hashes them again on the board, so a link to a damaged file is sent anew."""
+    folder = versions.version_dir(dest, version)
+    have = {}
+    for name, v in state["versions"].items():
+        if name != version:
+            for f, sha in (v.get("files") or {}).items():
+                have.setdefault(sha, f"{versions.version_dir(dest, name)}/{f}")
+    lines = []
+    for _, name in files:
+        target = f"{folder}/{name}"
+        source = have.get(hashes[name])
+        if present.get(target) != hashes[name] and source:
+            q_s, q_t = shlex.quote(source), shlex.quote(target)
+            lines.append(f"{{ [ -f {q_s} ] && mkdir -p -- \"$(dirname -- {q_t})\" && "
+                         f"{{ ln -f -- {q_s} {q_t} 2>/dev/null || cp -f -- {q_s} {q_t}; }}; }}")
+    if lines:
+        remote.run("; ".join(lines) + "; true")
+    return len(lines)
 
 
 def start_server(c: DeployConfig, remote, profile, served: Served, dest: str, context: int) -> dict:
@@ -241,18 +314,19 @@ def start_server(c: DeployConfig, remote, profile, served: Served, dest: str, co
                            alias=served.runs[0].path.resolve().name if not served.adapter_mode else "adapters",
                            qemu=qemu_prefix(profile, c.emulate))
     about = ", ".join(r.path.resolve().name for r in served.runs)
-    info = serve.start(remote, dest, spec, about)
+    info = serve.start(remote, versions.current_dir(dest), spec, about)
     limit = serve.load_seconds(served.model.stat().st_size, c.emulate)
     with remote.tunnel(c.serve_port) as port:
         client = serve.Client(port)
         try:
             info["ready_seconds"] = round(client.wait(limit, lambda: serve.pid(remote, c.serve_port) is not None), 1)
         except EdgeftError as e:
-            raise EdgeftError(f"{e} on {c.host}:{c.serve_port} (its log: {serve.log_tail(remote, dest)})") from None
+            raise EdgeftError(f"{e} on {c.host}:{c.serve_port} (its log: "
+                              f"{serve.log_tail(remote, versions.current_dir(dest))})") from None
         loaded = client.adapters()
         if len(loaded) != len(served.loras):
             raise EdgeftError(f"the board's server loaded {len(loaded)} adapters of {len(served.loras)}: "
-                              f"{serve.log_tail(remote, dest)}")
+                              f"{serve.log_tail(remote, versions.current_dir(dest))}")
     info["rss_bytes"] = serve.rss_bytes(remote, c.serve_port)
     info["adapters"] = [{"id": i, "run": r.path.resolve().name, "lora": lora.name}
                         for i, (r, lora) in enumerate(zip(served.runs, served.loras))]

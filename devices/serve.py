@@ -85,10 +85,17 @@ class ServeSpec:
                        "--alias", self.alias, "--no-webui"]
 
     def script(self, about: str) -> str:
-        return (f"#!/bin/sh\n# Written by `edgeft deploy --serve` ({about}). Run it by hand to see the server's log.\n"
+        return (f"#!/bin/sh\n# Written by `edgeft deploy --serve` ({one_line(about)}). Run it by hand to see the "
+                f"server's log.\n"
                 f'cd "$(dirname "$0")" || exit 1\n'
                 f'mkdir -p "$HOME/{STATE_DIR}" && echo $$ > "{pid_file(self.port)}"\n'
                 f"exec {shlex.join(self.argv())}\n")
+
+
+def one_line(text: str) -> str:
+    """Free text (run names) for a comment or a unit's Description: a line break there would start a line of
+    its own, a command in serve.sh or a directive in the unit."""
+    return " ".join(str(text).split())
 
 
 def _has_systemd(remote) -> bool:
@@ -114,42 +121,76 @@ def unit_text(script_path: str, port: int, about: str) -> str:
     """The systemd user unit that runs `script_path`. systemd splits ExecStart at spaces and expands %
     specifiers, so the path is quoted and its % doubled ("my models" works); it refuses a program whose path
     holds a quote or a backslash, which is a one-line error here, before anything on the board changes."""
-    if any(ch in script_path for ch in '"\\'):
-        raise EdgeftError(f"--dest {script_path.rsplit('/', 1)[0]}: systemd cannot start a program whose path holds "
-                          f"a quote or a backslash; deploy --serve to a folder without them")
+    if any(ch in script_path for ch in '"\'\\\n\r'):  # systemd-analyze verify: "bad unit file setting", escaped too
+        raise EdgeftError(f"--dest {script_path.rsplit('/', 1)[0]!r}: systemd cannot start a program whose path holds "
+                          f"a quote or a backslash, or a line break; deploy --serve to a folder without them")
 
     def plain(text: str) -> str:
         return text.replace("%", "%%")
 
-    return (f"[Unit]\nDescription={plain(f'edgeft: llama-server on port {port} ({about})')}\nAfter=network.target\n\n"
+    return (f"[Unit]\nDescription={plain(f'edgeft: llama-server on port {port} ({one_line(about)})')}\nAfter=network.target\n\n"
             f"[Service]\nExecStart=\"{plain(script_path)}\"\nRestart=on-failure\nRestartSec=2\n\n"
             f"[Install]\nWantedBy=default.target\n")
+
+
+def install_script(remote, folder: str, spec: ServeSpec, about: str, script: str = "serve.sh") -> None:
+    """Write the start script into `folder` on the board (beside it, then renamed)."""
+    q_dest, q_script = shlex.quote(folder), shlex.quote(script)
+    remote.run(f"cd -- {q_dest} && printf '%s' {shlex.quote(spec.script(about))} > {q_script}.tmp && "
+               f"chmod +x {q_script}.tmp && mv -f {q_script}.tmp {q_script}")
 
 
 def start(remote, dest: str, spec: ServeSpec, about: str, script: str = "serve.sh", systemd: bool = True) -> dict:
     """Install the start script (and the systemd unit where there is a user manager, unless `systemd` is off)
     in `dest`, replace whatever edgeft server held the port, and start this one. Returns how it was started."""
-    q_dest = shlex.quote(dest)
+    install_script(remote, dest, spec, about, script)
+    info = launch(remote, dest, spec.port, about, script, systemd)
+    return {**info, "listen": spec.listen, "context": spec.context, "threads": spec.threads, "argv": spec.argv()}
+
+
+def launch(remote, folder: str, port: int, about: str, script: str = "serve.sh", systemd: bool = True) -> dict:
+    """Start `folder`/`script` (already on the board) as the server on `port`, replacing edgeft's server there.
+    `folder` may be a link (DEST/current): the unit and the nohup start go through it, so after a switch of
+    the link a launch serves the other version."""
+    q_dest = shlex.quote(folder)
     q_script = shlex.quote(script)
-    remote.run(f"cd -- {q_dest} && printf '%s' {shlex.quote(spec.script(about))} > {q_script}.tmp && "
-               f"chmod +x {q_script}.tmp && mv -f {q_script}.tmp {q_script}")
     systemd = systemd and _has_systemd(remote)
     if systemd:
-        text = unit_text(remote.run(f"cd -- {q_dest} && pwd").strip() + "/" + script, spec.port, about)
-    replaced = stop(remote, spec.port)
+        # pwd, not pwd -P: the unit names the link, not the version folder it points at today
+        text = unit_text(remote.run(f"cd -- {q_dest} && pwd").strip() + "/" + script, port, about)
+    replaced = stop(remote, port)
     if systemd:
-        unit = unit_name(spec.port)
+        unit = unit_name(port)
         remote.run(f"mkdir -p ~/.config/systemd/user && printf '%s' {shlex.quote(text)} > ~/.config/systemd/user/{unit}"
                    f" && systemctl --user daemon-reload && systemctl --user enable {unit} >/dev/null 2>&1; "
                    f"systemctl --user restart {unit}")
         manager = "systemd"
+        boot = _linger(remote)
     else:
         # setsid + every stream redirected: the ssh session returns and the server outlives it.
         log = shlex.quote(script.rsplit(".", 1)[0] + ".log")
         remote.run(f"cd -- {q_dest} && (setsid nohup ./{q_script} > {log} 2>&1 < /dev/null &)")
         manager = "nohup"
-    return {"manager": manager, "replaced": replaced["stopped"], "port": spec.port, "listen": spec.listen,
-            "context": spec.context, "threads": spec.threads, "argv": spec.argv()}
+        path = remote.run(f"cd -- {q_dest} && pwd").strip()
+        line = f"@reboot cd {shlex.quote(path)} && ./{script} > {script.rsplit('.', 1)[0]}.log 2>&1"
+        boot = {"after_reboot": False,
+                "note": f"no systemd user manager on the board: the server will not start after a reboot; to make "
+                        f"it, run there: (crontab -l 2>/dev/null; echo {shlex.quote(line)}) | crontab -"}
+    return {"manager": manager, "replaced": replaced["stopped"], "port": port, "boot": boot}
+
+
+def _linger(remote) -> dict:
+    """A user unit starts at boot only when the user's manager does: lingering. Enabled here when loginctl lets
+    the user do it (most distributions' polkit rules do for oneself), else one line with the command."""
+    out = remote.run('u=$(id -un); loginctl show-user "$u" -p Linger 2>/dev/null | grep -q "=yes" && echo on || '
+                     '{ loginctl enable-linger "$u" >/dev/null 2>&1 && echo enabled || echo "off $u"; }',
+                     check=False).strip()
+    if out in ("on", "enabled"):
+        return {"after_reboot": True, "note": f"lingering {'was on' if out == 'on' else 'enabled'}: the unit starts "
+                                              f"at boot"}
+    user = out.split(" ", 1)[-1] if out.startswith("off ") else "USER"
+    return {"after_reboot": False, "note": f"lingering is off and could not be enabled: the server starts at boot "
+                                           f"only after, on the board: sudo loginctl enable-linger {user}"}
 
 
 def pid(remote, port: int) -> int | None:

@@ -18,23 +18,26 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
-from ..config import to_dict
+from ..config import accepts_old_names, to_dict
 from ..errors import EdgeftError
 from ..gates import BOARD_MATCH, BOARD_Z, Gate, check
 from ..heldout import EvalTokens
 from ..inputs import parse_json
 from ..progress import activity
 from ..prompt import answer_ok, prompt_ids, prompt_text
-from ..run import MANIFEST, MERGE, MERGE_CHOICE, SMOKE, TOKENS_FILE, Run
+from ..run import MANIFEST, MERGE, MERGE_CHOICE, SMOKE, TOKENS_FILE, Run, what_to_serve
 from ..scoring import Comparison, PerplexityResult, model_bos, score, token_difference
 from ..task import TaskScore, changes, judge_answers, read_task_set, score_task
-from .deploy import TASK_PIECES, TASK_PROMPTS, bundle
+from .deploy import bundle
+from .versions import TASK_PIECES, TASK_PROMPTS
 from .ssh import SSHOptions
 from .target import board_perplexity, runner, target_threads
 
 
+@accepts_old_names
 @dataclass
 class SmokeConfig(SSHOptions):
     run: str = field(default="", metadata={"help": "run folder (deployed, for --host)"})
@@ -50,8 +53,10 @@ class SmokeConfig(SSHOptions):
         "help": "adapter runs served together by `deploy --adapters ... --serve`: check each through the server"})
     serve_port: int = field(default=8080, metadata={"help": "the server's port on the board (with --adapters)"})
     hosts: str = field(default="", metadata={"help": "fleet: YAML list of boards (as for deploy), in parallel"})
-    jobs: int = field(default=4, metadata={"help": "fleet: boards handled at once"})
+    parallel: int = field(default=4, metadata={"help": "fleet: boards handled at once"})
     redo: bool = field(default=False, metadata={"help": "fleet: redo boards that already passed"})
+
+    ALIASES: ClassVar[dict[str, str]] = {"jobs": "parallel"}  # one vocabulary with deploy's
 
 
 @dataclass
@@ -127,7 +132,11 @@ def smoke(config: SmokeConfig) -> SmokeResult:
     tokenizer = load_tokenizer(source)
 
     if c.host:
-        workdir = c.board_dir(run.path)
+        from . import versions
+        from .versions import served_dest, served_version
+
+        # the version folder deploy put this run's GGUF in (its name: the run's and the GGUF's digest)
+        workdir = versions.version_dir(served_dest(c), served_version(what_to_serve(c.run, [], c.quant)))
         model_file = gguf.name
     else:
         board_build = build(profile.name, runtime=False)

@@ -24,7 +24,7 @@ import time
 
 from ..config import to_dict
 from ..errors import EdgeftError, GateFailed
-from ..gates import BOARD_MATCH, BOARD_Z, EXACT_DROP_GATE_OTHER, EXACT_DROP_GATES, Gate, check
+from ..gates import BOARD_MATCH, BOARD_Z, EXACT_DROP_GATE_OTHER, EXACT_DROP_GATES, Gate, check, parse_gates
 from ..heldout import EvalTokens
 from ..inputs import parse_json
 from ..prompt import prompt_ids
@@ -32,14 +32,16 @@ from ..run import SMOKE, TOKENS_FILE, what_to_serve
 from ..scoring import Comparison, model_bos, score, token_difference
 from ..task import answer_budget, judge, read_task_set
 from . import serve
-from .deploy import served_dest
+from . import versions
+from .versions import served_dest, served_version
 from .target import board_perplexity, qemu_prefix, runner, target_threads
 
 SWITCH_ROUNDS = 3  # per adapter: a request after another adapter's, then one after its own
 
 
 def _board_manifest(remote, dest: str, served) -> dict:
-    out = parse_json(remote.run(f"cat -- {shlex.quote(dest + '/deploy.json')}"), f"{dest}/deploy.json on the board",
+    out = parse_json(remote.run(f"cat -- {shlex.quote(f'{dest}/{versions.MANIFEST}')}"),
+                     f"{dest}/{versions.MANIFEST} on the board",
                      "run `edgeft deploy --adapters ... --serve` again")
     want = [lora.name for lora in served.loras]
     have = [a.get("lora") for a in (out.get("adapters") or [])] if isinstance(out, dict) else []
@@ -102,16 +104,13 @@ def smoke_adapters(c) -> list[dict]:
     served = what_to_serve(c.run, c.adapters, c.quant)
     profile = get(c.device or "rpi5")
     remote = c.remote()
-    dest = served_dest(c, served)
-    _board_manifest(remote, dest, served)
+    folder = versions.version_dir(served_dest(c, served), served_version(served))
+    _board_manifest(remote, folder, served)
     tokenizer = load_tokenizer(served.source)
     threads = target_threads(profile, c.emulate, c.threads)
-    slow = 50 if c.emulate else 1
     n = len(served.runs)
-    failures = []
-    entries = []
     with remote.tunnel(c.serve_port) as port:
-        client = serve.Client(port, timeout=60 * slow)
+        client = serve.Client(port, timeout=60 * (50 if c.emulate else 1))
         if not client.ready():
             raise EdgeftError(f"no server answers on {c.host}:{c.serve_port}; start it with `edgeft deploy --adapters "
                               f"... --serve --host {c.host}`")
@@ -122,26 +121,45 @@ def smoke_adapters(c) -> list[dict]:
         props = client.request("/props")
         context = int((props.get("default_generation_settings") or {}).get("n_ctx") or 0) or 2048
         switching = _switching(client, n, prompt_ids(tokenizer))
-        memory = _memory(c, remote, profile, served, dest, context, threads, n)
-        for i, (run, lora) in enumerate(zip(served.runs, served.loras)):
-            inputs = {"gguf": served.model.name, "lora": lora.name, "adapter_id": i, "quant": served.quant,
-                      "device": profile.name, "mode": "served" + (" (emulated)" if c.emulate else ""),
-                      "host": c.host, "port": c.serve_port, "eval_tokens": TOKENS_FILE}
-            try:
-                with run.record(SMOKE, to_dict(c), inputs) as entry:
-                    entry["metrics"].update({"switching": switching, "memory": memory})
-                    gates = _one_adapter(c, entry, run, served, i, client, runner(c, profile, f"{dest}/"
-                                         f"{run.path.resolve().name}"), threads, slow, tokenizer, profile)
-                    check(entry, *gates)
-            except GateFailed as e:
-                failures.append(f"{run.path.name}: {e}")
-            entries.append(entry)
+        memory = _memory(c, remote, profile, served, folder, context, threads, n)
+        return check_each(c, remote, served, folder, client, profile, tokenizer,
+                          {"switching": switching, "memory": memory})
+
+
+def check_each(c, remote, served, folder: str, client, profile, tokenizer, metrics: dict | None = None,
+               more_gates=None, inputs: dict | None = None) -> list[dict]:
+    """Each served run checked through the running server (`client`, tunnelled) and on the board in `folder`
+    (the version folder): one smoke entry per run, in its ledger, with `metrics` added and the gates that
+    `more_gates(entry)` returns (the rollout's regression gate). One model (no adapters) is checked the
+    same way, with no adapter chosen. Raises GateFailed naming every run that failed, after all were measured."""
+    threads = target_threads(profile, c.emulate, getattr(c, "threads", 0))
+    slow = 50 if c.emulate else 1
+    loras = served.loras or [None]
+    failures, entries = [], []
+    for i, (run, lora) in enumerate(zip(served.runs, loras)):
+        where = f"{folder}/{run.path.resolve().name}" if lora else folder
+        entry_inputs = {"gguf": served.model.name, "lora": lora.name if lora else None,
+                        "adapter_id": i if lora else None, "quant": served.quant, "device": profile.name,
+                        "mode": "served" + (" (emulated)" if c.emulate else ""), "host": c.host, "port": c.serve_port,
+                        "eval_tokens": TOKENS_FILE, **(inputs or {})}
+        try:
+            with run.record(SMOKE, to_dict(c), entry_inputs) as entry:
+                entry["metrics"].update(metrics or {})
+                gates = _one_adapter(c, entry, run, served, i if lora else None, client,
+                                     runner(c, profile, where), threads, slow, tokenizer, profile)
+                check(entry, *gates, *(more_gates(entry) if more_gates else []))
+        except GateFailed as e:
+            failures.append(f"{run.path.name}: {e}")
+        entries.append(entry)
     if failures:
-        raise GateFailed("; ".join(failures))
+        error = GateFailed("; ".join(failures))
+        error.entries = entries
+        raise error
     return entries
 
 
 def _one_adapter(c, entry, run, served, i, client, target, threads, slow, tokenizer, profile) -> list[Gate]:
+    """Adapter i of the served base (None: the one served model) on the board and through the server."""
     from ..llamacpp import LlamaCpp
 
     fused, export_entry = run.chosen_gguf(served.quant)
@@ -149,33 +167,62 @@ def _one_adapter(c, entry, run, served, i, client, target, threads, slow, tokeni
     ids = tokens.ids[:c.max_tokens or (129 if c.emulate else len(tokens.ids))]
     window = min(export_entry["config"]["window"], len(ids))
     stride = min(export_entry["config"]["stride"], window)
-    lora = served.loras[i].name
-    out = parse_json(target(["../edgeft-board", "--lora", f"../{lora}", "perplexity", f"../{served.model.name}",
-                             "eval_ids.txt", str(window), str(stride), str(threads), str(len(ids))],
+    if i is None:  # the version folder holds the model, the binaries and the ids side by side
+        argv = ["./edgeft-board", "perplexity", served.model.name]
+        what = served.model.name
+    else:  # each adapter run's ids are in a folder of its own beside the base
+        lora = served.loras[i].name
+        argv = ["../edgeft-board", "--lora", f"../{lora}", "perplexity", f"../{served.model.name}"]
+        what = f"{served.model.name} + {lora}"
+    out = parse_json(target([*argv, "eval_ids.txt", str(window), str(stride), str(threads), str(len(ids))],
                             120 * slow + len(ids) * slow / 10),
                      "edgeft-board perplexity on the target", "run `edgeft deploy` again")
     task = read_task_set(run.path, tokenizer)
+    if task:  # the task's perplexity on the board: the answers' tokens, prompt as context (what training lowered)
+        n = min(c.task_items or (3 if c.emulate else len(task.items)), len(task.items))
+        scored = parse_json(target([*argv[:-2], "score", argv[-1], versions.TASK_PIECES, str(threads), str(n)],
+                                   (60 + sum(len(t.ids) for t in task.items[:n]) / 10) * slow),
+                            "edgeft-board score on the target", "run `edgeft deploy` again")
+        entry["metrics"]["served_task"] = {"ppl": scored.get("ppl"), "tokens": scored.get("tokens"), "items": n,
+                                           "of": len(task.items)}
     host_model = LlamaCpp(fused, n_ctx=max(window, 128, task.longest if task else 0))
     try:
         host = score(ids, host_model.logits, window=window, stride=stride, backend="llama.cpp (host, fused)",
                      per_token=True, bos=model_bos(tokenizer))
-        on_board = board_perplexity(out, host, f"llama.cpp on {profile.name}, base + LoRA")
+        on_board = board_perplexity(out, host, f"llama.cpp on {profile.name}" + (", base + LoRA" if i is not None
+                                                                                  else ""))
         Comparison(measured=on_board, reference=host).record(
-            entry, f"{served.model.name} + {lora} on {profile.name}" + (" (emulated)" if c.emulate else ""),
+            entry, f"{what} on {profile.name}" + (" (emulated)" if c.emulate else ""),
             f"{fused.name} on host", "host", tokens.source)
         per_token = token_difference(on_board, host, BOARD_Z)
         entry["metrics"]["board_vs_host"] = per_token.to_json()
-        gates = [Gate(f"served adapter vs host fused perplexity change beyond {BOARD_Z:g} standard errors",
-                      per_token.excess, BOARD_MATCH,
-                      f"adapter {i} ({lora}) on the board: perplexity {on_board.ppl:.4f} is "
-                      f"{100 * per_token.change:+.2f}% from the host's fused {host.ppl:.4f}, beyond the "
+        name = f"adapter {i} ({what})" if i is not None else what
+        gates = [Gate(f"served {'adapter' if i is not None else 'model'} vs host perplexity change beyond "
+                      f"{BOARD_Z:g} standard errors", per_token.excess, BOARD_MATCH,
+                      f"{name} on the board: perplexity {on_board.ppl:.4f} is "
+                      f"{100 * per_token.change:+.2f}% from the host's {host.ppl:.4f}, beyond the "
                       f"{100 * BOARD_MATCH:.0f}% rounding explains")]
         if task:
-            gates.append(_answers(c, entry, task, client, i, len(served.loras), host_model, tokenizer, lora,
+            gates.append(_answers(c, entry, task, client, i, len(served.loras), host_model, tokenizer, name,
                                   served.quant))
+        speed = (entry["metrics"].get("served_answers") or {}).get("decode_tokens_per_s")
+        bound = (profile.memory_bandwidth_gbs * 1e9 / served.model.stat().st_size) if profile.memory_bandwidth_gbs \
+            else None
+        entry["metrics"]["decode"] = {
+            "tokens_per_s": speed, "bound_tokens_per_s": round(bound, 1) if bound else None,
+            "fraction_of_bound": round(speed / bound, 4) if speed and bound else None,
+            "note": "emulated: qemu speed, not the board's" if c.emulate else
+                    f"bound = {profile.memory_bandwidth_gbs} GB/s / model bytes" if bound else "no bandwidth figure"}
     finally:
         host_model.close()
     return gates
+
+
+def exact_limit(c, quant: str) -> float:
+    """The largest exact-answer drop: the quant's gate (as export's), unless the config sets one (a rollout's
+    --max-exact-drop, in the one syntax of every gate flag)."""
+    return parse_gates(getattr(c, "max_exact_drop", ""), EXACT_DROP_GATES, [quant], EXACT_DROP_GATE_OTHER,
+                       "--max-exact-drop")[quant]
 
 
 def _answers(c, entry, task, client, i, n, host_model, tokenizer, lora, quant) -> Gate:
@@ -203,11 +250,11 @@ def _answers(c, entry, task, client, i, n, host_model, tokenizer, lora, quant) -
         rows.append({"expected": item.expected, "board": got, "host": host_text, "board_exact": b, "host_exact": h})
     k = max(len(items), 1)
     drop = (host_exact - board_exact) / k
-    limit = EXACT_DROP_GATES.get(quant, EXACT_DROP_GATE_OTHER)
+    limit = exact_limit(c, quant)
     entry["metrics"]["served_answers"] = {
         "endpoint": how if items else None, "adapter_id": i, "items": len(items), "of": len(task.items),
         "exact_match": board_exact / k, "host_exact_match": host_exact / k, "identical_to_host": same,
         "decode_tokens_per_s": round(statistics.median(speeds), 2) if speeds else None, "samples": rows[:5]}
     return Gate("served exact-match drop vs host", drop, limit,
-                f"adapter {i} ({lora}): the server answered {board_exact}/{len(items)} exactly where the host's fused "
+                f"{lora}: the server answered {board_exact}/{len(items)} exactly where the host's fused "
                 f"GGUF answered {host_exact}/{len(items)} (limit: a drop of {100 * limit:.0f}%)")

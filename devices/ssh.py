@@ -33,17 +33,14 @@ class SSHOptions:
     """How to reach a board, shared by deploy and smoke."""
 
     host: str = field(default="", metadata={"help": "user@board (anything your ssh accepts, e.g. a config alias)"})
-    dest: str = field(default="", metadata={"help": "folder on the board (default: edgeft/RUN-NAME in the home)"})
+    dest: str = field(default="", metadata={"help": "the board's folder, one per served model (default: edgeft in "
+                                                     "the home); each deploy is a version folder in it"})
     ssh_config: str = field(default="", metadata={"help": "ssh config file (ssh -F)"})
     port: int = field(default=0, metadata={"help": "ssh port (default: ssh's)"})
     connect_timeout: int = field(default=10, metadata={"help": "seconds to wait for the board"})
 
     def remote(self) -> "Remote":
         return Remote(self.host, self.ssh_config, self.port, self.connect_timeout)
-
-    def board_dir(self, run_dir: Path) -> str:
-        """Where the run lives on the board: --dest, else edgeft/RUN-NAME under the login's home."""
-        return self.dest or f"edgeft/{Path(run_dir).resolve().name}"
 
 
 @dataclass
@@ -118,12 +115,14 @@ class Remote:
         if not paths:
             return {}
         quoted = " ".join(shlex.quote(p) for p in paths)
-        out = self.run(f"for f in {quoted}; do [ -f \"$f\" ] && sha256sum -- \"$f\"; done; true", timeout=600)
-        found = {}
-        for line in out.splitlines():
-            digest, _, name = line.partition("  ")
-            found[name] = digest
-        return found
+        # One digest (or -) per path, in order, read from stdin: sha256sum escapes a name holding a line break or
+        # a backslash in its output, so names are never read back.
+        out = self.run(f"for f in {quoted}; do if [ -f \"$f\" ]; then sha256sum < \"$f\" | cut -d' ' -f1; "
+                       f"else echo -; fi; done", timeout=600)
+        digests = out.split()
+        if len(digests) != len(paths):
+            raise EdgeftError(f"--host {self.host}: sha256sum printed {len(digests)} digests for {len(paths)} files")
+        return {p: d for p, d in zip(paths, digests) if d != "-"}
 
     def size(self, path: str) -> int:
         out = self.run(f"if [ -f {shlex.quote(path)} ]; then wc -c < {shlex.quote(path)}; else echo -1; fi").strip()

@@ -19,6 +19,7 @@ from .compare import CompareConfig
 from .config import config_options, load_config, step_options
 from .devices.deploy import DeployConfig
 from .devices.smoke import SmokeConfig
+from .devices.status import StatusConfig
 from .errors import EdgeftError, cannot_write
 from .evaluate import EvalConfig
 from .export import ExportConfig, GGUFExportConfig, OnnxExportConfig, load_export_config
@@ -353,9 +354,9 @@ def deploy_cmd(run_arg, config_file, as_json, **flags):
     from .devices.deploy import deploy
 
     config = load_config(DeployConfig, config_file, {**flags, "run": _run_folder(run_arg, flags["run"], False)})
-    if not config.stop and not config.adapters:
+    if not config.stop and not config.adapters and not config.rollback:
         _run_folder(config.run, None)
-    if config.hosts:
+    if config.hosts or config.rollback:
         return _fleet(config, deploy, as_json)
     result = deploy(config)
     if as_json:
@@ -400,15 +401,55 @@ def _print_fleet(entry: dict, as_json: bool) -> None:
         click.echo(json_text(entry, indent=None))
     else:
         table = Table(title=f"{step} on {entry['inputs']['boards']} boards ({entry['inputs']['model']})")
-        for col in ("board", "model", "adapters", "tok/s", "ppl Δ", "result"):
+        rows = fleet_rows(entry)
+        versioned = any("version" in r for r in rows)  # a rollout's or a rollback's rows
+        for col in ("board", "version" if versioned else "model", "adapters", "tok/s", "ppl Δ",
+                    *(["exact"] if versioned else []), "result"):
             table.add_column(col)
-        for r in fleet_rows(entry):
-            result = "pass" if r["passed"] else f"FAIL: {r['error'][:60]}"
-            table.add_row(r["board"], r["model"], str(r["adapters"] or ""),
+        for r in rows:
+            result = "pass" if r["passed"] else f"FAIL: {(r['error'] or '')[:60]}"
+            back = r.get("switched_back")
+            if back:
+                result += f"; back to {back['version']}" + ("" if back["passed"] else f" FAILED: {back['error'][:40]}")
+            table.add_row(r["board"], str(r.get("version") or "") if versioned else r["model"], str(r["adapters"] or ""),
                           "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}",
                           "" if r["ppl_change"] is None else f"{100 * r['ppl_change']:+.2f}%",
+                          *([("" if r.get("exact_match") is None else f"{100 * r['exact_match']:.0f}%")]
+                            if versioned else []),
                           result + (" (earlier run)" if r["skipped"] else ""))
         out.print(table)
+        notes = {(r.get("boot") or {}).get("note") for r in rows} - {None}
+        for note in sorted(notes):
+            out.print(f"after a reboot: {note}")
+
+
+@cli.command("status")
+@step_options(StatusConfig)
+def status_cmd(config_file, as_json, **flags):
+    """One row per board (--hosts FLEET.yaml, or --host): the version it serves (run, artifact, digest, quant,
+    adapters), the server and its /health, the last check on the board and when, decode tok/s, free RAM and
+    disk. Boards that cannot be reached are rows too. Changes nothing."""
+    from .devices.status import status
+
+    rows = status(load_config(StatusConfig, config_file, flags))
+    if as_json:
+        click.echo(json_text(rows, indent=None))
+        return
+    table = Table(title=f"{len(rows)} boards")
+    for col in ("board", "version", "quant", "adapters", "server", "health", "last check", "tok/s", "free RAM",
+                "free disk"):
+        table.add_column(col)
+    for r in rows:
+        if r["error"]:
+            table.add_row(r["board"], f"UNREACHABLE: {r['error'][:70]}", *[""] * 8)
+            continue
+        check = ("" if r["check_passed"] is None else ("pass " if r["check_passed"] else "FAIL ") + (r["checked"] or ""))
+        table.add_row(r["board"], r["version"] or "(none)", r["quant"] or "", str(len(r["adapters"] or []) or ""),
+                      r["server"] or "", r["health"] or "", check,
+                      "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}",
+                      _fmt_bytes(r["mem_available_bytes"]) if r["mem_available_bytes"] else "",
+                      _fmt_bytes(r["disk_free_bytes"]) if r["disk_free_bytes"] else "")
+    out.print(table)
 
 
 @cli.command("smoke")

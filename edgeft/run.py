@@ -64,6 +64,10 @@ DEPLOY = "deploy"
 SMOKE = "smoke"
 COMPARE = "compare"
 FLEET_PREFIX = "fleet-"
+ROLLOUT = "rollout"  # deploy --hosts --waves: the whole rollout, every board's row
+ROLLOUT_WAVE = "rollout-wave"  # one wave: its boards deployed and checked through their servers
+ROLLOUT_SWITCH = "rollout-switch"  # a failed wave's boards switched back to their previous version, checked
+ROLLBACK = "rollback"  # deploy --rollback: boards switched back by hand, checked
 
 
 def fleet_step(step: str) -> str:

@@ -20,10 +20,14 @@ def test_deploy_verifies_skips_resumes_and_resends(tiny_export_run, copy_run, bo
     first = deploy_cli(run, board, dest, "--quant", "q8_0")
     assert first.exit_code == 0, first.output
     entry = json.loads(first.output.strip().splitlines()[-1])
-    gguf = next(p for p in dest.iterdir() if p.suffix == ".gguf")
-    assert {p.name for p in dest.iterdir()} >= {gguf.name, "edgeft-board", "eval_ids.txt", "deploy.json"}
+    # the files are in a version folder named by the run and the GGUF's digest; `current` links to it
+    folder = dest / "versions" / entry["inputs"]["version"]
+    assert (dest / "current").resolve() == folder.resolve()
+    gguf = next(p for p in folder.iterdir() if p.suffix == ".gguf")
+    assert entry["inputs"]["version"] == f"run-{entry['outputs'][0]['sha256'][:12]}"
+    assert {p.name for p in folder.iterdir()} >= {gguf.name, "edgeft-board", "eval_ids.txt", "deploy.json"}
     assert entry["metrics"]["files_skipped"] == 0 and entry["metrics"]["bytes_sent"] > 0
-    assert not list(dest.glob("*.part"))
+    assert not list(folder.glob("*.part"))
 
     again = json.loads(deploy_cli(run, board, dest, "--quant", "q8_0").output.strip().splitlines()[-1])
     # the GGUF, edgeft-board, llama-server, llama-cli, the held-out ids and the prompt's
@@ -32,7 +36,7 @@ def test_deploy_verifies_skips_resumes_and_resends(tiny_export_run, copy_run, bo
     # killed mid-file: half the GGUF is left as .part; the next deploy sends only the rest
     data = gguf.read_bytes()
     gguf.unlink()
-    (dest / (gguf.name + ".part")).write_bytes(data[: len(data) // 2])
+    (folder / (gguf.name + ".part")).write_bytes(data[: len(data) // 2])
     resumed = json.loads(deploy_cli(run, board, dest, "--quant", "q8_0").output.strip().splitlines()[-1])
     assert resumed["metrics"]["files_resumed"] == 1
     assert resumed["metrics"]["bytes_sent"] == len(data) - len(data) // 2
@@ -59,4 +63,4 @@ def test_unknown_host_key_unreachable_board_and_too_big_model_are_refused(tiny_e
     result = CliRunner().invoke(cli, args + ["--host", "board", "--context", "100000000"])
     line = result.output.strip().splitlines()[-1]
     assert result.exit_code == 2 and "KV cache" in line and "usable" in line, result.output
-    assert not (tmp_path / "d").exists() or not list((tmp_path / "d").glob("*.gguf"))
+    assert not (tmp_path / "d").exists() or not list((tmp_path / "d").rglob("*.gguf"))

@@ -85,7 +85,7 @@ def _served_and_checked(common, board, remote, port, dest, demo, dates, tiny_lla
     assert any(o["path"].endswith("/dates/task_prompts.txt") for o in entry["outputs"])
     # both runs' ledgers say where they are served
     assert json.loads((dates / "manifest.json").read_text())["steps"][-1]["step"] == "deploy"
-    assert "127.0.0.1" in open(f"{dest}/serve.sh").read()  # bound to the board's loopback unless --listen
+    assert "127.0.0.1" in open(f"{dest}/current/serve.sh").read()  # bound to the board's loopback unless --listen
 
     # the same prompt through the server with each adapter: two different answers, each its fused model's
     from edgeft.llamacpp import LlamaCpp
@@ -164,7 +164,7 @@ def test_a_fleet_deploys_in_parallel_a_dead_board_fails_alone_and_a_rerun_resume
     rows = {r["board"]: r for r in fleet["metrics"]["boards"]}
     assert rows["pi-a"]["passed"] and rows["pi-b"]["passed"] and not rows["pi-dead"]["passed"]
     assert "unreachable" in rows["pi-dead"]["error"]
-    assert (tmp_path / "a" / "deploy.json").is_file() and (tmp_path / "b" / "deploy.json").is_file()
+    assert (tmp_path / "a" / "current" / "deploy.json").is_file() and (tmp_path / "b" / "current" / "deploy.json").is_file()
 
     smoke = CliRunner().invoke(cli, ["smoke", str(run), "--hosts", str(hosts), "--quant", "q8_0", "--json"])
     rows = {r["board"]: r for r in _json_out(smoke)["metrics"]["boards"]}

@@ -46,6 +46,10 @@ class GGUFExportConfig(ExportConfig):
     imatrix: str = field(default="", metadata={
         "help": "gguf: guide quantization with an importance matrix from 'train' (the run's training data) or "
                 "a text FILE (never the held-out text)"})
+    budget: str = field(default="", metadata={
+        "help": "gguf, with --quant auto: the size the GGUF must fit, as bytes, kB/MB/GB/KiB/MiB/GiB, bits per "
+                "weight ('4.8bpw'), a stock recipe's size ('q4_k_m') or 'device' (--device's RAM less the KV cache "
+                "and runtime); a per-tensor recipe ('mixed') is chosen for it from the run's data"})
     imatrix_tokens: int = field(default=8192, metadata={"help": "gguf: calibration tokens for --imatrix"})
     converter: str = field(default="auto", metadata={
         "help": "gguf: auto|ours|llamacpp: who writes the unquantized GGUF (auto: ours, else llama.cpp's "

@@ -62,6 +62,10 @@ class OnnxExportConfig(ExportConfig):
     symmetric: bool = field(default=True, metadata={"help": "onnx: symmetric weight quantization"})
     accuracy_level: int = field(default=4, metadata={"help": "onnx: MatMulNBits accuracy level (4: int8 compute)"})
     keep_lm_head: bool = field(default=False, metadata={"help": "onnx: leave the output head in fp32"})
+    int4_algo: str = field(default="hqq", metadata={
+        "help": "onnx: onnxruntime's int4 weight algorithm: hqq (data-free half-quadratic; default), k_quant, rtn"})
+    int8_head: bool = field(default=True, metadata={
+        "help": "onnx: with int4, quantize the output head (the embeddings' copy when tied) to int8"})
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,20 @@ def export_graph(model, folder: Path) -> Path:
 INT4_ALGOS = ("hqq", "k_quant", "rtn")
 
 
+def _head(graph) -> list[str]:
+    """The output head's MatMul: the one the `logits` output comes from. The dynamo exporter names nodes after
+    the op (node_linear_14), not the module, so a name never says lm_head; the graph's wiring does."""
+    producer = {out: n for n in graph.node for out in n.output}
+    name, seen = "logits", 0
+    while name in producer and seen < 8:  # through the casts/reshapes between the head and the output
+        node = producer[name]
+        if node.op_type == "MatMul":
+            return [node.name]
+        name, seen = node.input[0], seen + 1
+    return []
+
+
+
 def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig) -> tuple[Path, dict]:
     """MatMulNBits weight-only quantization; returns the graph and what was done (for the ledger). int4 uses
     --int4-algo (HQQ by default: measured on the default model +8.4% perplexity where round-to-nearest and
@@ -147,7 +161,7 @@ def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig) 
 
     model = onnx.load(str(src))
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
-    heads = [n for n in matmuls if "lm_head" in n]
+    heads = _head(model.graph)
     # The quantizer logs every node at INFO; the progress line and the ledger say what matters.
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     done = {"bits": bits, "block_size": c.block_size, "algorithm": "rtn" if bits == 8 else c.int4_algo,

@@ -11,7 +11,8 @@ from gguf import GGUFReader
 from edgeft.cli import cli
 from edgeft.merge import MergeConfig, merge
 
-from .conftest import WINDOW, assert_one_line_error
+from .conftest import WINDOW, assert_one_line_error, needs_cross
+from .test_smoke import assert_decided
 
 
 def _export(*args):
@@ -35,5 +36,81 @@ def test_budget_recipe_fits_and_is_what_llama_cpp_stored(tiny_adapter_run, tmp_p
     (path,) = (run / "gguf").glob("*-MIXED.gguf")
     stored = {t.name: t.tensor_type.name.lower() for t in GGUFReader(path).tensors}
     assert all(stored[n] == t for n, t in info["recipe"].items())
-    print(json.dumps({k: v for k, v in info.items() if k not in ("recipe", "scales")}, indent=1))
-    print(choice["metrics"])
+    # the allocation's own gain: at Q4_K_M's bytes, less KL than stock Q4_K_M with the same imatrix and without
+    same, plain = (next(r for r in info["stock"] if r["quant"] == "q4_k_m" and r["imatrix"] == imx)
+                   for imx in (True, False))
+    assert plain["gates_passed"] is None and same["gates_passed"]
+    assert mixed["metrics"]["kl_mean"] <= 0.7 * same["kl_mean"] and mixed["metrics"]["kl_mean"] <= 0.5 * plain["kl_mean"]
+    assert mixed["task"]["exact_match"] >= same["exact_match"] and mixed["status"] == "ok"
+    assert choice["metrics"]["chosen"] == "mixed" and choice["inputs"]["budget_bytes"] == info["budget_bytes"]
+    assert info["probe"]["task_items"] > 0 and info["predicted_loss"] > 0 and info["measured_loss"] > 0
+    # the frontier panel of the report: every GGUF, the unguided comparison and the budget's cut
+    from edgeft.report import figure
+
+    frontier = figure(json.loads((run / "manifest.json").read_text())).axes[7]
+    texts = " ".join(t.get_text() for t in frontier.texts)
+    assert "mixed (KL" in texts and "q4_k_m (no imatrix)" in texts and "budget" in texts
+
+    # ~15% under Q4_K_M's size: still within the budget, every gate (Q4's task gates included) passes
+    under = int(stock["outputs"][0]["bytes"] * 0.85)
+    result, entries = _export("--run", str(run), "--quant", "f16,auto", "--budget", str(under), "--max-ppl-rise", "100",
+                              "--overwrite")
+    assert result.exit_code == 0, result.output
+    small = next(e for e in entries[:-1] if e["inputs"]["quant"] == "mixed")
+    assert small["outputs"][0]["bytes"] <= under and small["status"] == "ok"
+    assert [g["passed"] for g in small["gates"]] == [True] * len(small["gates"]) and len(small["gates"]) == 3
+
+
+def test_budget_is_refused_in_one_line_before_any_work(tiny_llama, tmp_path):
+    common = ["export", "--model", str(tiny_llama), "--run", str(tmp_path / "r")]
+    for args, needle in ((["--quant", "f16,q4_0", "--budget", "1MiB"], "--quant auto"),
+                         (["--quant", "auto", "--budget", "lots"], "--budget lots"),
+                         (["--quant", "auto", "--budget", "40bpw"], "between 1.5 and 16"),
+                         (["--quant", "auto", "--budget", "device"], "--device")):
+        assert_one_line_error(CliRunner().invoke(cli, common + args), needle)
+    assert not (tmp_path / "r" / "gguf").exists()
+
+
+@pytest.mark.slow
+@needs_cross
+def test_mixed_gguf_served_by_llama_server_and_smoked_on_the_emulated_board(tiny_adapter_run, board, tmp_path):
+    """The mixed GGUF needs no edgeft code to run: the board build's llama-server (aarch64, under qemu behind the
+    loopback sshd) serves it and answers as the host's llama.cpp does, and `smoke --emulate` passes its gates."""
+    import socket
+
+    from edgeft.devices import serve
+    from edgeft.devices.ssh import Remote
+    from edgeft.llamacpp import LlamaCpp
+    from edgeft.models import load_tokenizer
+    from edgeft.task import read_task_set
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_adapter_run, run)
+    merge(MergeConfig(adapter=str(run), dtype="float32", window=128, stride=128))
+    result, _ = _export("--run", str(run), "--quant", "f16,auto", "--budget", "q4_k_m", "--max-ppl-rise", "100")
+    assert result.exit_code == 0, result.output
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dest = str(tmp_path / "board")
+    ssh = ["--host", "board", "--ssh-config", board.config, "--dest", dest]
+    remote = Remote("board", board.config)
+    try:
+        deployed = CliRunner().invoke(cli, ["deploy", str(run), "--device", "rpi5", "--emulate", "--quant", "mixed",
+                                            "--serve", "--serve-port", str(port), *ssh])
+        assert deployed.exit_code == 0, deployed.output
+        item = read_task_set(run, load_tokenizer(run / "merged")).items[0]
+        (path,) = (run / "gguf").glob("*-MIXED.gguf")
+        host = LlamaCpp(path, n_ctx=256)
+        want = host.generate(item.prompt, 16)[0]
+        host.close()
+        with remote.tunnel(port) as local:
+            got = serve.Client(local).complete(item.prompt, 16, [])["tokens"]
+        assert got[:8] == want[:8]
+    finally:
+        serve.stop(remote, port)
+    smoked = CliRunner().invoke(cli, ["smoke", str(run), "--device", "rpi5", "--emulate", "--quant", "mixed",
+                                      *ssh, "--json"])
+    entry = json.loads((run / "manifest.json").read_text())["steps"][-1]
+    assert entry["step"] == "smoke" and entry["inputs"]["quant"] == "mixed" and entry["inputs"]["mode"] == "emulated"
+    assert_decided(smoked, entry)  # the perplexity gate passed; a random tiny model's answer decides the exit

@@ -140,7 +140,7 @@ class LlamaCpp:
 
 
 def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatrix: dict | None = None,
-             types: dict[str, str] | None = None) -> None:
+             types: dict[str, str] | None = None, requantize: bool = False) -> None:
     """llama.cpp's quantization of `src` into `dst`, optionally guided by an importance matrix
     (edgeft.imatrix: GGUF tensor name -> mean squared input per column). `types` (GGUF tensor name -> ggml type
     name, e.g. 'q5_0') overrides llama.cpp's choice for those tensors (its `tt_overrides`, what llama-quantize's
@@ -152,6 +152,7 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatr
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
     params.nthread = _threads(threads)
+    params.allow_requantize = requantize
     keep = None
     if imatrix:
         from .imatrix import as_ctypes

@@ -11,7 +11,7 @@ from gguf import GGUFReader
 from edgeft.cli import cli
 from edgeft.merge import MergeConfig, merge
 
-from .conftest import WINDOW, assert_one_line_error, needs_cross
+from .conftest import WINDOW, assert_one_line_error, needs_cross, train_tiny
 from .test_smoke import assert_decided
 
 
@@ -20,10 +20,17 @@ def _export(*args):
     return result, (json.loads(result.output.strip().splitlines()[-1]) if result.exit_code in (0, 3) else None)
 
 
-def test_budget_recipe_fits_and_is_what_llama_cpp_stored(tiny_adapter_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_adapter_run, run)
+@pytest.fixture(scope="module")
+def qwen2_run(tiny_qwen2, tmp_path_factory):
+    """A merged fine-tune of the tiny Qwen2 (another family than the default model's Llama, untied head)."""
+    run = train_tiny(tiny_qwen2, tmp_path_factory.mktemp("mixed") / "qwen2", lr=1e-2, max_steps=4).run
     merge(MergeConfig(adapter=str(run), dtype="float32", window=128, stride=128))
+    return run
+
+
+def test_budget_recipe_fits_and_is_what_llama_cpp_stored(qwen2_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(qwen2_run, run)
     result, entries = _export("--run", str(run), "--quant", "f16,auto", "--budget", "q4_k_m", "--max-ppl-rise", "100")
     assert result.exit_code == 0, result.output
     quants = [e["inputs"]["quant"] for e in entries[:-1]]

@@ -231,6 +231,8 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
     for q in made:
         try:
             if q == MIXED:
+                if budget.kind == "stock" and paths[str(budget.value)].is_file():
+                    budget_bytes = paths[str(budget.value)].stat().st_size  # the stock file itself, now made
                 write, extra = mixed_writer(c, budget, budget_bytes, ref_path, ref, tokens, task, table, out_dir,
                                             entries, paths, n_ctx, tokenizer, label, reference_type, ref_task)
                 measure(q, write, extra)
@@ -409,8 +411,8 @@ def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entr
 
 def _budget_bytes(budget: Budget, c: GGUFExportConfig, profile, source: Path, ref_path: Path, paths: dict,
                   table: dict | None) -> int:
-    """--budget in bytes of the whole GGUF. A stock recipe's size is its dry run's here (0.01 MiB) and the
-    file's own once it is made (mixed_writer)."""
+    """--budget in bytes of the whole GGUF. A stock recipe's size is its dry run's here (0.01 MiB), to pick the
+    nearest stock recipe; the file's own once it is made, for the mixed recipe and the choice."""
     from gguf import GGUFReader
 
     if budget.kind == "bytes":
@@ -450,8 +452,6 @@ def mixed_writer(c: GGUFExportConfig, budget: Budget, budget_bytes: int, ref_pat
 
     def write(tmp: Path, entry: dict) -> None:
         target = budget_bytes
-        if budget.kind == "stock":  # the stock file itself, made before this one
-            target = paths[str(budget.value)].stat().st_size
         recipe = mixed.choose(ref_path, ref, target, tokens, task, c.window, c.stride, c.threads, table, out_dir,
                               bar)
         for _ in range(4):

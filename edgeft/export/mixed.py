@@ -181,7 +181,24 @@ class Probe:
         return self.kl + self.task_kl
 
 
+MAX_LAYER_PROBES = 16
+
+
+def layer_of(tensor: Tensor, blocks: int) -> str:
+    """The layer probe a tensor belongs to: its block, or a run of neighbouring blocks in a deep model (at most
+    MAX_LAYER_PROBES layer probes: each probe costs a file and a forward pass)."""
+    m = re.fullmatch(r"blk\.(\d+)", tensor.layer)
+    if not m or blocks <= MAX_LAYER_PROBES:
+        return tensor.layer
+    span = -(-blocks // MAX_LAYER_PROBES)
+    first = int(m.group(1)) // span * span
+    return f"blk.{first}-{min(first + span, blocks) - 1}"
+
+
 def probes_for(tensors: list[Tensor]) -> list[Probe]:
+    blocks = len({t.layer for t in tensors if t.kind})
+    for t in tensors:
+        t.layer = layer_of(t, blocks)
     layers: dict[str, list[str]] = {}
     kinds: dict[str, list[str]] = {}
     for t in tensors:
@@ -193,19 +210,26 @@ def probes_for(tensors: list[Tensor]) -> list[Probe]:
 
 def run_probes(ref_path: Path, ref: LlamaCpp, tensors: list[Tensor], probes: list[Probe], pieces, split: int,
                work: Path, threads: int | None, imatrix: dict | None, progress=None) -> None:
-    """Each probe's GGUF written by llama.cpp (its tensors at PROBE_TYPE, the others at BASE_TYPE) and scored
-    against the unquantized reference on the probe pieces; one probe file at a time."""
+    """The base probe (every tensor at BASE_TYPE) is written from the reference; each other probe from the base,
+    its own tensors requantized to PROBE_TYPE and the rest copied (a q8_0 tensor requantized to q4_0 differs
+    from one quantized from F16 by far less than q4_0's own error; copying makes a probe file cheap). Each is
+    scored against the unquantized reference on the probe pieces; one probe file at a time."""
     reference = ProbeReference(ref, pieces)
+    base = work / "base.gguf"
     for i, probe in enumerate(probes):
         start = time.perf_counter()
-        chosen = set(probe.tensors)
-        types = {t.name: PROBE_TYPE if t.name in chosen else BASE_TYPE for t in tensors}
-        path = work / f"probe-{i}.gguf"
-        quantize(ref_path, path, "q8_0", threads, imatrix=imatrix, types=types)
+        if i == 0:
+            quantize(ref_path, base, BASE_TYPE, threads, imatrix=imatrix, types={t.name: BASE_TYPE for t in tensors})
+            path = base
+        else:
+            path = work / f"probe-{i}.gguf"
+            types = {t.name: BASE_TYPE for t in tensors} | {name: PROBE_TYPE for name in probe.tensors}
+            quantize(base, path, BASE_TYPE, threads, imatrix=imatrix, requantize=True, types=types)
         model = LlamaCpp(path, n_ctx=ref.n_ctx, threads=threads, trusted=True)
         probe.kl, probe.task_kl = reference.kl(model, split)
         model.close()
-        path.unlink()
+        if i:
+            path.unlink()
         probe.seconds = round(time.perf_counter() - start, 2)
         if progress:
             progress(i + 1, len(probes))

@@ -105,6 +105,8 @@ def test_int4_algorithm_and_int8_head_are_what_the_graph_holds(tiny_llama, algo,
     MatMulNBits and every other projection a 4-bit one; the ledger says which."""
     import onnx
 
+    from edgeft.export.onnx import output_head
+
     result = CliRunner().invoke(cli, ["export", "--format", "onnx", "--model", str(tiny_llama), "--quant", "fp32,int4",
                                       "--int4-algo", algo, "--run", str(tmp_path / "r"), "--json",
                                       "--max-ppl-rise", "100", "--max-task-ppl-rise", "100", "--max-exact-drop", "1",
@@ -114,7 +116,7 @@ def test_int4_algorithm_and_int8_head_are_what_the_graph_holds(tiny_llama, algo,
     assert int4["metrics"]["quantization"] == {"bits": 4, "block_size": 32, "algorithm": algo, "head": "int8"}
     graph = onnx.load(str(tmp_path / "r" / "onnx" / "int4" / "model.onnx"), load_external_data=False).graph
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
-    heads = [n for n in bits if "lm_head" in n]
+    heads = output_head(graph, ("MatMulNBits",))  # the node the logits come from
     assert len(heads) == 1 and bits[heads[0]] == 8
     assert len(bits) == 1 + 7 * 2 and all(b == 4 for n, b in bits.items() if n not in heads)
     assert not [n for n in graph.node if n.op_type == "MatMul" and "proj" in n.name]

@@ -14,6 +14,7 @@ the chat prompt exactly as HF does), Δ, KL and top-1 vs fp32, size, prefill/dec
 from __future__ import annotations
 
 import contextlib
+import io
 from pathlib import Path
 
 from ..atomic import atomic_dir
@@ -134,14 +135,14 @@ def export_graph(model, folder: Path) -> Path:
 INT4_ALGOS = ("hqq", "k_quant", "rtn")
 
 
-def _head(graph) -> list[str]:
+def output_head(graph, ops: tuple[str, ...] = ("MatMul",)) -> list[str]:
     """The output head's MatMul: the one the `logits` output comes from. The dynamo exporter names nodes after
     the op (node_linear_14), not the module, so a name never says lm_head; the graph's wiring does."""
     producer = {out: n for n in graph.node for out in n.output}
     name, seen = "logits", 0
     while name in producer and seen < 8:  # through the casts/reshapes between the head and the output
         node = producer[name]
-        if node.op_type == "MatMul":
+        if node.op_type in ops:
             return [node.name]
         name, seen = node.input[0], seen + 1
     return []
@@ -161,7 +162,7 @@ def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig) 
 
     model = onnx.load(str(src))
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
-    heads = _head(model.graph)
+    heads = output_head(model.graph)
     # The quantizer logs every node at INFO; the progress line and the ledger say what matters.
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     done = {"bits": bits, "block_size": c.block_size, "algorithm": "rtn" if bits == 8 else c.int4_algo,
@@ -173,7 +174,8 @@ def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig) 
                   "k_quant": KQuantWeightOnlyQuantConfig}.get(algo, lambda: None)()
         q = MatMulNBitsQuantizer(model, bits=bits, block_size=c.block_size, is_symmetric=c.symmetric,
                                  accuracy_level=c.accuracy_level, nodes_to_exclude=exclude, algo_config=config)
-        q.process()
+        with contextlib.redirect_stdout(io.StringIO()):  # k_quant prints a progress bar on stdout (--json's)
+            q.process()
         return q.model.model if hasattr(q.model, "model") else q.model  # k_quant hands back the bare proto
 
     if bits == 4 and c.int8_head and heads and not c.keep_lm_head:

@@ -11,6 +11,9 @@ For every GGUF written, in the ledger:
   - a gate on the perplexity rise per quant; a failing artifact is marked failed and the command exits 3;
   - a short greedy answer to the fixed chat prompt;
   - for each quant, the tensor types llama.cpp stored (read back), and a note when a k-quant fell back to others.
+With --quant auto --budget SIZE also a per-tensor recipe ('mixed', export/mixed.py) chosen for the budget from
+the run's data, compared in its entry with stock Q4_K_M (same imatrix and none) and the stock recipe nearest in
+bytes, all measured on the same ids; the auto choice then takes the least KL within the budget.
 GGUFs are named after the base and the run (smollm2-135m-demo-Q4_K_M.gguf), general.name too.
 Next to each GGUF an Ollama Modelfile, so `ollama create NAME -f FILE.Modelfile` works.
 """

@@ -121,3 +121,60 @@ def test_mixed_gguf_served_by_llama_server_and_smoked_on_the_emulated_board(tiny
     entry = json.loads((run / "manifest.json").read_text())["steps"][-1]
     assert entry["step"] == "smoke" and entry["inputs"]["quant"] == "mixed" and entry["inputs"]["mode"] == "emulated"
     assert_decided(smoked, entry)  # the perplexity gate passed; a random tiny model's answer decides the exit
+
+
+def _tensor(name, layer, kind, errors, nbytes):
+    from edgeft.export.mixed import Tensor
+
+    t = Tensor(name, 64, 64, max(nbytes.values()), layer, kind, list(errors))
+    t.error, t.bytes = dict(errors), dict(nbytes)
+    return t
+
+
+def test_allocation_is_the_least_predicted_loss_within_the_bytes():
+    """The greedy walk along each tensor's convex hull against every assignment of a small case, over budgets."""
+    import itertools
+
+    from edgeft.export.mixed import _pad, allocate
+
+    types = {"q4_0": 320, "q5_0": 384, "q8_0": 544, "f16": 1024}
+    errors = [{"q4_0": 9.0, "q5_0": 2.5, "q8_0": 0.2, "f16": 0.0}, {"q4_0": 4.0, "q5_0": 1.0, "q8_0": 0.1, "f16": 0.0},
+              {"q4_0": 20.0, "q5_0": 6.0, "q8_0": 0.5, "f16": 0.0}]
+    tensors = [_tensor(f"blk.{i}.w.weight", f"blk.{i}", "w", e, types) for i, e in enumerate(errors)]
+    scales = {t.name: s for t, s in zip(tensors, (1.0, 3.0, 0.5))}
+    for budget in range(960, 3 * 1024 + 1, 32):
+        chosen = allocate(tensors, scales, budget)
+        used = sum(_pad(t.bytes[chosen[t.name]]) for t in tensors)
+        loss = sum(scales[t.name] * t.error[chosen[t.name]] for t in tensors)
+        best = min(sum(scales[t.name] * t.error[c] for t, c in zip(tensors, combo))
+                   for combo in itertools.product(types, repeat=3)
+                   if sum(_pad(types[c]) for c in combo) <= budget)
+        assert used <= budget
+        # the hull walk is the Lagrangian solution: optimal at the hull's corners, within one step between them
+        assert loss <= best + max(scales[t.name] * (t.error["q4_0"] - t.error["q5_0"]) for t in tensors)
+    with pytest.raises(Exception, match="--budget"):
+        allocate(tensors, scales, 900)
+
+
+def test_layer_and_kind_scales_are_recovered_from_the_probes():
+    """Probe results made from known per-layer and per-kind scales give those scales back (up to the shared
+    factor), and a deep model's neighbouring layers share a probe."""
+    from edgeft.export.mixed import BASE_TYPE, PROBE_TYPE, fit_scales, probes_for
+
+    layer_scale = [4.0, 1.0, 0.5, 2.0]
+    kind_scale = {"attn_v": 3.0, "attn_q": 0.2, "ffn_down": 1.0}
+    tensors = [_tensor(f"blk.{i}.{k}.weight", f"blk.{i}", k, {PROBE_TYPE: 1.0 + i + len(k), BASE_TYPE: 0.1},
+                       {PROBE_TYPE: 320, BASE_TYPE: 544}) for i in range(4) for k in kind_scale]
+    probes = probes_for(tensors)
+    truth = {t.name: layer_scale[int(t.layer[4])] * kind_scale[t.kind] for t in tensors}
+    for p in probes:
+        p.kl = 0.01 + sum(truth[n] * (next(t for t in tensors if t.name == n).error[PROBE_TYPE] - 0.1)
+                          for n in p.tensors)
+    got = fit_scales(tensors, probes, iterations=200)
+    ratio = [got[t.name] / truth[t.name] for t in tensors]
+    assert max(ratio) / min(ratio) < 1.01
+
+    deep = [_tensor(f"blk.{i}.attn_v.weight", f"blk.{i}", "attn_v", {PROBE_TYPE: 1.0, BASE_TYPE: 0.1},
+                    {PROBE_TYPE: 320, BASE_TYPE: 544}) for i in range(30)]
+    names = [p.name for p in probes_for(deep)]
+    assert names[:3] == ["base", "blk.0-1", "blk.2-3"] and len(names) == 1 + 15 + 1

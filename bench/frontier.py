@@ -1,6 +1,6 @@
 """The mixed per-tensor GGUF recipe vs stock llama.cpp recipes at equal bytes, on a fine-tune's own data.
 
-    python bench/frontier.py --run RUN [--family qwen2] [--under 0.15] [--eval-budget 2048]
+    python bench/frontier.py [--run RUN] [--family qwen2] [--under 0.15] [--eval-budget 2048]
 
 RUN is a run that trained and merged (e.g. `edgeft train --data demo ... && edgeft merge`): its training rows
 make the importance matrix, its held-out ids and task answers measure everything. --family builds a second
@@ -118,7 +118,7 @@ def subject(name: str, run: Path, work: Path, window: int, eval_budget: int, und
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True, help="a run that trained and merged (copied; the original is untouched)")
+    ap.add_argument("--run", default="", help="a run that trained and merged (copied; the original is untouched)")
     ap.add_argument("--family", default="qwen2", help="second subject: a tests/tiny_models.py family ('' for none)")
     ap.add_argument("--eval-budget", type=int, default=2048)
     ap.add_argument("--window", type=int, default=512)
@@ -126,9 +126,10 @@ def main() -> None:
     a = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="edgeft-bench-frontier-"))
-    run = work / "run"
-    shutil.copytree(a.run, run, ignore=shutil.ignore_patterns("gguf", "onnx", "checkpoints"))
-    subject("default model run", run, work / "default", a.window, a.eval_budget, a.under)
+    if a.run:
+        run = work / "run"
+        shutil.copytree(a.run, run, ignore=shutil.ignore_patterns("gguf*", "onnx", "checkpoints"))
+        subject("default model run", run, work / "default", a.window, a.eval_budget, a.under)
     if a.family:
         family_run = tiny_run(a.family, work / "family", a.eval_budget)
         subject(f"tiny {a.family}", family_run, work / "family-out", 256, a.eval_budget, a.under)

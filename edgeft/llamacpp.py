@@ -140,9 +140,12 @@ class LlamaCpp:
         self.llm.close()
 
 
-def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatrix: dict | None = None) -> None:
+def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatrix: dict | None = None,
+             types: dict[str, str] | None = None, requantize: bool = False) -> None:
     """llama.cpp's quantization of `src` into `dst`, optionally guided by an importance matrix
-    (edgeft.imatrix: GGUF tensor name -> mean squared input per column)."""
+    (edgeft.imatrix: GGUF tensor name -> mean squared input per column). `types` (GGUF tensor name -> ggml type
+    name, e.g. 'q5_0') overrides llama.cpp's choice for those tensors (its `tt_overrides`, what llama-quantize's
+    --tensor-type passes); `quant` still decides the others and the file type the header names."""
     import llama_cpp
 
     if quant not in QUANT_TYPES:
@@ -150,14 +153,19 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatr
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
     params.nthread = _threads(threads)
+    params.allow_requantize = requantize
     keep = None
     if imatrix:
         from .imatrix import as_ctypes
 
         arr, keep = as_ctypes(imatrix)
         params.imatrix = ctypes.cast(arr, type(params.imatrix))
+    overrides = None
+    if types:
+        overrides = _tensor_overrides(types)
+        params.tt_overrides = ctypes.cast(overrides, type(params.tt_overrides))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    del keep  # the buffers the imatrix array points into lived until here
+    del keep, overrides  # the buffers the imatrix and override arrays point into lived until here
     if rc != 0:
         # llama.cpp says only "failed"; a full disk is the cause the user can fix, and the partial output is
         # still there now, so the free space tells (a quantized file is never larger than its source).
@@ -167,6 +175,106 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatr
                               f"free, up to {src.stat().st_size / 2**20:.1f} MiB needed); free space there or write "
                               f"elsewhere (--out/--run); nothing half-written was kept")
         raise EdgeftError(f"llama.cpp could not quantize {src} to {quant} (code {rc})")
+
+
+def stock_size(src: Path, quant: str, imatrix: dict | None = None) -> int:
+    """The size llama.cpp's stock recipe `quant` would give `src`'s tensors, without writing it (its dry run,
+    which reports the total only in its log, to 0.01 MiB: read from there)."""
+    import re
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
+    params.dry_run = True
+    keep = None
+    if imatrix:
+        from .imatrix import as_ctypes
+
+        arr, keep = as_ctypes(imatrix)
+        params.imatrix = ctypes.cast(arr, type(params.imatrix))
+    said: list[str] = []
+    previous, user_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(user_data))
+    capture = llama_cpp.llama_log_callback(lambda level, text, data: said.append(text.decode("utf-8", "replace")))
+    llama_cpp.llama_log_set(capture, user_data)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), os.devnull.encode(), ctypes.byref(params))
+    finally:
+        llama_cpp.llama_log_set(previous, user_data)
+    del keep
+    log = "".join(said)
+    sizes = [re.search(rf"{what} size\s*=\s*([0-9.]+) MiB", log) for what in ("model", "quant")]
+    if rc != 0 or not all(sizes):
+        raise EdgeftError(f"llama.cpp could not size {src} as {quant} (code {rc})")
+    # the file is its tensors plus the header (metadata, vocabulary), which quantizing leaves as it is
+    tensors, quantized = (float(m.group(1)) * 2**20 for m in sizes)
+    return int(Path(src).stat().st_size - tensors + quantized)
+
+
+def ggml_type(name: str) -> int:
+    """A ggml type's number from its name ('q4_0', 'q6_k', 'f16')."""
+    from gguf import GGMLQuantizationType
+
+    try:
+        return int(GGMLQuantizationType[name.upper()])
+    except KeyError:
+        raise EdgeftError(f"{name}: not a ggml tensor type") from None
+
+
+def _tensor_overrides(types: dict[str, str]):
+    """llama.cpp's override array: one anchored, escaped pattern per tensor (llama.cpp matches them as regular
+    expressions and takes the first that matches, so a name must match only itself), null-terminated."""
+    import re
+
+    import llama_cpp
+
+    arr = (llama_cpp.llama_model_tensor_override * (len(types) + 1))()
+    for i, (name, type_name) in enumerate(sorted(types.items())):
+        arr[i].pattern = f"^{re.escape(name)}$".encode()
+        arr[i].type = ggml_type(type_name)
+    arr[len(types)].pattern = None
+    return arr
+
+
+_GGML = None
+
+
+def _ggml():
+    """libggml-base of the installed binding: the row quantizers llama_model_quantize itself calls."""
+    global _GGML
+    if _GGML is None:
+        import llama_cpp
+
+        lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.ggml_row_size.restype = ctypes.c_size_t
+        lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+        _GGML = lib
+    return _GGML
+
+
+def row_bytes(type_name: str, n_per_row: int) -> int:
+    """Bytes of one row of `n_per_row` values stored as `type_name` (ggml_row_size)."""
+    return int(_ggml().ggml_row_size(ggml_type(type_name), n_per_row))
+
+
+def quantize_rows(type_name: str, rows: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """`rows` (float32, [n, k]) quantized by ggml's own quantizer for `type_name` (ggml_quantize_chunk: the
+    function llama_model_quantize calls per tensor, with the importance matrix the same way) and read back as
+    float32 with gguf-py's dequantizer: what llama.cpp would store for these rows."""
+    from gguf import GGMLQuantizationType, quants
+
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    n, k = rows.shape
+    size = row_bytes(type_name, k)
+    out = np.empty(n * size, dtype=np.uint8)
+    weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    _ggml().ggml_quantize_chunk(ggml_type(type_name), rows.ctypes.data, out.ctypes.data, 0, n, k,
+                                None if weights is None else weights.ctypes.data)
+    return quants.dequantize(out.reshape(n, size), GGMLQuantizationType[type_name.upper()]).reshape(n, k)
 
 
 def binding_version() -> str:

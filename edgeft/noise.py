@@ -34,6 +34,8 @@ LLAMA_CPP_LINES = (
     # default model's Q4_K_M); the export entry counts them instead (metrics.tensor_types and its note).
     re.compile(r"warning: \S+\s+- ncols\s+\d+ not divisible by"),
     re.compile(r"\w+: WARNING: \d+ of \d+ tensor\(s\) required fallback quantization"),
+    # A mixed recipe (export --budget) overrides every tensor's type, one line each; the entry records the recipe.
+    re.compile(r"llama_tensor_get_type: \S+\s+- applying manual override"),
 )
 _quiet = False  # silence() was called: quiet_llama_cpp_log() may install its filter
 _llama_cpp_filter = None  # the installed callback (ctypes must keep it alive)

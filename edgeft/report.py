@@ -16,6 +16,8 @@ Panels, in this order (report.png holds them all; the page shows each as its own
   5. KL divergence and top-1 agreement of each quant vs its reference
   6. the training loss curve
   7. decode tokens/s per target against the profile's bandwidth bound
+  8. the GGUF frontier: size vs mean KL for every GGUF of the run, stock recipes and mixed ones (exact answers
+     written beside each), the stock frontier as a line and the --budget as a cut
 The page has the tables too: the ledger, the quants (size, perplexity, KL, top-1, task, gate), the library
 versions of each step and the config of each step.
 """
@@ -31,8 +33,8 @@ from typing import Callable
 
 from .atomic import atomic_file
 from .errors import EdgeftError
-from .run import (COMPARE, DEPLOY, EXPORT_GGUF, EXPORT_ONNX, FLEET_PREFIX, MANIFEST, SMOKE, TRAIN, Run,
-                  fleet_step, last_entry)
+from .run import (COMPARE, DEPLOY, EXPORT_GGUF, EXPORT_GGUF_CHOICE, EXPORT_ONNX, FLEET_PREFIX, MANIFEST, SMOKE,
+                  TRAIN, Run, fleet_step, last_entry)
 from .tables import fleet_rows, ledger_rows, methods_columns, served_rows
 
 MiB = 2**20
@@ -238,6 +240,58 @@ def _speed(ax, manifest: dict) -> None:
     ax.set_title("tokens/s per target vs its bandwidth bound (emulated: qemu speed)")
 
 
+def _gguf_points(manifest: dict) -> list[dict]:
+    """Every quantized GGUF of the run with its KL measured (the newest entry per file), and the comparisons a
+    mixed recipe's entry measured without keeping a file (stock Q4_K_M without the importance matrix)."""
+    newest: dict[str, dict] = {}
+    for e in manifest["steps"]:
+        if e["step"] == EXPORT_GGUF and e.get("outputs") and e["metrics"].get("kl_mean") is not None:
+            newest[e["outputs"][0]["path"]] = e
+    points = [{"label": e["inputs"].get("quant", "?"), "mib": _size_mib(e), "kl": e["metrics"]["kl_mean"],
+               "exact": (e.get("task") or {}).get("exact_match"), "mixed": "mixed" in e["metrics"],
+               "status": e["status"], "kept": True} for e in newest.values()]
+    for e in newest.values():
+        for r in (e["metrics"].get("mixed") or {}).get("stock", []):
+            if not r.get("imatrix") and r.get("gates_passed") is None:
+                points.append({"label": f"{r['quant']} (no imatrix)", "mib": r["bytes"] / MiB, "kl": r["kl_mean"],
+                               "exact": r.get("exact_match"), "mixed": False, "status": "ref", "kept": False})
+    return points
+
+
+def _frontier(ax, manifest: dict) -> None:
+    points = [p for p in _gguf_points(manifest) if p["kl"] and p["kl"] > 0]
+    if not points:
+        _nothing(ax, "no quantized GGUF with KL in this run")
+        return
+    for p in points:
+        marker = "*" if p["mixed"] else ("o" if p["kept"] else "x")
+        ax.scatter(p["mib"], p["kl"], marker=marker, s=120 if p["mixed"] else 40, zorder=3,
+                   color=BLUE if p["mixed"] else _color(p["status"]))
+        exact = "" if p["exact"] is None else f", exact {100 * p['exact']:.0f}%"
+        ax.annotate(f"{p['label']} (KL {p['kl']:.3g}{exact})", (p["mib"], p["kl"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    # the stock frontier: stock GGUFs none of which is both smaller and better
+    stock = sorted((p for p in points if not p["mixed"] and p["kept"]), key=lambda p: p["mib"])
+    line, best = [], float("inf")
+    for p in stock:
+        if p["kl"] < best:
+            line.append(p)
+            best = p["kl"]
+    if len(line) > 1:
+        ax.plot([p["mib"] for p in line], [p["kl"] for p in line], color=GREY, lw=1, zorder=2)
+    choice = last_entry(manifest["steps"], EXPORT_GGUF_CHOICE, status=None,
+                        where=lambda e: bool(e["inputs"].get("budget_bytes")))
+    if choice:
+        cut = choice["inputs"]["budget_bytes"] / MiB
+        ax.axvline(cut, color=RED, lw=1, ls="--")
+        ax.text(cut, ax.get_ylim()[1], f" budget {cut:.1f} MiB ({choice['inputs'].get('budget')})", color=RED,
+                fontsize=7, va="top")
+    ax.set_yscale("log")
+    ax.set_xlabel("GGUF size (MiB)")
+    ax.set_ylabel("mean KL vs the unquantized GGUF (log)")
+    ax.set_title("GGUF frontier: stock recipes (line: none smaller and better), mixed (star); exact answers written")
+
+
 # (file name, caption, draw): the order of report.png's panels and of the page's images.
 PANELS: list[tuple[str, str, Callable]] = [
     ("perplexity", "Perplexity ledger: each row's change vs its own reference", _ledger),
@@ -247,6 +301,7 @@ PANELS: list[tuple[str, str, Callable]] = [
     ("kl-top1", "KL divergence and top-1 agreement per quant", _kl_top1),
     ("loss", "Training loss", _loss),
     ("speed", "Decode speed per target vs its bandwidth bound", _speed),
+    ("frontier", "GGUF frontier: size vs mean KL (exact answers written) for every GGUF of the run", _frontier),
 ]
 
 

@@ -97,3 +97,26 @@ def test_every_onnx_artifact_records_the_task_against_the_merged_model(tiny_merg
     assert int8["task"]["reference"]["label"] == "fp32" and "exact_match" in int8["task"]
     metrics = [g["metric"] for g in int8["gates"]]
     assert metrics[1:] == ["task perplexity rise vs fp32", "exact-answer drop vs fp32"]
+
+
+@pytest.mark.parametrize("algo", ["hqq", "k_quant", "rtn"])
+def test_int4_algorithm_and_int8_head_are_what_the_graph_holds(tiny_llama, algo, tmp_path):
+    """--int4-algo picks onnxruntime's weight algorithm; with the int8 head (default) the output head is an 8-bit
+    MatMulNBits and every other projection a 4-bit one; the ledger says which."""
+    import onnx
+
+    from edgeft.export.onnx import output_head
+
+    result = CliRunner().invoke(cli, ["export", "--format", "onnx", "--model", str(tiny_llama), "--quant", "fp32,int4",
+                                      "--int4-algo", algo, "--run", str(tmp_path / "r"), "--json",
+                                      "--max-ppl-rise", "100", "--max-task-ppl-rise", "100", "--max-exact-drop", "1",
+                                      *WINDOW])
+    assert result.exit_code == 0, result.output
+    int4 = json.loads(result.output.strip().splitlines()[-1])[-1]
+    assert int4["metrics"]["quantization"] == {"bits": 4, "block_size": 32, "algorithm": algo, "head": "int8"}
+    graph = onnx.load(str(tmp_path / "r" / "onnx" / "int4" / "model.onnx"), load_external_data=False).graph
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    heads = output_head(graph, ("MatMulNBits",))  # the node the logits come from
+    assert len(heads) == 1 and bits[heads[0]] == 8
+    assert len(bits) == 1 + 7 * 2 and all(b == 4 for n, b in bits.items() if n not in heads)
+    assert not [n for n in graph.node if n.op_type == "MatMul" and "proj" in n.name]

@@ -46,6 +46,10 @@ class GGUFExportConfig(ExportConfig):
     imatrix: str = field(default="", metadata={
         "help": "gguf: guide quantization with an importance matrix from 'train' (the run's training data) or "
                 "a text FILE (never the held-out text)"})
+    budget: str = field(default="", metadata={
+        "help": "gguf, with --quant auto: the size the GGUF must fit, as bytes, kB/MB/GB/KiB/MiB/GiB, bits per "
+                "weight ('4.8bpw'), a stock recipe's size ('q4_k_m') or 'device' (--device's RAM less the KV cache "
+                "and runtime); a per-tensor recipe ('mixed') is chosen for it from the run's data"})
     imatrix_tokens: int = field(default=8192, metadata={"help": "gguf: calibration tokens for --imatrix"})
     converter: str = field(default="auto", metadata={
         "help": "gguf: auto|ours|llamacpp: who writes the unquantized GGUF (auto: ours, else llama.cpp's "
@@ -58,6 +62,10 @@ class OnnxExportConfig(ExportConfig):
     symmetric: bool = field(default=True, metadata={"help": "onnx: symmetric weight quantization"})
     accuracy_level: int = field(default=4, metadata={"help": "onnx: MatMulNBits accuracy level (4: int8 compute)"})
     keep_lm_head: bool = field(default=False, metadata={"help": "onnx: leave the output head in fp32"})
+    int4_algo: str = field(default="hqq", metadata={
+        "help": "onnx: onnxruntime's int4 weight algorithm: hqq (data-free half-quadratic; default), k_quant, rtn"})
+    int8_head: bool = field(default=True, metadata={
+        "help": "onnx: with int4, quantize the output head (the embeddings' copy when tied) to int8"})
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,16 @@ For every GGUF written, in the ledger:
   - a gate on the perplexity rise per quant; a failing artifact is marked failed and the command exits 3;
   - a short greedy answer to the fixed chat prompt;
   - for each quant, the tensor types llama.cpp stored (read back), and a note when a k-quant fell back to others.
+With --quant auto --budget SIZE also a per-tensor recipe ('mixed', export/mixed.py) chosen for the budget from
+the run's data, compared in its entry with stock Q4_K_M (same imatrix and none) and the stock recipe nearest in
+bytes, all measured on the same ids; the auto choice then takes the least KL within the budget.
 GGUFs are named after the base and the run (smollm2-135m-demo-Q4_K_M.gguf), general.name too.
 Next to each GGUF an Ollama Modelfile, so `ollama create NAME -f FILE.Modelfile` works.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -30,8 +34,8 @@ from ..errors import EdgeftError, GateFailed
 from ..gates import GGUF_GATE_OTHER, GGUF_GATES, HF_MATCH, LORA_MATCH, Gate, check, parse_gates, passed
 from ..heldout import read_text
 from ..ledger import artifact
+from ..llamacpp import QUANT_TYPES, LlamaCpp, quantize, reference_tree, stock_size
 from ..locks import writing_files
-from ..llamacpp import QUANT_TYPES, LlamaCpp, quantize, reference_tree
 from ..models import EMBEDDED_MODELS, hub_id, load_model
 from ..noise import quiet_llama_cpp_log
 from ..progress import activity, bar, console
@@ -40,11 +44,13 @@ from ..run import EXPORT_GGUF, EXPORT_GGUF_CHOICE, EXPORT_GGUF_LORA, MERGE, TOKE
 from ..scoring import Comparison, compare, score
 from .config import ExportResult, GGUFExportConfig
 from .checks import record_quant_task, record_reference_task, task_gate_limits
+from .mixed import Budget, parse_budget
 from .modelfile import write_modelfile
 from .source import Source, hf_reference, load_inputs, resolve_source
 
 UNQUANTIZED = ("f16", "bf16", "f32")
 AUTO_CANDIDATES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
+MIXED = "mixed"  # --quant auto --budget: the per-tensor recipe (export/mixed.py); gated under this name
 
 
 def _answer_fn(model: LlamaCpp):
@@ -58,18 +64,28 @@ def sample_answer(model: LlamaCpp, tokenizer, max_tokens: int) -> dict:
             "ok": answer_ok(text)}
 
 
-def _quants(c: GGUFExportConfig) -> tuple[list[str], str, bool]:
-    """(quants to make, the unquantized reference type, --quant auto?), checked."""
+def _quants(c: GGUFExportConfig, budget: Budget | None = None) -> tuple[list[str], str, bool]:
+    """(quants to make, the unquantized reference type, --quant auto?), checked. With --budget, auto makes the
+    mixed recipe and, to compare it with, stock Q4_K_M (and the stock recipe a budget names); the stock recipe
+    nearest the budget in bytes is added once the unquantized GGUF exists to size them."""
     quants = [q.lower() for q in c.quant] or ["f16", "q8_0", "q4_k_m"]
     auto = "auto" in quants
-    if auto:
+    if budget is not None and not auto:
+        raise EdgeftError("--budget chooses a per-tensor recipe: it goes with --quant auto")
+    if auto and budget is not None:
+        if budget.kind == "device" and not c.device:
+            raise EdgeftError("--budget device needs --device PROFILE (the board whose RAM the GGUF must fit)")
+        stock = list(dict.fromkeys(["q4_k_m", *([budget.value] if budget.kind == "stock" else [])]))
+        quants = [q for q in quants if q != "auto"]
+        quants += [q for q in stock if q not in quants] + [MIXED]
+    elif auto:
         if not c.device:
             raise EdgeftError("--quant auto needs --device PROFILE (the board whose RAM the choice must fit)")
         quants = [q for q in quants if q != "auto"] + [q for q in AUTO_CANDIDATES if q not in quants]
     unq = [q for q in quants if q in UNQUANTIZED]
     if len(unq) > 1:
         raise EdgeftError(f"--quant {','.join(c.quant)}: give at most one of f16, bf16, f32 (the reference)")
-    bad = [q for q in quants if q not in UNQUANTIZED and q not in QUANT_TYPES]
+    bad = [q for q in quants if q not in UNQUANTIZED and q not in QUANT_TYPES and not (q == MIXED and budget)]
     if bad:
         raise EdgeftError(f"--quant {bad[0]}: unknown; use f16, bf16, f32, {', '.join(QUANT_TYPES)}")
     return quants, (unq[0] if unq else "f16"), auto
@@ -82,15 +98,18 @@ def export_gguf(config: GGUFExportConfig) -> ExportResult:
 
 def _export_gguf(config: GGUFExportConfig, held: ExitStack) -> ExportResult:
     c = config
-    quants, reference_type, auto = _quants(c)
+    budget = parse_budget(c.budget) if c.budget else None
+    quants, reference_type, auto = _quants(c, budget)
     profile = None
     if c.device:
         from ..devices import get as get_profile
 
         profile = get_profile(c.device)
     made = [q for q in quants if q not in UNQUANTIZED]
-    gates = parse_gates(c.max_ppl_rise, GGUF_GATES, made, GGUF_GATE_OTHER)
-    task_limits = task_gate_limits(c, made)
+    # with --budget the stock recipe nearest the budget joins later: any stock name may carry a gate
+    gated = made + ([q for q in QUANT_TYPES if q not in made] if budget else [])
+    gates = parse_gates(c.max_ppl_rise, GGUF_GATES, gated, GGUF_GATE_OTHER)
+    task_limits = task_gate_limits(c, gated)
     source = resolve_source(c)
     run, label = source.run, source.label
     out_dir = Path(c.out) if c.out else run.export_dir("gguf")
@@ -109,6 +128,11 @@ def _export_gguf(config: GGUFExportConfig, held: ExitStack) -> ExportResult:
         paths.update({f"base-{q}": out_dir / f"{source.path.name}-base-{q.upper()}.gguf" for q in made})
     converter = pick_converter(c, source)  # before anything is loaded or written
     writing_files(held, run.path, paths.values(), "export")
+    if budget and not c.imatrix and converter == "ours":
+        from ..train import read_train_config
+
+        if read_train_config(run.path) is not None:  # the run trained: its rows calibrate the choice
+            c = dataclasses.replace(c, imatrix="train")
     tokenizer, tokens, task = load_inputs(c, source, paths.values())
     n_ctx = max(c.window, task.longest if task else 0)  # the longest task example must fit one context
 
@@ -168,41 +192,71 @@ def _export_gguf(config: GGUFExportConfig, held: ExitStack) -> ExportResult:
 
     table = _imatrix(c, run, source, tokenizer) if c.imatrix else None
 
+    if budget is not None:  # the stock recipe nearest the budget in bytes, to compare the mixed one with
+        budget_bytes = _budget_bytes(budget, c, profile, source.path, ref_path, paths, table)
+        nearest = nearest_stock(ref_path, budget_bytes, table)
+        if nearest not in made:
+            made.insert(made.index(MIXED), nearest)
+            paths[nearest] = out_dir / f"{stem}-{nearest.upper()}.gguf"
+            writing_files(held, run.path, [paths[nearest]], "export")
+            if paths[nearest].exists() and not c.overwrite:
+                raise EdgeftError(f"{paths[nearest]}: already exists; pass --overwrite to replace it, or another --out")
+
+    def measure(q: str, write, extra=None) -> None:
+        """Quantize (write(tmp)), then compare with the reference GGUF window by window, task too, gated."""
+        with run.record(EXPORT_GGUF, to_dict(c), {**inputs, "quant": q, "from": ref_path.name}) as entry:
+            with atomic_file(paths[q]) as tmp:
+                quiet_llama_cpp_log()  # the per-tensor fallback lines: the entry counts them instead
+                write(Path(tmp), entry)
+            entry["outputs"].append(artifact(paths[q], run.path))
+            record_tensor_types(entry, paths[q], q)
+            model = LlamaCpp(paths[q], n_ctx=n_ctx, threads=c.threads, trusted=True)
+            with bar(f"llama.cpp {paths[q].name} vs {ref_path.name}") as update:
+                cmp = compare(ref, model, tokens.ids, c.window, c.stride, progress=update,
+                              backends=("llama.cpp", "llama.cpp"), bos=tokens.bos)
+            cmp.record(entry, f"GGUF {q.upper()} ({label})", f"GGUF {reference_type.upper()}", reference_type,
+                       tokens.source)
+            entry["metrics"].update({"ppl_rise": round(cmp.change, 6),
+                                     "imatrix": {"source": c.imatrix, "tensors": len(table)} if table else None,
+                                     "sample": sample_answer(model, tokenizer, c.generate_tokens)})
+            task_gates = record_quant_task(entry, task, ref, model, _answer_fn(model), tokenizer, "llama.cpp", c,
+                                           f"GGUF {q.upper()} ({label})", ref_task, reference_type, hf.task, q,
+                                           task_limits) if task else []
+            model.close()
+            if extra:
+                extra(entry)
+            write_modelfile(paths[q], tokenizer)
+            entries.append(entry)
+            check(entry, Gate(f"perplexity rise vs {reference_type}", cmp.change, gates[q],
+                              f"{q.upper()}: perplexity rose {100 * cmp.change:.1f}% vs {reference_type.upper()} "
+                              f"(limit {100 * gates[q]:.0f}%)"), *task_gates)
+
+    def stock(q: str):
+        def write(tmp: Path, entry: dict) -> None:
+            with activity(f"quantize {ref_path.name} → {q}"):
+                quantize(ref_path, tmp, q, c.threads, imatrix=table)
+        return write
+
     # 2. each quant: quantized by llama.cpp, compared with the reference GGUF window by window, gated.
     # A failing quant is recorded and the others are still measured; the command fails at the end.
     failures: list[str] = []
     for q in made:
         try:
-            with run.record(EXPORT_GGUF, to_dict(c), {**inputs, "quant": q, "from": ref_path.name}) as entry:
-                with atomic_file(paths[q]) as tmp, activity(f"quantize {ref_path.name} → {q}"):
-                    quiet_llama_cpp_log()  # the per-tensor fallback lines: the entry counts them instead
-                    quantize(ref_path, tmp, q, c.threads, imatrix=table)
-                entry["outputs"].append(artifact(paths[q], run.path))
-                record_tensor_types(entry, paths[q], q)
-                model = LlamaCpp(paths[q], n_ctx=n_ctx, threads=c.threads, trusted=True)
-                with bar(f"llama.cpp {paths[q].name} vs {ref_path.name}") as update:
-                    cmp = compare(ref, model, tokens.ids, c.window, c.stride, progress=update,
-                                  backends=("llama.cpp", "llama.cpp"), bos=tokens.bos)
-                cmp.record(entry, f"GGUF {q.upper()} ({label})", f"GGUF {reference_type.upper()}", reference_type,
-                           tokens.source)
-                entry["metrics"].update({"ppl_rise": round(cmp.change, 6),
-                                         "imatrix": {"source": c.imatrix, "tensors": len(table)} if table else None,
-                                         "sample": sample_answer(model, tokenizer, c.generate_tokens)})
-                task_gates = record_quant_task(entry, task, ref, model, _answer_fn(model), tokenizer, "llama.cpp", c,
-                                               f"GGUF {q.upper()} ({label})", ref_task, reference_type, hf.task, q,
-                                               task_limits) if task else []
-                model.close()
-                write_modelfile(paths[q], tokenizer)
-                entries.append(entry)
-                check(entry, Gate(f"perplexity rise vs {reference_type}", cmp.change, gates[q],
-                                  f"{q.upper()}: perplexity rose {100 * cmp.change:.1f}% vs {reference_type.upper()} "
-                                  f"(limit {100 * gates[q]:.0f}%)"), *task_gates)
+            if q == MIXED:
+                if budget.kind == "stock" and paths[str(budget.value)].is_file():
+                    budget_bytes = paths[str(budget.value)].stat().st_size  # the stock file itself, now made
+                write, extra = mixed_writer(c, budget, budget_bytes, ref_path, ref, tokens, task, table, out_dir,
+                                            entries, paths, n_ctx, tokenizer, label, reference_type, ref_task)
+                measure(q, write, extra)
+            else:
+                measure(q, stock(q))
         except GateFailed as e:
             failures.append(str(e))
 
     artifacts = {q: paths[q] for q in paths if q != "lora" and not q.startswith("base")}
     if auto:  # the choice decides: a failed quant that was not needed does not fail the command
-        choice, failure = choose_for_device(run, c, profile, source.path, entries)
+        choice, failure = choose_for_device(run, c, profile, source.path, entries,
+                                            budget_bytes if budget is not None else None)
         entries.append(choice)
         failures = [failure] if failure else []
     if c.adapter_only:
@@ -316,16 +370,17 @@ def pick_converter(c: GGUFExportConfig, source: Source) -> str:
     return "llamacpp"
 
 
-def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entries: list[dict]
-                      ) -> tuple[dict, str | None]:
+def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entries: list[dict],
+                      budget_bytes: int | None = None) -> tuple[dict, str | None]:
     """--quant auto: the smallest quantized GGUF that passed its gate and fits the board's RAM (model + KV
-    cache for --context + runtime), recorded as its own ledger entry with the reason. Returns the entry and
-    why no quant qualified (None when one did)."""
+    cache for --context + runtime), recorded as its own ledger entry with the reason. With --budget: of those
+    within the budget's bytes (and the board's RAM, when --device is given), the one with the least mean KL vs
+    the unquantized GGUF. Returns the entry and why no quant qualified (None when one did)."""
     from ..devices import fits, memory_need
 
     config = json.loads((source / "config.json").read_text())
     ram = int(c.device_ram_gb * 2**30) if c.device_ram_gb else None
-    usable = fits(profile, 0, ram)[1]
+    usable = fits(profile, 0, ram)[1] if profile else None
     rows = []
     for e in entries:
         q = e["inputs"]["quant"]
@@ -333,7 +388,8 @@ def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entr
             continue
         size = e["outputs"][0]["bytes"]
         need = memory_need(size, config, c.context)
-        rows.append({"quant": q, "bytes": size, "need_bytes": need, "fits": fits(profile, need, ram)[0],
+        fit = (profile is None or fits(profile, need, ram)[0]) and (budget_bytes is None or size <= budget_bytes)
+        rows.append({"quant": q, "bytes": size, "need_bytes": need, "fits": fit, "kl_mean": e["metrics"].get("kl_mean"),
                      "gate_passed": e["status"] == "ok" and passed(e),
                      # which kind held it back: the first gate is the general one, the rest the task's
                      "general_gate_passed": bool(e.get("gates")) and e["gates"][0]["passed"],
@@ -341,23 +397,146 @@ def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entr
                      "ppl": e["perplexity"]["ppl"],
                      "task_ppl": (e.get("task") or {}).get("ppl"),
                      "exact_match": (e.get("task") or {}).get("exact_match")})
-    good = sorted((r for r in rows if r["fits"] and r["gate_passed"]), key=lambda r: r["bytes"])
-    inputs = {"device": profile.name, "context": c.context, "usable_ram_bytes": usable}
+    key = (lambda r: (r["kl_mean"], r["bytes"])) if budget_bytes is not None else (lambda r: r["bytes"])
+    good = sorted((r for r in rows if r["fits"] and r["gate_passed"]), key=key)
+    board = profile.name if profile else None
+    inputs = {"device": board, "context": c.context, "usable_ram_bytes": usable, "budget": c.budget or None,
+              "budget_bytes": budget_bytes}
+    within = " and ".join(([f"fits {board} ({usable / 2**20:.0f} MiB usable at context {c.context})"] if profile
+                           else []) + ([f"is within the budget ({budget_bytes / 2**20:.2f} MiB)"]
+                                       if budget_bytes is not None else []))
     entry: dict = {}
     try:
         with run.record(EXPORT_GGUF_CHOICE, to_dict(c), inputs) as entry:
             entry["metrics"]["candidates"] = rows
             if not good:
-                raise GateFailed(f"no quant both passed its gates (general and task) and fits {profile.name} "
-                                 f"({usable / 2**20:.0f} MiB usable at context {c.context})")
+                raise GateFailed(f"no quant both passed its gates (general and task) and {within}")
             best = good[0]
             entry["metrics"]["chosen"] = best["quant"]
             entry["outputs"] = [e["outputs"][0] for e in entries if e["inputs"]["quant"] == best["quant"]]
-            entry["note"] = (f"{best['quant'].upper()} for {profile.name}: smallest that passed its gates and fits "
-                             f"({best['need_bytes'] / 2**20:.0f} of {usable / 2**20:.0f} MiB usable)")
+            why = "least KL vs the unquantized GGUF of those" if budget_bytes is not None else "smallest"
+            entry["note"] = f"{best['quant'].upper()}: {why} that passed its gates and {within}"
     except GateFailed as e:
         return entry, str(e)
     return entry, None
+
+
+def _budget_bytes(budget: Budget, c: GGUFExportConfig, profile, source: Path, ref_path: Path, paths: dict,
+                  table: dict | None) -> int:
+    """--budget in bytes of the whole GGUF. A stock recipe's size is its dry run's here (0.01 MiB), to pick the
+    nearest stock recipe; the file's own once it is made, for the mixed recipe and the choice."""
+    from gguf import GGUFReader
+
+    if budget.kind == "bytes":
+        return int(budget.value)
+    if budget.kind == "stock":
+        return stock_size(ref_path, str(budget.value), table)
+    if budget.kind == "bpw":  # bits per weight of the tensors, as llama.cpp counts them; the header on top
+        reader = GGUFReader(ref_path)
+        header = ref_path.stat().st_size - sum(int(t.n_bytes) for t in reader.tensors)
+        return int(header + budget.value * sum(int(t.n_elements) for t in reader.tensors) / 8)
+    from ..devices import fits, memory_need
+
+    config = json.loads((source / "config.json").read_text())
+    usable = fits(profile, 0, int(c.device_ram_gb * 2**30) if c.device_ram_gb else None)[1]
+    left = usable - memory_need(0, config, c.context)
+    if left <= 0:
+        raise EdgeftError(f"--budget device: {profile.name} has {usable / 2**20:.0f} MiB usable, and the KV cache "
+                          f"for --context {c.context} and the runtime take it all; lower --context")
+    return left
+
+
+def nearest_stock(ref_path: Path, budget_bytes: int, table: dict | None) -> str:
+    """The stock recipe (other than Q4_K_M, always compared) whose size is nearest the budget (dry runs)."""
+    sizes = {q: stock_size(ref_path, q, table) for q in QUANT_TYPES if q != "q4_k_m"}
+    return min(sizes, key=lambda q: abs(sizes[q] - budget_bytes))
+
+
+def mixed_writer(c: GGUFExportConfig, budget: Budget, budget_bytes: int, ref_path: Path, ref: LlamaCpp, tokens,
+                 task, table: dict | None, out_dir: Path, entries: list[dict], paths: dict, n_ctx: int, tokenizer,
+                 label: str, reference_type: str, ref_task: dict | None):
+    """(write, extra) for the mixed GGUF's measure(): write chooses the recipe and has llama.cpp write it
+    (again from the same measurements, a little smaller, if the file came out over the budget); extra records
+    the recipe against what llama.cpp stored, and the stock recipes measured on the same ids."""
+    from . import mixed
+
+    state: dict = {}
+
+    def write(tmp: Path, entry: dict) -> None:
+        target = budget_bytes
+        recipe = mixed.choose(ref_path, ref, target, tokens, task, c.window, c.stride, c.threads, table, out_dir,
+                              bar)
+        for _ in range(4):
+            with activity(f"quantize {ref_path.name} → mixed recipe ({recipe.predicted_bytes / 2**20:.2f} MiB "
+                          f"predicted, budget {target / 2**20:.2f} MiB)"):
+                quantize(ref_path, tmp, "q8_0", c.threads, imatrix=table, types=recipe.types)
+            over = tmp.stat().st_size - target
+            if over <= 0:
+                break
+            recipe = recipe.refit(recipe.predicted_bytes - over - 4096)
+        else:
+            raise EdgeftError(f"the mixed recipe's file stayed over the budget ({tmp.stat().st_size} > {target} "
+                              f"bytes)")
+        state["recipe"] = recipe
+        entry["metrics"]["mixed"] = {
+            "budget": budget.spec, "budget_bytes": target, "predicted_bytes": recipe.predicted_bytes,
+            "bytes": tmp.stat().st_size, "predicted_loss": float(f"{recipe.predicted_loss:.4g}"),
+            "recipe": dict(sorted(recipe.types.items())), **recipe.metrics}
+
+    def extra(entry: dict) -> None:
+        from gguf import GGUFReader
+
+        recipe, info = state["recipe"], entry["metrics"]["mixed"]
+        stored = {t.name: t.tensor_type.name.lower() for t in GGUFReader(paths[MIXED]).tensors}
+        info["stored_differently"] = {n: stored.get(n) for n, ty in recipe.types.items() if stored.get(n) != ty}
+        task_kl = (entry.get("task") or {}).get("kl_mean") or 0.0
+        info["measured_loss"] = float(f"{entry['metrics']['kl_mean'] + task_kl:.4g}")
+        info["loss"] = "held-out KL + task-answer KL vs the unquantized GGUF (predicted: on the probe's ids)"
+        rows = [_stock_row(e, e["metrics"].get("imatrix") is not None) for e in entries
+                if e["inputs"]["quant"] in QUANT_TYPES and e.get("outputs")]
+        if table:  # Q4_K_M without the importance matrix too: how much the matrix alone buys
+            rows.append(_unguided_q4km(c, ref_path, ref, out_dir, tokens, task, tokenizer, label, reference_type,
+                                       n_ctx, ref_task))
+        mine = entry["metrics"]["kl_mean"]
+        for r in rows:
+            r["kl_ratio"] = round(mine / r["kl_mean"], 4) if r["kl_mean"] else None
+        info["stock"] = rows
+
+    return write, extra
+
+
+def _stock_row(e: dict, imatrix: bool, gated: bool = True) -> dict:
+    task = e.get("task") or {}
+    return {"quant": e["inputs"]["quant"], "imatrix": imatrix, "bytes": e["outputs"][0]["bytes"],
+            "kl_mean": e["metrics"]["kl_mean"], "top1_agreement": e["metrics"]["top1_agreement"],
+            "ppl_rise": e["metrics"]["ppl_rise"], "task_ppl_change": task.get("ppl_change"),
+            "task_kl_mean": task.get("kl_mean"), "exact_match": task.get("exact_match"),
+            "gates_passed": (e["status"] == "ok" and passed(e)) if gated else None}
+
+
+def _unguided_q4km(c: GGUFExportConfig, ref_path: Path, ref: LlamaCpp, out_dir: Path, tokens, task, tokenizer,
+                   label: str, reference_type: str, n_ctx: int, ref_task: dict | None) -> dict:
+    """Stock Q4_K_M quantized without the importance matrix, measured like every artifact on the same ids (its
+    file is not kept and it is not gated: a comparison, not a candidate)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".unguided-") as tmp:
+        path = Path(tmp) / "q4_k_m.gguf"
+        with activity(f"quantize {ref_path.name} → q4_k_m without the importance matrix (comparison)"):
+            quantize(ref_path, path, "q4_k_m", c.threads)
+        model = LlamaCpp(path, n_ctx=n_ctx, threads=c.threads, trusted=True)
+        with bar("llama.cpp Q4_K_M (no imatrix) vs reference") as update:
+            cmp = compare(ref, model, tokens.ids, c.window, c.stride, progress=update,
+                          backends=("llama.cpp", "llama.cpp"), bos=tokens.bos)
+        scratch: dict = {"metrics": {"kl_mean": cmp.kl_mean, "top1_agreement": cmp.top1_agreement,
+                                     "ppl_rise": round(cmp.change, 6)}, "inputs": {"quant": "q4_k_m"},
+                         "outputs": [{"bytes": path.stat().st_size}]}
+        if task:
+            record_quant_task(scratch, task, ref, model, _answer_fn(model), tokenizer, "llama.cpp", c,
+                              f"GGUF Q4_K_M no imatrix ({label})", ref_task or {}, reference_type, None, "q4_k_m",
+                              task_gate_limits(c, ["q4_k_m"]))
+        model.close()
+    return _stock_row(scratch, False, gated=False)
 
 
 def _training_rows(run_dir: Path, tokenizer) -> list[list[int]]:

@@ -1,0 +1,180 @@
+"""--quant auto --budget: a per-tensor recipe chosen from the run's data, written by llama.cpp, gated and
+compared with the stock recipes on the same ids (real llama.cpp, tiny models; the default model in slow)."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from gguf import GGUFReader
+
+from edgeft.cli import cli
+from edgeft.merge import MergeConfig, merge
+
+from .conftest import WINDOW, assert_one_line_error, needs_cross, train_tiny
+from .test_smoke import assert_decided
+
+
+def _export(*args):
+    result = CliRunner().invoke(cli, ["export", *args, "--json", *WINDOW])
+    return result, (json.loads(result.output.strip().splitlines()[-1]) if result.exit_code in (0, 3) else None)
+
+
+@pytest.fixture(scope="module")
+def qwen2_run(tiny_qwen2, tmp_path_factory):
+    """A merged fine-tune of the tiny Qwen2 (another family than the default model's Llama, untied head)."""
+    run = train_tiny(tiny_qwen2, tmp_path_factory.mktemp("mixed") / "qwen2", lr=1e-2, max_steps=4).run
+    merge(MergeConfig(adapter=str(run), dtype="float32", window=128, stride=128))
+    return run
+
+
+def test_budget_recipe_fits_and_is_what_llama_cpp_stored(qwen2_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(qwen2_run, run)
+    result, entries = _export("--run", str(run), "--quant", "f16,auto", "--budget", "q4_k_m", "--max-ppl-rise", "100")
+    assert result.exit_code == 0, result.output
+    quants = [e["inputs"]["quant"] for e in entries[:-1]]
+    assert quants[0] == "f16" and quants[1] == "q4_k_m" and quants[-1] == "mixed" and len(quants) == 4
+    mixed, choice = entries[-2], entries[-1]
+    info = mixed["metrics"]["mixed"]
+    stock = next(e for e in entries if e["inputs"]["quant"] == "q4_k_m")
+    assert info["budget_bytes"] == stock["outputs"][0]["bytes"] >= mixed["outputs"][0]["bytes"]
+    assert info["stored_differently"] == {}
+    (path,) = (run / "gguf").glob("*-MIXED.gguf")
+    stored = {t.name: t.tensor_type.name.lower() for t in GGUFReader(path).tensors}
+    assert all(stored[n] == t for n, t in info["recipe"].items())
+    # the allocation's own gain: at Q4_K_M's bytes, less KL than stock Q4_K_M with the same imatrix and without
+    same, plain = (next(r for r in info["stock"] if r["quant"] == "q4_k_m" and r["imatrix"] == imx)
+                   for imx in (True, False))
+    assert plain["gates_passed"] is None and same["gates_passed"]
+    assert mixed["metrics"]["kl_mean"] <= 0.7 * same["kl_mean"] and mixed["metrics"]["kl_mean"] <= 0.5 * plain["kl_mean"]
+    assert mixed["task"]["exact_match"] >= same["exact_match"] and mixed["status"] == "ok"
+    assert choice["metrics"]["chosen"] == "mixed" and choice["inputs"]["budget_bytes"] == info["budget_bytes"]
+    assert info["probe"]["task_items"] > 0 and info["predicted_loss"] > 0 and info["measured_loss"] > 0
+    # the frontier panel of the report: every GGUF, the unguided comparison and the budget's cut
+    from edgeft.report import figure
+
+    frontier = figure(json.loads((run / "manifest.json").read_text())).axes[7]
+    texts = " ".join(t.get_text() for t in frontier.texts)
+    assert "mixed (KL" in texts and "q4_k_m (no imatrix)" in texts and "budget" in texts
+
+    # ~15% under Q4_K_M's size: still within the budget, every gate (Q4's task gates included) passes
+    under = int(stock["outputs"][0]["bytes"] * 0.85)
+    result, entries = _export("--run", str(run), "--quant", "f16,auto", "--budget", str(under), "--max-ppl-rise", "100",
+                              "--overwrite")
+    assert result.exit_code == 0, result.output
+    small = next(e for e in entries[:-1] if e["inputs"]["quant"] == "mixed")
+    assert small["outputs"][0]["bytes"] <= under and small["status"] == "ok"
+    assert [g["passed"] for g in small["gates"]] == [True] * len(small["gates"]) and len(small["gates"]) == 3
+
+
+def test_budget_is_refused_in_one_line_before_any_work(tiny_llama, tmp_path):
+    common = ["export", "--model", str(tiny_llama), "--run", str(tmp_path / "r")]
+    for args, needle in ((["--quant", "f16,q4_0", "--budget", "1MiB"], "--quant auto"),
+                         (["--quant", "auto", "--budget", "lots"], "--budget lots"),
+                         (["--quant", "auto", "--budget", "40bpw"], "between 1.5 and 16"),
+                         (["--quant", "auto", "--budget", "device"], "--device")):
+        assert_one_line_error(CliRunner().invoke(cli, common + args), needle)
+    assert not (tmp_path / "r" / "gguf").exists()
+
+
+@pytest.mark.slow
+@needs_cross
+def test_mixed_gguf_served_by_llama_server_and_smoked_on_the_emulated_board(tiny_adapter_run, board, tmp_path):
+    """The mixed GGUF needs no edgeft code to run: the board build's llama-server (aarch64, under qemu behind the
+    loopback sshd) serves it and answers as the host's llama.cpp does, and `smoke --emulate` passes its gates."""
+    import socket
+
+    from edgeft.devices import serve
+    from edgeft.devices.ssh import Remote
+    from edgeft.llamacpp import LlamaCpp
+    from edgeft.models import load_tokenizer
+    from edgeft.task import read_task_set
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_adapter_run, run)
+    merge(MergeConfig(adapter=str(run), dtype="float32", window=128, stride=128))
+    result, _ = _export("--run", str(run), "--quant", "f16,auto", "--budget", "q4_k_m", "--max-ppl-rise", "100")
+    assert result.exit_code == 0, result.output
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dest = str(tmp_path / "board")
+    ssh = ["--host", "board", "--ssh-config", board.config, "--dest", dest]
+    remote = Remote("board", board.config)
+    try:
+        deployed = CliRunner().invoke(cli, ["deploy", str(run), "--device", "rpi5", "--emulate", "--quant", "mixed",
+                                            "--serve", "--serve-port", str(port), *ssh])
+        assert deployed.exit_code == 0, deployed.output
+        item = read_task_set(run, load_tokenizer(run / "merged")).items[0]
+        (path,) = (run / "gguf").glob("*-MIXED.gguf")
+        host = LlamaCpp(path, n_ctx=256)
+        want = host.generate(item.prompt, 16)[0]
+        host.close()
+        with remote.tunnel(port) as local:
+            got = serve.Client(local).complete(item.prompt, 16, [])["tokens"]
+        assert got[:8] == want[:8]
+    finally:
+        serve.stop(remote, port)
+    smoked = CliRunner().invoke(cli, ["smoke", str(run), "--device", "rpi5", "--emulate", "--quant", "mixed",
+                                      *ssh, "--json"])
+    entry = json.loads((run / "manifest.json").read_text())["steps"][-1]
+    assert entry["step"] == "smoke" and entry["inputs"]["quant"] == "mixed" and entry["inputs"]["mode"] == "emulated"
+    assert_decided(smoked, entry)  # the perplexity gate passed; a random tiny model's answer decides the exit
+
+
+def _tensor(name, layer, kind, errors, nbytes):
+    from edgeft.export.mixed import Tensor
+
+    t = Tensor(name, 64, 64, max(nbytes.values()), layer, kind, list(errors))
+    t.error, t.bytes = dict(errors), dict(nbytes)
+    return t
+
+
+def test_allocation_is_the_least_predicted_loss_within_the_bytes():
+    """The greedy walk along each tensor's convex hull against every assignment of a small case, over budgets."""
+    import itertools
+
+    from edgeft.export.mixed import _pad, allocate
+
+    types = {"q4_0": 320, "q5_0": 384, "q8_0": 544, "f16": 1024}
+    errors = [{"q4_0": 9.0, "q5_0": 2.5, "q8_0": 0.2, "f16": 0.0}, {"q4_0": 4.0, "q5_0": 1.0, "q8_0": 0.1, "f16": 0.0},
+              {"q4_0": 20.0, "q5_0": 6.0, "q8_0": 0.5, "f16": 0.0}]
+    tensors = [_tensor(f"blk.{i}.w.weight", f"blk.{i}", "w", e, types) for i, e in enumerate(errors)]
+    scales = {t.name: s for t, s in zip(tensors, (1.0, 3.0, 0.5))}
+    for budget in range(960, 3 * 1024 + 1, 32):
+        chosen = allocate(tensors, scales, budget)
+        used = sum(_pad(t.bytes[chosen[t.name]]) for t in tensors)
+        loss = sum(scales[t.name] * t.error[chosen[t.name]] for t in tensors)
+        best = min(sum(scales[t.name] * t.error[c] for t, c in zip(tensors, combo))
+                   for combo in itertools.product(types, repeat=3)
+                   if sum(_pad(types[c]) for c in combo) <= budget)
+        assert used <= budget
+        # the hull walk is the Lagrangian solution: optimal at the hull's corners, within one step between them
+        assert loss <= best + max(scales[t.name] * (t.error["q4_0"] - t.error["q5_0"]) for t in tensors)
+    with pytest.raises(Exception, match="--budget"):
+        allocate(tensors, scales, 900)
+
+
+def test_layer_and_kind_scales_are_recovered_from_the_probes():
+    """Probe results made from known per-layer and per-kind scales give those scales back (up to the shared
+    factor), and a deep model's neighbouring layers share a probe."""
+    from edgeft.export.mixed import BASE_TYPE, PROBE_TYPE, fit_scales, probes_for
+
+    layer_scale = [4.0, 1.0, 0.5, 2.0]
+    kind_scale = {"attn_v": 3.0, "attn_q": 0.2, "ffn_down": 1.0}
+    tensors = [_tensor(f"blk.{i}.{k}.weight", f"blk.{i}", k, {PROBE_TYPE: 1.0 + i + len(k), BASE_TYPE: 0.1},
+                       {PROBE_TYPE: 320, BASE_TYPE: 544}) for i in range(4) for k in kind_scale]
+    probes = probes_for(tensors)
+    truth = {t.name: layer_scale[int(t.layer[4])] * kind_scale[t.kind] for t in tensors}
+    for p in probes:
+        p.kl = 0.01 + sum(truth[n] * (next(t for t in tensors if t.name == n).error[PROBE_TYPE] - 0.1)
+                          for n in p.tensors)
+    got = fit_scales(tensors, probes, iterations=200)
+    ratio = [got[t.name] / truth[t.name] for t in tensors]
+    assert max(ratio) / min(ratio) < 1.01
+
+    deep = [_tensor(f"blk.{i}.attn_v.weight", f"blk.{i}", "attn_v", {PROBE_TYPE: 1.0, BASE_TYPE: 0.1},
+                    {PROBE_TYPE: 320, BASE_TYPE: 544}) for i in range(30)]
+    names = [p.name for p in probes_for(deep)]
+    assert names[:3] == ["base", "blk.0-1", "blk.2-3"] and len(names) == 1 + 15 + 1

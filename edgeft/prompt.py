@@ -49,12 +49,20 @@ def apply_template(tokenizer, messages: list[dict], generation_prompt: bool, tok
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
         raise EdgeftError(f"{tokenizer.name_or_path}: its chat template fails ({type(e).__name__}: "
                           f"{first_line(e)}); fix chat_template in the model folder") from None
-    return out["input_ids"] if tokenize else out
+    out = out["input_ids"] if tokenize else out
+    if len(out) > RENDER_LENGTH:
+        raise EdgeftError(f"{tokenizer.name_or_path}: its chat template rendered one conversation as {len(out):,} "
+                          f"{'tokens' if tokenize else 'characters'}, more than {RENDER_LENGTH:,} (a loop that writes "
+                          f"without end?); fix chat_template in the model folder")
+    return out
 
 
 # A chat template is code from the model folder: Jinja's sandbox keeps it from the system, but not from looping
 # for hours (nested range() loops). One conversation renders in milliseconds; this is far past any real one.
 RENDER_SECONDS = 10
+# And not past this length (characters, or tokens): far beyond any conversation a small model takes (128k tokens
+# of context is about 500k characters), and before a template's output is handed to the tokenizer.
+RENDER_LENGTH = 4_000_000
 
 
 class _TooSlow(Exception):

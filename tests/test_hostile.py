@@ -232,6 +232,21 @@ def test_a_chat_template_that_loops_for_hours_is_stopped_in_one_line(tiny_tokeni
     assert time.monotonic() - start < RENDER_SECONDS + 5
 
 
+@pytest.mark.parametrize("tokenize", [False, True])
+def test_a_chat_template_that_writes_without_end_is_stopped_by_length(tiny_tokenizer, monkeypatch, tokenize):
+    from transformers import AutoTokenizer
+
+    from edgeft import prompt
+    from edgeft.prompt import apply_template
+
+    monkeypatch.setattr(prompt, "RENDER_LENGTH", 100_000)  # the limit's value is not what is tested
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    tok.chat_template = "{% for i in range(300) %}{{ 'lorem ipsum ' * 100 }}{% endfor %}"  # 360,000 characters
+    with pytest.raises(EdgeftError, match=f"rendered one conversation as .* {'tokens' if tokenize else 'characters'}, "
+                                          f"more than 100,000"):
+        apply_template(tok, [{"role": "user", "content": "hi"}], True, tokenize=tokenize)
+
+
 def test_columns_naming_a_column_the_file_lacks_is_one_line(tiny_llama, tmp_path):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(4)))

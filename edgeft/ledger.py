@@ -56,7 +56,7 @@ ENTRY_SCHEMA = {
     "metrics": {"kl_mean": NUM, "top1_agreement": NUM, "ppl_rise": NUM, "loss_curve": [NUM[:2]],
                 "tensor_types": {"*": (int,)}, "bench": {"tg_tokens_per_s": (int, float), "pp_tokens_per_s": NUM},
                 "decode_bound_tokens_per_s": NUM, "boards": [_FLEET_ROW], "rows": [_METHOD_ROW],
-                "served_answers": {"exact_match": NUM, "host_exact_match": NUM, "identical_to_host": (bool, None),
+                "served_answers": {"exact_match": NUM, "host_exact_match": NUM, "identical_to_host": (int, None),
                                    "items": (int, None), "decode_tokens_per_s": NUM},
                 "switching": {"switch_cost_ms": NUM}, "memory": {"ratio": NUM}},
     "config": {"*": (str, int, float, bool, list, dict, None)}, "versions": {"*": TEXT},

@@ -28,6 +28,7 @@ import base64
 import html
 import io
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -206,7 +207,7 @@ def _loss(ax, manifest: dict) -> None:
     if not train:
         _nothing(ax, "no training step in this run")
         return
-    curve = train["metrics"]["loss_curve"]
+    curve = [math.nan if x is None else x for x in train["metrics"]["loss_curve"]]  # a non-finite loss is null
     ax.plot(range(1, len(curve) + 1), curve, marker="o", ms=3)
     ax.set_xlim(0, len(curve) + 1)
     ax.set_ylim(bottom=0)

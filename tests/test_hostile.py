@@ -568,3 +568,13 @@ def test_a_model_folder_with_its_own_code_never_runs_it(tiny_llama, tmp_path):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0, result.output
         assert not marker.exists()
+
+
+def test_a_training_loss_that_was_not_finite_is_shown_not_refused(tiny_adapter_run, tmp_path):
+    """A NaN loss is written as null (strict JSON): the ledger holding it is still a ledger, and report draws it."""
+    run = Path(shutil.copytree(tiny_adapter_run, tmp_path / "run"))
+    doc = json.loads((run / "manifest.json").read_text())
+    next(e for e in doc["steps"] if e["step"] == "train")["metrics"]["loss_curve"][1] = None
+    (run / "manifest.json").write_text(json.dumps(doc))
+    for result in _show_and_report(run):
+        assert result.exit_code == 0, result.output

@@ -218,3 +218,24 @@ def tiny_merged_task_run(tiny_adapter_run, tmp_path_factory) -> Path:
     shutil.copytree(tiny_adapter_run, run)
     merge(MergeConfig(adapter=str(run), dtype="float32", window=128, stride=128))
     return run
+
+
+def free_serve_port() -> int:
+    """A port for a board's server where the next port is free too (smoke measures one model on port + 1). Taken
+    below the kernel's ephemeral range: on a loopback board, the ssh connections and tunnels of the same test
+    take ephemeral ports, and one of them on port + 1 kept the measuring server from binding."""
+    import random
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low - 2)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two free ports next to each other below the ephemeral range")

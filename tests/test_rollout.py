@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,11 @@ from edgeft.cli import cli
 from edgeft.devices import serve
 from edgeft.devices.ssh import Remote
 
-from .conftest import WINDOW, needs_cross, train_tiny
+from .conftest import WINDOW, free_serve_port, needs_cross, train_tiny
 
 pytestmark = [pytest.mark.slow, needs_cross]
 
 QUESTIONS = [f"Is item {i} on the list? Answer yes or no." for i in range(24)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _export(run: Path) -> None:
@@ -63,7 +56,7 @@ def models(tiny_llama, tmp_path_factory):
 def _fleet(tmp_path: Path, board, names=("canary", "second", "third")) -> tuple[Path, list[dict]]:
     """Three boards on the one sshd (two of its ports), each its own folder and server port."""
     boards = [{"name": n, "host": ("board", "board2")[i % 2], "device": "rpi5", "ssh_config": board.config,
-               "emulate": True, "dest": str(tmp_path / n), "serve_port": _free_port()} for i, n in enumerate(names)]
+               "emulate": True, "dest": str(tmp_path / n), "serve_port": free_serve_port()} for i, n in enumerate(names)]
     hosts = tmp_path / "fleet.yaml"
     hosts.write_text(yaml.safe_dump({"boards": boards}))
     return hosts, boards

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 
 import pytest
 import yaml
@@ -16,17 +15,11 @@ from edgeft.cli import cli
 from edgeft.devices import serve
 from edgeft.devices.ssh import Remote
 
-from .conftest import WINDOW, assert_one_line_error, needs_cross, train_tiny
+from .conftest import WINDOW, assert_one_line_error, free_serve_port, needs_cross, train_tiny
 
 # The board's tests run the aarch64 build under qemu behind the loopback sshd (slow tier); the fleet file's
 # checks and the systemd unit's are fast.
 on_the_board = [pytest.mark.slow, needs_cross]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +53,7 @@ def _ssh(board, *args):
 @on_the_board[1]
 def test_one_base_two_adapters_served_and_switched_per_request(two_adapters, tiny_llama, board, tmp_path):
     demo, dates = two_adapters
-    port = _free_port()
+    port = free_serve_port()
     dest = str(tmp_path / "served")
     common = ["--adapters", f"{demo},{dates}", "--device", "rpi5", "--emulate", "--serve-port", str(port),
               "--dest", dest, *_ssh(board)]
@@ -214,7 +207,7 @@ def test_a_python_caller_that_sets_hosts_gets_a_fleet(tiny_export_run, copy_run,
     run = copy_run(tiny_export_run)
     hosts = tmp_path / "fleet.yaml"
     hosts.write_text(yaml.safe_dump({"boards": [{"name": "gone", "host": "127.0.0.1", "device": "rpi5",
-                                                 "port": _free_port()}]}))  # nothing listens there
+                                                 "port": free_serve_port()}]}))  # nothing listens there
     with pytest.raises(EdgeftError) as raised:
         deploy(DeployConfig(run=str(run), hosts=str(hosts), quant="q8_0", connect_timeout=5))
     assert not isinstance(raised.value, GateFailed) and "1 of 1 boards failed: gone" in str(raised.value)

@@ -74,8 +74,12 @@ def test_default_model_fp32_int8_int4(default_model, tmp_path):
     fp32, int8, int4 = json.loads(result.output.strip().splitlines()[-1])
     assert fp32["gate"]["value"] < 0.001 and fp32["metrics"]["greedy_identical_to_hf"]
     assert "Paris" in fp32["metrics"]["sample"]["answer"]
-    assert int8["gate"]["passed"] and int8["metrics"]["kl_mean"] < int4["metrics"]["kl_mean"]
+    assert int8["gate"]["passed"] and int8["metrics"]["quantization"]["algorithm"] == "rtn"
+    # int4 is HQQ with the head at int8 by default. On this model its KL vs fp32 came out below int8's
+    # round-to-nearest (0.00137 vs 0.00441, 2026-12-07), so the two are no longer ordered here; each is gated.
+    assert int4["metrics"]["quantization"] == {**int4["metrics"]["quantization"], "algorithm": "hqq", "head": "int8"}
     assert int4["status"] == "ok" and int4["outputs"][0]["bytes"] < int8["outputs"][0]["bytes"]
+    assert 0 < int4["metrics"]["kl_mean"] and 0 < int8["metrics"]["kl_mean"]
 
 
 def test_every_onnx_artifact_records_the_task_against_the_merged_model(tiny_merged_task_run, tmp_path):

@@ -138,6 +138,15 @@ def check_ssh_config(config: str, where: str, depth: int = 0) -> None:
                     check_ssh_config(included, f"{where} {config} (Include)", depth + 1)
 
 
+def boards_of(c, what: str) -> list[Board]:
+    """The boards a command names: those of --hosts FLEET.yaml, or the one --host (with --device)."""
+    if c.hosts:
+        return read_hosts(c.hosts)
+    if c.host:
+        return [Board(name=c.host, host=c.host, device=c.device)]
+    raise EdgeftError(f"{what}: which boards? pass --hosts FLEET.yaml or --host user@board")
+
+
 def board_config(c, board: Board):
     """The step's config for one board: its host, profile and ssh settings over the command's."""
     changes = {"host": board.host, "device": board.device, "hosts": "", "emulate": board.emulate or c.emulate}

@@ -30,7 +30,7 @@ from ..errors import EdgeftError, GateFailed
 from ..gates import TASK_PPL_GATE_OTHER, TASK_PPL_GATES, Gate, parse_gates
 from ..run import ROLLBACK, ROLLOUT, ROLLOUT_SWITCH, ROLLOUT_WAVE, Run, what_to_serve
 from . import serve, versions
-from .fleet import Board, board_config, read_hosts
+from .fleet import Board, board_config, boards_of, read_hosts
 
 
 def plan_waves(spec: str, boards: int) -> list[int]:
@@ -332,12 +332,7 @@ def rollback(c) -> dict:
 
     from ..ledger import now
 
-    if c.hosts:
-        boards = read_hosts(c.hosts)
-    elif c.host:
-        boards = [Board(name=c.host, host=c.host, device=c.device)]
-    else:
-        raise EdgeftError("--rollback: which boards? pass --hosts FLEET.yaml or --host user@board")
+    boards = boards_of(c, "--rollback")
     start, started = time.perf_counter(), now()
     rows = _pool(c, lambda b: switch_back(c, b, None, "rolled_back"), boards)
     inputs = {"hosts": str(Path(c.hosts).resolve()) if c.hosts else None, "host": c.host or None,

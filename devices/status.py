@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ..errors import EdgeftError
 from . import serve, versions
-from .fleet import Board, board_config, read_hosts
+from .fleet import Board, board_config, boards_of
 from .ssh import SSHOptions
 
 
@@ -28,12 +28,7 @@ class StatusConfig(SSHOptions):
 
 
 def status(c: StatusConfig) -> list[dict]:
-    if c.hosts:
-        boards = read_hosts(c.hosts)
-    elif c.host:
-        boards = [Board(name=c.host, host=c.host, device=c.device)]
-    else:
-        raise EdgeftError("status: which boards? pass --hosts FLEET.yaml or --host user@board")
+    boards = boards_of(c, "status")
     with ThreadPoolExecutor(max_workers=max(1, c.parallel)) as pool:
         return list(pool.map(lambda b: board_status(c, b), boards))
 

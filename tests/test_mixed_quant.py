@@ -178,3 +178,19 @@ def test_layer_and_kind_scales_are_recovered_from_the_probes():
                     {PROBE_TYPE: 320, BASE_TYPE: 544}) for i in range(30)]
     names = [p.name for p in probes_for(deep)]
     assert names[:3] == ["base", "blk.0-1", "blk.2-3"] and len(names) == 1 + 15 + 1
+
+
+def test_task_answers_weigh_as_much_as_the_held_out_text():
+    """Task answers are near-certain, so the same damage raises their KL ~10x less than the text's; unweighted,
+    the demo's mixed recipe came out 0.14x Q4_K_M's held-out KL but 6.5x its task KL. The weight is what the
+    probes raised the text by over what they raised the task by, so both count alike in the recipe's loss."""
+    from edgeft.export.mixed import Probe, task_weight
+
+    probes = [Probe("base", [], kl=0.004, task_kl=0.0002), Probe("blk.0", ["a"], kl=0.014, task_kl=0.0007),
+              Probe("attn_v", ["b"], kl=0.064, task_kl=0.0037), Probe("blk.1", ["c"], kl=0.003, task_kl=0.0001)]
+    weight = task_weight(probes)
+    assert weight == pytest.approx((0.010 + 0.060) / (0.0005 + 0.0035))
+    for p in probes:
+        p.task_weight = weight
+    assert probes[1].loss == pytest.approx(0.014 + weight * 0.0007)
+    assert task_weight([Probe("base", [], kl=0.01), Probe("blk.0", ["a"], kl=0.02)]) == 1.0  # no task: text only

@@ -490,8 +490,10 @@ def mixed_writer(c: GGUFExportConfig, budget: Budget, budget_bytes: int, ref_pat
         stored = {t.name: t.tensor_type.name.lower() for t in GGUFReader(paths[MIXED]).tensors}
         info["stored_differently"] = {n: stored.get(n) for n, ty in recipe.types.items() if stored.get(n) != ty}
         task_kl = (entry.get("task") or {}).get("kl_mean") or 0.0
-        info["measured_loss"] = float(f"{entry['metrics']['kl_mean'] + task_kl:.4g}")
-        info["loss"] = "held-out KL + task-answer KL vs the unquantized GGUF (predicted: on the probe's ids)"
+        weight = info["probe"].get("task_weight", 1.0)
+        info["measured_loss"] = float(f"{entry['metrics']['kl_mean'] + weight * task_kl:.4g}")
+        info["loss"] = (f"held-out KL + {weight:g} × task-answer KL vs the unquantized GGUF (predicted: on the "
+                        f"probe's ids)")
         rows = [_stock_row(e, e["metrics"].get("imatrix") is not None) for e in entries
                 if e["inputs"]["quant"] in QUANT_TYPES and e.get("outputs")]
         if table:  # Q4_K_M without the importance matrix too: how much the matrix alone buys

@@ -140,18 +140,28 @@ class LlamaCpp:
         self.llm.close()
 
 
+# The file type a header names for a file whose tensors are mostly of one ggml type (what `llama-cli`, Ollama and
+# `show` print as the model's quantization); the mixed recipe's header names its bulk type, not q8_0.
+FILE_TYPE_OF = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+                "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0", "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
+                "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
+                "q3_k": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+                "q5_k": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+
+
 def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatrix: dict | None = None,
-             types: dict[str, str] | None = None, requantize: bool = False) -> None:
+             types: dict[str, str] | None = None, requantize: bool = False, file_type: str | None = None) -> None:
     """llama.cpp's quantization of `src` into `dst`, optionally guided by an importance matrix
     (edgeft.imatrix: GGUF tensor name -> mean squared input per column). `types` (GGUF tensor name -> ggml type
     name, e.g. 'q5_0') overrides llama.cpp's choice for those tensors (its `tt_overrides`, what llama-quantize's
-    --tensor-type passes); `quant` still decides the others and the file type the header names."""
+    --tensor-type passes); `quant` still decides the others and, unless `file_type` (a FILE_TYPE_OF key) says
+    otherwise, the file type the header names."""
     import llama_cpp
 
     if quant not in QUANT_TYPES:
         raise EdgeftError(f"--quant {quant}: use f16, bf16, f32 or one of {', '.join(QUANT_TYPES)}")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
+    params.ftype = getattr(llama_cpp, FILE_TYPE_OF[file_type] if file_type else QUANT_TYPES[quant])
     params.nthread = _threads(threads)
     params.allow_requantize = requantize
     keep = None

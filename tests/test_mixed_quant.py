@@ -43,6 +43,7 @@ def test_budget_recipe_fits_and_is_what_llama_cpp_stored(qwen2_run, tmp_path):
     (path,) = (run / "gguf").glob("*-MIXED.gguf")
     stored = {t.name: t.tensor_type.name.lower() for t in GGUFReader(path).tensors}
     assert all(stored[n] == t for n, t in info["recipe"].items())
+    assert_header_names_bulk_type(path, info["recipe"])
     # the allocation's own gain: at Q4_K_M's bytes, less KL than stock Q4_K_M with the same imatrix and without
     same, plain = (next(r for r in info["stock"] if r["quant"] == "q4_k_m" and r["imatrix"] == imx)
                    for imx in (True, False))
@@ -66,6 +67,24 @@ def test_budget_recipe_fits_and_is_what_llama_cpp_stored(qwen2_run, tmp_path):
     small = next(e for e in entries[:-1] if e["inputs"]["quant"] == "mixed")
     assert small["outputs"][0]["bytes"] <= under and small["status"] == "ok"
     assert [g["passed"] for g in small["gates"]] == [True] * len(small["gates"]) and len(small["gates"]) == 3
+    assert_header_names_bulk_type(path, small["metrics"]["mixed"]["recipe"])
+
+
+def assert_header_names_bulk_type(path, recipe):
+    """The header's file type is the type most of the recipe's quantized bytes are in (before, q8_0 whatever was
+    chosen: `show`, llama-cli and Ollama printed Q8_0 for a mostly 4-bit file)."""
+    import llama_cpp
+
+    from edgeft.llamacpp import FILE_TYPE_OF
+
+    reader = GGUFReader(path)
+    held = {}
+    for t in reader.tensors:
+        ty = t.tensor_type.name.lower()
+        if t.name in recipe and ty in FILE_TYPE_OF:
+            held[ty] = held.get(ty, 0) + int(t.n_bytes)
+    bulk = max(held, key=held.get)
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == getattr(llama_cpp, FILE_TYPE_OF[bulk]), bulk
 
 
 def test_budget_is_refused_in_one_line_before_any_work(tiny_llama, tmp_path):

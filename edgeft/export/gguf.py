@@ -469,7 +469,8 @@ def mixed_writer(c: GGUFExportConfig, budget: Budget, budget_bytes: int, ref_pat
         for _ in range(4):
             with activity(f"quantize {ref_path.name} → mixed recipe ({recipe.predicted_bytes / 2**20:.2f} MiB "
                           f"predicted, budget {target / 2**20:.2f} MiB)"):
-                quantize(ref_path, tmp, "q8_0", c.threads, imatrix=table, types=recipe.types)
+                quantize(ref_path, tmp, "q8_0", c.threads, imatrix=table, types=recipe.types,
+                         file_type=recipe.bulk_type())
             over = tmp.stat().st_size - target
             if over <= 0:
                 break

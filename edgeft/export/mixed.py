@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeftError
-from ..llamacpp import LlamaCpp, QUANT_TYPES, quantize, quantize_rows, row_bytes
+from ..llamacpp import FILE_TYPE_OF, LlamaCpp, QUANT_TYPES, quantize, quantize_rows, row_bytes
 
 # Every type here is a stock llama.cpp type the CPU backends (x86, ARM NEON) run. Block-32 types fit any row
 # that is a multiple of 32; the k-quants need rows that are a multiple of 256 (llama.cpp would otherwise store
@@ -342,6 +342,15 @@ class Recipe:
     scales: dict[str, float]
     fixed: int
     base_loss: float
+
+    def bulk_type(self) -> str:
+        """The quantized type holding most of the recipe's bytes: the one the header's file type names."""
+        held: dict[str, int] = {}
+        for t in self.tensors:
+            ty = self.types[t.name]
+            if ty in FILE_TYPE_OF:
+                held[ty] = held.get(ty, 0) + t.bytes[ty]
+        return max(held, key=held.get) if held else BASE_TYPE
 
     def refit(self, budget_bytes: int) -> "Recipe":
         """The allocation again for another whole-file budget (the written file came out larger than

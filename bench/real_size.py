@@ -15,8 +15,20 @@ RSS is its own (edgeft.converters.compare.measured):
                                                             in a fresh run, so the HF reference is measured
                                                             now (not reused from the merge's ledger); gates:
                                                             tokenizer parity, F16 vs HF 0.1%, Q4_K_M rise
+  with --budget q4_k_m (issue 27), also, in another fresh run from the same merged model:
+  edgeft export --format gguf --model MERGED --quant f16,auto --budget q4_k_m
+                                                            the per-tensor recipe's search (errors, probes,
+                                                            allocation) and the stock recipes it is compared
+                                                            with, every gate; its time and peak RSS are printed
+                                                            as ratios to the stock export's above
+  (--imatrix FILE gives both exports the same importance matrix; without it neither has one)
+  with --onnx fp32,int4 (issue 27), also, in another fresh run:
+  edgeft export --format onnx --model MERGED --quant fp32,int4
+                                                            its peak RSS against the fp32 graph's bytes
+                                                            (goal: at most 2x, inside this machine's 24 GiB)
 Only the held-out token budget is small (--eval-budget); no gate is switched off.
 Goals (issue 12): merge peak under 2x the 16-bit model; merge and export each inside 16 GB at 3B.
+Goals (issue 27): --budget at most 3x the stock export's time, peak RSS at most +20%.
 """
 
 from __future__ import annotations
@@ -102,8 +114,10 @@ def run_shape(shape: str, folder: Path, work: Path, a) -> dict:
     adapter = make_adapter(folder, edgeft_home() / "shapes" / f"{folder.name}-lora-r{a.rank}", a.rank)
     heldout = ["--eval-budget", a.eval_budget, "--window", a.window, "--stride", a.window]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    merge_run, export_run = work / f"{shape}-merge", work / f"{shape}-export"
-    for d in (merge_run, export_run):
+    merge_run, export_run, budget_run = work / f"{shape}-merge", work / f"{shape}-export", work / f"{shape}-budget"
+    onnx_run = work / f"{shape}-onnx"
+    imatrix = ["--imatrix", a.imatrix] if a.imatrix else []
+    for d in (merge_run, export_run, budget_run, onnx_run):
         shutil.rmtree(d, ignore_errors=True)
     print(f"{shape}: edgeft merge ...", flush=True)
     merge = edgeft(["merge", "--adapter", adapter, "--model", folder, "--run", merge_run, *heldout], env,
@@ -112,9 +126,23 @@ def run_shape(shape: str, folder: Path, work: Path, a) -> dict:
     if "failed" not in merge:
         print(f"{shape}: edgeft export --format gguf --quant f16,q4_k_m ...", flush=True)
         export = edgeft(["export", "--format", "gguf", "--model", merge_run / "merged", "--run", export_run,
-                         "--quant", "f16,q4_k_m", *heldout], env, work / f"{shape}-export.log")
+                         "--quant", "f16,q4_k_m", *imatrix, *heldout], env, work / f"{shape}-export.log")
+    budget = None
+    if a.budget and "failed" not in merge:
+        print(f"{shape}: edgeft export --format gguf --quant f16,auto --budget {a.budget} ...", flush=True)
+        budget = edgeft(["export", "--format", "gguf", "--model", merge_run / "merged", "--run", budget_run,
+                         "--quant", "f16,auto", "--budget", a.budget, *imatrix, *heldout], env,
+                        work / f"{shape}-budget.log")
+    onnx, graph_bytes = None, 0
+    if a.onnx and "failed" not in merge:
+        print(f"{shape}: edgeft export --format onnx --quant {a.onnx} ...", flush=True)
+        onnx = edgeft(["export", "--format", "onnx", "--model", merge_run / "merged", "--run", onnx_run,
+                       "--quant", a.onnx, *heldout], env, work / f"{shape}-onnx.log")
+        graph_bytes = sum(f.stat().st_size for f in onnx_run.glob("onnx/fp32/*") if f.name.startswith("model"))
     return {"shape": shape, "params": stamp["params"], "bytes": size, "merge": merge, "export": export,
-            "merge_gates": gates(merge_run), "export_gates": gates(export_run)}
+            "merge_gates": gates(merge_run), "export_gates": gates(export_run), "budget": budget,
+            "budget_gates": gates(budget_run) if budget else None, "onnx": onnx, "onnx_graph_bytes": graph_bytes,
+            "onnx_gates": gates(onnx_run) if onnx else None}
 
 
 def main() -> None:
@@ -123,6 +151,9 @@ def main() -> None:
     ap.add_argument("--eval-budget", type=int, default=1024, help="held-out tokens each check scores")
     ap.add_argument("--window", type=int, default=512, help="perplexity window (= stride)")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank of the adapter")
+    ap.add_argument("--budget", default="", help="also export --quant f16,auto --budget THIS (e.g. q4_k_m)")
+    ap.add_argument("--onnx", default="", help="also export --format onnx --quant THIS (e.g. fp32,int4)")
+    ap.add_argument("--imatrix", default="", help="a calibration text FILE for both exports' importance matrix")
     ap.add_argument("--keep", type=Path, help="leave the runs (merged model, GGUFs, ledgers) here")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     a = ap.parse_args()
@@ -149,10 +180,32 @@ def main() -> None:
               f"{m['peak_rss_mb'] * gb:>10.2f}{m['peak_rss_mb'] * 2**20 / r['bytes']:>6.2f}x"
               f"{'%d/%d' % r['merge_gates']:>7}{e['seconds']:>10.0f}{e['peak_rss_mb'] * gb:>11.2f}"
               f"{'%d/%d' % r['export_gates']:>7}", flush=True)
-        for step in ("merge", "export"):
-            if "failed" in r[step]:
+        for step in ("merge", "export", "budget"):
+            if r[step] and "failed" in r[step]:
                 print(f"    {step} failed: {r[step]['failed']}")
     print("goals: merge peak < 2x the 16-bit size; merge and export peaks < 16 GB at 3B")
+    if a.budget:
+        print(f"\nexport --quant f16,auto --budget {a.budget} vs the stock export above (same merged model, same "
+              f"held-out ids{', same imatrix' if a.imatrix else ', no imatrix'})")
+        print(f"{'shape':16}{'budget s':>10}{'x stock':>9}{'budget GB':>11}{'x stock':>9}{'gates':>7}")
+        for r in rows:
+            b, e = r["budget"], r["export"]
+            if b:
+                print(f"{r['shape']:16}{b['seconds']:>10.0f}{b['seconds'] / e['seconds']:>8.2f}x"
+                      f"{b['peak_rss_mb'] * gb:>11.2f}{b['peak_rss_mb'] / e['peak_rss_mb']:>8.2f}x"
+                      f"{'%d/%d' % r['budget_gates']:>7}", flush=True)
+        print("goals: at most 3x the stock export's time, peak RSS at most 1.2x")
+    if a.onnx:
+        print(f"\nexport --format onnx --quant {a.onnx}: peak RSS vs the fp32 graph's bytes")
+        print(f"{'shape':16}{'onnx s':>9}{'peak GB':>9}{'graph GB':>10}{'ratio':>7}{'gates':>7}")
+        for r in rows:
+            o = r["onnx"]
+            if o:
+                print(f"{r['shape']:16}{o['seconds']:>9.0f}{o['peak_rss_mb'] * gb:>9.2f}{r['onnx_graph_bytes'] / 1e9:>10.2f}"
+                      f"{o['peak_rss_mb'] * 2**20 / max(r['onnx_graph_bytes'], 1):>6.2f}x{'%d/%d' % r['onnx_gates']:>7}")
+                if "failed" in o:
+                    print(f"    onnx failed: {o['failed']}")
+        print("goals: peak at most 2x the fp32 graph, inside 24 GiB")
     if a.json:
         a.json.write_text(json.dumps([{k: ({kk: vv for kk, vv in v.items() if kk != "stderr"}
                                            if isinstance(v, dict) else v) for k, v in r.items()} for r in rows],

@@ -117,10 +117,45 @@ def test_int4_algorithm_and_int8_head_are_what_the_graph_holds(tiny_llama, algo,
                                       *WINDOW])
     assert result.exit_code == 0, result.output
     int4 = json.loads(result.output.strip().splitlines()[-1])[-1]
-    assert int4["metrics"]["quantization"] == {"bits": 4, "block_size": 32, "algorithm": algo, "head": "int8"}
+    assert int4["metrics"]["quantization"] == {"bits": 4, "block_size": 32, "algorithm": algo, "head": "int8",
+                                               "embeddings": "int8"}
     graph = onnx.load(str(tmp_path / "r" / "onnx" / "int4" / "model.onnx"), load_external_data=False).graph
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
     heads = output_head(graph, ("MatMulNBits",))  # the node the logits come from
     assert len(heads) == 1 and bits[heads[0]] == 8
     assert len(bits) == 1 + 7 * 2 and all(b == 4 for n, b in bits.items() if n not in heads)
     assert not [n for n in graph.node if n.op_type == "MatMul" and "proj" in n.name]
+    # the token embeddings: an 8-bit GatherBlockQuantized, no fp32 table left (it was the graph's largest tensor)
+    (gather,) = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert next(a.i for a in gather.attribute if a.name == "bits") == 8 and gather.input[1] == "input_ids"
+    assert not [n for n in graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"]
+
+
+def test_int8_embeddings_gather_what_the_fp32_table_held(tmp_path):
+    """The 8-bit GatherBlockQuantized that replaces the embeddings' Gather returns, through onnxruntime, each
+    looked-up row within half a quantization step of the fp32 table's (a wrong zero point, axis or block
+    layout returns other rows or values)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeft.export.onnx import int8_embeddings
+
+    table = np.random.default_rng(0).normal(0, 0.05, (100, 64)).astype(np.float32)
+    table[7, :32] = 0.0  # an all-zero block must not divide by zero
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embed", "input_ids"], ["hidden"], name="node_embedding", axis=0)], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, None])],
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, None, 64])],
+        [numpy_helper.from_array(table, "embed")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    assert int8_embeddings(model, 32) == 1
+    assert [n.op_type for n in model.graph.node] == ["GatherBlockQuantized"]
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    ids = np.array([[0, 7, 99, 42, 7]], dtype=np.int64)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input_ids": ids})[0]
+    step = np.abs(table.reshape(100, 2, 32)).max(-1) / 127.0
+    bound = np.repeat(step, 32, axis=1)[ids[0]] / 2 + 1e-7
+    assert got.shape == (1, 5, 64) and np.all(np.abs(got[0] - table[ids[0]]) <= bound)
+    assert np.all(got[0, 1, :32] == 0.0)

@@ -66,6 +66,9 @@ class OnnxExportConfig(ExportConfig):
         "help": "onnx: onnxruntime's int4 weight algorithm: hqq (data-free half-quadratic; default), k_quant, rtn"})
     int8_head: bool = field(default=True, metadata={
         "help": "onnx: with int4, quantize the output head (the embeddings' copy when tied) to int8"})
+    int8_embeddings: bool = field(default=True, metadata={
+        "help": "onnx: store the token embeddings as int8 blocks (GatherBlockQuantized) in the int8 and int4 "
+                "graphs, not fp32"})
 
 
 @dataclass(frozen=True)

@@ -254,11 +254,16 @@ def judge_answers(task: TaskSet, outputs: list[list[int]], tokenizer
     return hits / len(pairs), (sum(fields) / len(fields) if fields else None), len(pairs), samples
 
 
-def answers(task: TaskSet, generate: Callable[[list[int], int], list[int]], tokenizer, limit: int
-            ) -> tuple[float | None, float | None, int, list[dict]]:
+def answers(task: TaskSet, generate: Callable[[list[int], int], list[int]], tokenizer, limit: int,
+            progress: Callable[[int, int], None] | None = None) -> tuple[float | None, float | None, int, list[dict]]:
     """judge_answers on greedy answers to the first `limit` prompts; `generate(prompt_ids, max_new)` returns
-    the new ids, stopping at end of generation."""
-    outputs = [generate(i.prompt, answer_budget(tokenizer, i.expected)) for i in prompts(task, limit)]
+    the new ids, stopping at end of generation. `progress(done, total)` after each answer."""
+    items = prompts(task, limit)
+    outputs = []
+    for item in items:
+        outputs.append(generate(item.prompt, answer_budget(tokenizer, item.expected)))
+        if progress:
+            progress(len(outputs), len(items))
     return judge_answers(task, outputs, tokenizer)
 
 

@@ -36,7 +36,8 @@ def record_quant_task(entry: dict, task, reference, model, generate, tokenizer, 
     exact answers, both changes recorded; returns its two task gates."""
     with bar(f"task {label} vs {reference_label}") as update:
         cmp = compare_pieces(reference, model, task.pieces(), progress=update, backends=(backend, backend))
-    rate, fields, answered, samples = answers(task, generate, tokenizer, c.task_answers)
+    with bar(f"answers {label}") as update:  # greedy generation: minutes on a big model, so it shows
+        rate, fields, answered, samples = answers(task, generate, tokenizer, c.task_answers, update)
     scored = TaskScore(ppl=cmp.measured, exact_match=rate, field_accuracy=fields, answered=answered,
                        samples=samples, items=len(task.items), of=len(task.items))
     out = scored.record(entry, label, task.source, reference_task, reference_label)

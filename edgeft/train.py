@@ -167,6 +167,18 @@ def split_examples(c: TrainConfig, tokenizer) -> tuple[list[Example], list[Examp
     return (*split(examples, c.eval_split, c.seed), truncated)
 
 
+def training_rows(run_dir: Path, tokenizer, wanted_by: str, fix: str) -> list[list[int]]:
+    """The token ids of the run's training rows: what calibrates an export on the fine-tune's own data
+    (`wanted_by` names the option that asked and `fix` the way out, for the error when the run trained
+    nothing)."""
+    trained = read_train_config(run_dir)
+    if trained is None:
+        raise EdgeftError(f"{wanted_by}: {run_dir} has no train_config.json (nothing was trained in this run); "
+                          f"{fix}")
+    return [e.input_ids for e in load_examples(data_path(trained), tokenizer, trained.max_seq_len, False,
+                                               trained.columns)[0]]
+
+
 def read_train_config(run_dir: Path) -> TrainConfig | None:
     """How the run's adapter was trained (RUN/train_config.json), or None for a run without training."""
     import dataclasses

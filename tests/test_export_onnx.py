@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from edgeft.cli import cli
 from edgeft.onnx_runtime import OnnxLM
 
-from .conftest import WINDOW
+from .conftest import WINDOW, assert_one_line_error
 
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])
@@ -159,3 +159,33 @@ def test_int8_embeddings_gather_what_the_fp32_table_held(tmp_path):
     bound = np.repeat(step, 32, axis=1)[ids[0]] / 2 + 1e-7
     assert got.shape == (1, 5, 64) and np.all(np.abs(got[0] - table[ids[0]]) <= bound)
     assert np.all(got[0, 1, :32] == 0.0)
+
+
+def test_gptq_int4_calibrates_on_the_runs_training_rows(tiny_merged_task_run, tmp_path):
+    """--int4-algo gptq: onnxruntime's GPTQ, fed the run's training rows (with an empty KV cache) through the
+    exported graph; the graph holds 4-bit MatMulNBits (the head 8-bit) and the ledger says what calibrated it.
+    A run that trained nothing is refused in one line before any work."""
+    import shutil
+
+    import onnx
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_merged_task_run, run)
+    result = CliRunner().invoke(cli, ["export", "--format", "onnx", "--run", str(run), "--quant", "fp32,int4",
+                                      "--int4-algo", "gptq", "--gptq-tokens", "512", "--max-ppl-rise", "100",
+                                      "--max-task-ppl-rise", "100", "--max-exact-drop", "1", "--json", *WINDOW])
+    assert result.exit_code == 0, result.output
+    int4 = json.loads(result.output.strip().splitlines()[-1])[-1]
+    done = int4["metrics"]["quantization"]
+    assert done["algorithm"] == "gptq" and done["head"] == "int8" and 0 < done["calibration"]["tokens"] <= 512
+    assert done["calibration"]["rows"] >= 1
+    graph = onnx.load(str(run / "onnx" / "int4" / "model.onnx"), load_external_data=False).graph
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits")
+    assert bits == [4] * (len(bits) - 1) + [8] and len(bits) > 1
+    assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in {i.name for i in graph.initializer}]
+
+    no_training = tmp_path / "plain"
+    refused = CliRunner().invoke(cli, ["export", "--format", "onnx", "--model", str(run / "merged"), "--run",
+                                       str(no_training), "--quant", "int4", "--int4-algo", "gptq", *WINDOW])
+    assert_one_line_error(refused, "--int4-algo gptq")
+    assert not (no_training / "onnx").exists()

@@ -115,7 +115,7 @@ def _cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
 def test_the_graph_sees_function_level_imports():
     """The reader itself: a module we know imports another only inside a function is seen to."""
     graph = import_graph()
-    assert "edgeft.train" in graph["edgeft.export.gguf"]  # --imatrix train, imported inside _training_rows
+    assert "edgeft.train" in graph["edgeft.export.gguf"]  # --imatrix train, imported inside _imatrix
     assert "edgeft.converters.compare" in graph["edgeft.llamacpp"]  # inside reference_tree
     assert "edgeft.run" in graph["edgeft.devices.deploy"]  # `from ..run import`: up out of devices/
 

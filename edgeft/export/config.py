@@ -63,7 +63,10 @@ class OnnxExportConfig(ExportConfig):
     accuracy_level: int = field(default=4, metadata={"help": "onnx: MatMulNBits accuracy level (4: int8 compute)"})
     keep_lm_head: bool = field(default=False, metadata={"help": "onnx: leave the output head in fp32"})
     int4_algo: str = field(default="hqq", metadata={
-        "help": "onnx: onnxruntime's int4 weight algorithm: hqq (data-free half-quadratic; default), k_quant, rtn"})
+        "help": "onnx: onnxruntime's int4 weight algorithm: hqq (data-free half-quadratic; default), k_quant, rtn, "
+                "gptq (calibrated on the run's training rows)"})
+    gptq_tokens: int = field(default=4096, metadata={
+        "range": (16, None), "help": "onnx: tokens of the run's training rows GPTQ calibrates on"})
     int8_head: bool = field(default=True, metadata={
         "help": "onnx: with int4, quantize the output head (the embeddings' copy when tied) to int8"})
     int8_embeddings: bool = field(default=True, metadata={

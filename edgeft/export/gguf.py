@@ -542,26 +542,16 @@ def _unguided_q4km(c: GGUFExportConfig, ref_path: Path, ref: LlamaCpp, out_dir: 
     return _stock_row(scratch, False, gated=False)
 
 
-def _training_rows(run_dir: Path, tokenizer) -> list[list[int]]:
-    """The token ids of the run's training rows (--imatrix train)."""
-    from ..dataset import load_examples
-    from ..train import data_path, read_train_config
-
-    trained = read_train_config(run_dir)
-    if trained is None:
-        raise EdgeftError(f"--imatrix train: {run_dir} has no train_config.json (nothing was trained in this "
-                          f"run); pass --imatrix FILE (a text)")
-    return [e.input_ids for e in load_examples(data_path(trained), tokenizer, trained.max_seq_len, False,
-                                               trained.columns)[0]]
-
-
 def _imatrix(c: GGUFExportConfig, run: Run, source: Source, tokenizer) -> dict:
     """The importance matrix of the model being exported (adapter fused when there is one), its entries
     named after the GGUF tensors by the architecture's converter family."""
     from ..converters.families import imatrix_name_map
     from ..imatrix import calibration_ids, compute
 
-    chunks = calibration_ids(c.imatrix, tokenizer, c.imatrix_tokens, lambda: _training_rows(run.path, tokenizer))
+    from ..train import training_rows
+
+    chunks = calibration_ids(c.imatrix, tokenizer, c.imatrix_tokens,
+                             lambda: training_rows(run.path, tokenizer, "--imatrix train", "pass --imatrix FILE (a text)"))
     model = load_model(source.path, "float32")
     if source.loras:
         from peft import PeftModel

@@ -133,7 +133,42 @@ def export_graph(model, folder: Path) -> Path:
     return path
 
 
-INT4_ALGOS = ("hqq", "k_quant", "rtn")
+INT4_ALGOS = ("hqq", "k_quant", "rtn", "gptq")
+
+
+class _Rows:
+    """The training rows as onnxruntime's calibration reader hands them to GPTQ: one row a batch, with an
+    empty KV cache (the graph's past inputs, zero positions long)."""
+
+    def __init__(self, rows: list[list[int]], past: dict):
+        self.rows, self.past, self._next = rows, past, iter(rows)
+
+    def get_next(self):
+        import numpy as np
+
+        row = next(self._next, None)
+        if row is None:
+            return None
+        n = len(row)
+        return {"input_ids": np.asarray([row], dtype=np.int64), "attention_mask": np.ones((1, n), dtype=np.int64),
+                "position_ids": np.arange(n, dtype=np.int64)[None], **self.past}
+
+    def __iter__(self):  # onnxruntime's CalibrationDataReader protocol: get_next until None, or iterate
+        return iter(self.get_next, None)
+
+    def __deepcopy__(self, memo):  # the quantizer copies its reader before each pass; start from the first row
+        return _Rows(self.rows, self.past)
+
+
+def _empty_past(graph) -> dict:
+    import numpy as np
+
+    past = {}
+    for inp in graph.input:
+        if inp.name.startswith("past_key_values."):
+            dims = inp.type.tensor_type.shape.dim
+            past[inp.name] = np.zeros((1, dims[1].dim_value, 0, dims[3].dim_value), dtype=np.float32)
+    return past
 
 
 def output_head(graph, ops: tuple[str, ...] = ("MatMul",)) -> list[str]:
@@ -199,7 +234,8 @@ def int8_embeddings(model, block_size: int) -> int:
     return done
 
 
-def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig) -> tuple[Path, dict]:
+def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig,
+                   calibration: list[list[int]] | None = None) -> tuple[Path, dict]:
     """MatMulNBits weight-only quantization; returns the graph and what was done (for the ledger). int4 uses
     --int4-algo (HQQ by default: measured on the default model +8.4% perplexity where round-to-nearest and
     k_quant cost +36%), and with --int8-head the output head (the tied embeddings' copy) goes to int8 first: it
@@ -207,7 +243,7 @@ def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig) 
     import logging
 
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import (HQQWeightOnlyQuantConfig,
+    from onnxruntime.quantization.matmul_nbits_quantizer import (GPTQWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig,
                                                                  KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
     model = onnx.load(str(src))
@@ -217,11 +253,18 @@ def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig) 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     done = {"bits": bits, "block_size": c.block_size, "algorithm": "rtn" if bits == 8 else c.int4_algo,
             "head": "fp32" if c.keep_lm_head else f"int{bits}"}
+    if done["algorithm"] == "gptq":
+        done["calibration"] = {"rows": len(calibration or []), "tokens": sum(map(len, calibration or []))}
 
     def run(model, bits: int, algo: str, exclude: list[str]):
         # rtn is MatMulNBits' own default (round to nearest per block, what edgeft always used)
+        # gptq's block_size is how many columns one GPTQ step updates (its own default); the quantization
+        # blocks are the quantizer's block_size, as for the other algorithms
         config = {"hqq": lambda: HQQWeightOnlyQuantConfig(block_size=c.block_size, bits=bits),
-                  "k_quant": KQuantWeightOnlyQuantConfig}.get(algo, lambda: None)()
+                  "k_quant": KQuantWeightOnlyQuantConfig,
+                  "gptq": lambda: GPTQWeightOnlyQuantConfig(calibration_data_reader=_Rows(calibration or [],
+                                                                                          _empty_past(model.graph)),
+                                                            block_size=128)}.get(algo, lambda: None)()
         q = MatMulNBitsQuantizer(model, bits=bits, block_size=c.block_size, is_symmetric=c.symmetric,
                                  accuracy_level=c.accuracy_level, nodes_to_exclude=exclude, algo_config=config)
         with contextlib.redirect_stdout(io.StringIO()):  # k_quant prints a progress bar on stdout (--json's)
@@ -297,6 +340,14 @@ def _export_onnx(config: OnnxExportConfig, held: contextlib.ExitStack) -> Export
     folders = {q: out_dir / f"{q}" for q in quants}
     writing_files(held, run.path, folders.values(), "export")
     tokenizer, tokens, task = load_inputs(c, source, folders.values())
+    calibration = None
+    if "int4" in made and c.int4_algo == "gptq":  # read before any work: a run with no training fails now
+        from ..imatrix import calibration_ids
+        from ..train import training_rows
+
+        calibration = calibration_ids("train", tokenizer, c.gptq_tokens, lambda: training_rows(
+            run.path, tokenizer, "--int4-algo gptq", "GPTQ calibrates on the run's training rows: use --int4-algo "
+            "hqq, or export a run that trained"))
     inputs = source.inputs(TOKENS_FILE, format="onnx")
     entries: list[dict] = []
 
@@ -339,7 +390,8 @@ def _export_onnx(config: OnnxExportConfig, held: contextlib.ExitStack) -> Export
             with run.record(EXPORT_ONNX, to_dict(c), {**inputs, "quant": q, "from": "fp32"}) as entry:
                 with activity(f"MatMulNBits {ONNX_QUANTS[q]}-bit, block {c.block_size}"):
                     with atomic_dir(folders[q]) as tmp:
-                        done = quantize_graph(folders["fp32"] / "model.onnx", tmp, ONNX_QUANTS[q], c)[1]
+                        done = quantize_graph(folders["fp32"] / "model.onnx", tmp, ONNX_QUANTS[q], c,
+                                              calibration)[1]
                         copy_tokenizer(source.path, tmp, also=_MODEL_FILES)
                 lm = OnnxLM(folders[q] / "model.onnx", c.threads)
                 with bar(f"onnxruntime {q} vs fp32") as update:

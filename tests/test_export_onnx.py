@@ -189,3 +189,40 @@ def test_gptq_int4_calibrates_on_the_runs_training_rows(tiny_merged_task_run, tm
                                        str(no_training), "--quant", "int4", "--int4-algo", "gptq", *WINDOW])
     assert_one_line_error(refused, "--int4-algo gptq")
     assert not (no_training / "onnx").exists()
+
+
+def test_budget_chooses_int4_or_int8_per_projection_within_the_bytes(tiny_merged_task_run, tmp_path):
+    """--budget with --format onnx: the int4 graph is the int8 graph's and the int4 graph's MatMulNBits put
+    together, int4 or int8 per projection as the probes on the run's held-out ids and task decided, within the
+    budget's bytes; the ledger names each projection by the model's own module and what it got."""
+    import shutil
+
+    import onnx
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_merged_task_run, run)
+    gates = ["--max-ppl-rise", "100", "--max-task-ppl-rise", "100", "--max-exact-drop", "1", "--json", *WINDOW]
+    plain = CliRunner().invoke(cli, ["export", "--format", "onnx", "--run", str(run), "--quant", "fp32,int8,int4",
+                                     *gates])
+    assert plain.exit_code == 0, plain.output
+    size = {q: sum(f.stat().st_size for f in (run / "onnx" / q).glob("model.onnx*")) for q in ("int8", "int4")}
+    budget = (size["int8"] + size["int4"]) // 2
+    result = CliRunner().invoke(cli, ["export", "--format", "onnx", "--run", str(run), "--quant", "fp32,int8,int4",
+                                      "--budget", str(budget), "--overwrite", *gates])
+    assert result.exit_code == 0, result.output
+    int4 = json.loads(result.output.strip().splitlines()[-1])[-1]
+    info = int4["metrics"]["quantization"]["mixed"]
+    got = sum(f.stat().st_size for f in (run / "onnx" / "int4").glob("model.onnx*"))
+    assert info["budget_bytes"] == budget and size["int4"] < got <= budget
+    recipe = info["recipe"]
+    assert set(recipe.values()) == {"int4", "int8"} and all(".layers." in k for k in recipe)
+    assert len(recipe) == 7 * 2  # every projection of the tiny model's two layers, found by its weights
+    assert info["probe"]["task_items"] > 0 and len(info["probe"]["results"]) == 1 + 2 + 7
+    graph = onnx.load(str(run / "onnx" / "int4" / "model.onnx"), load_external_data=False).graph
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"]
+    assert bits.count(8) == info["types_chosen"]["int8"] + 1  # and the head
+    assert bits.count(4) == info["types_chosen"]["int4"]
+
+    refused = CliRunner().invoke(cli, ["export", "--format", "onnx", "--run", str(run), "--quant", "fp32,int8",
+                                       "--budget", "1MiB", "--overwrite", *WINDOW])
+    assert_one_line_error(refused, "--budget 1MiB", "int4")

@@ -28,6 +28,12 @@ class ExportConfig(HeldOutOptions):
         "help": "task gate per quant: max rise of the held-out answers' perplexity (same syntax)"})
     max_exact_drop: str = field(default="", metadata={
         "help": "task gate per quant: max drop of the exact-answer rate, e.g. 'q4_k_m=0.1' (same syntax)"})
+    budget: str = field(default="", metadata={
+        "help": "gguf, with --quant auto: the size the GGUF must fit, as bytes, kB/MB/GB/KiB/MiB/GiB, bits per "
+                "weight ('4.8bpw'), a stock recipe's size ('q4_k_m') or 'device' (--device's RAM less the KV cache "
+                "and runtime); a per-tensor recipe ('mixed') is chosen for it from the run's data. onnx: the size "
+                "the int4 graph must fit (bytes or bits per weight); int4 or int8 is chosen per projection the "
+                "same way"})
     task_answers: int = field(default=20, metadata={"help": "held-out task prompts answered per artifact"})
     overwrite: bool = field(default=False, metadata={"help": "replace artifacts that already exist"})
     out: str = field(default="", metadata={"help": "output folder (default: RUN/gguf or RUN/onnx)"})
@@ -46,10 +52,6 @@ class GGUFExportConfig(ExportConfig):
     imatrix: str = field(default="", metadata={
         "help": "gguf: guide quantization with an importance matrix from 'train' (the run's training data) or "
                 "a text FILE (never the held-out text)"})
-    budget: str = field(default="", metadata={
-        "help": "gguf, with --quant auto: the size the GGUF must fit, as bytes, kB/MB/GB/KiB/MiB/GiB, bits per "
-                "weight ('4.8bpw'), a stock recipe's size ('q4_k_m') or 'device' (--device's RAM less the KV cache "
-                "and runtime); a per-tensor recipe ('mixed') is chosen for it from the run's data"})
     imatrix_tokens: int = field(default=8192, metadata={"help": "gguf: calibration tokens for --imatrix"})
     converter: str = field(default="auto", metadata={
         "help": "gguf: auto|ours|llamacpp: who writes the unquantized GGUF (auto: ours, else llama.cpp's "

@@ -249,13 +249,14 @@ def run_probes(ref_path: Path, ref: LlamaCpp, tensors: list[Tensor], probes: lis
             progress(i + 1, len(probes))
 
 
-def fit_scales(tensors: list[Tensor], probes: list[Probe], iterations: int = 50) -> dict[str, float]:
+def fit_scales(tensors: list[Tensor], probes: list[Probe], iterations: int = 50, low: str = PROBE_TYPE,
+               high: str = BASE_TYPE) -> dict[str, float]:
     """Scale per tensor (KL per unit of weighted error) = layer scale × kind scale, fitted so that each probe's
-    measured KL rise equals the sum of its tensors' scaled error rise (q8_0 -> q4_0). Outside the blocks (the
-    embeddings, an untied output head) a tensor is its own layer with kind scale 1."""
+    measured KL rise equals the sum of its tensors' scaled error rise (`high` -> `low`: q8_0 -> q4_0). Outside
+    the blocks (the embeddings, an untied output head) a tensor is its own layer with kind scale 1."""
     base = probes[0].loss
     rise = {p.name: max(p.loss - base, 1e-9) for p in probes[1:]}
-    delta = {t.name: max(t.error[PROBE_TYPE] - t.error[BASE_TYPE], 1e-30) for t in tensors}
+    delta = {t.name: max(t.error[low] - t.error[high], 1e-30) for t in tensors}
     layer = {t.layer: 1.0 for t in tensors}
     kind = {t.kind: 1.0 for t in tensors if t.kind}
     for _ in range(iterations):
@@ -320,10 +321,11 @@ def allocate(tensors: list[Tensor], scales: dict[str, float], tensor_bytes: int)
     return {name: hulls[name][i][2] for name, i in at.items()}
 
 
-def predicted(tensors: list[Tensor], scales: dict[str, float], recipe: dict[str, str], base_loss: float) -> float:
+def predicted(tensors: list[Tensor], scales: dict[str, float], recipe: dict[str, str], base_loss: float,
+              base_type: str = BASE_TYPE) -> float:
     """The recipe's predicted loss (probe units: held-out KL + weight × task-answer KL): the all-q8_0 probe's, plus each
     tensor's scaled error change from q8_0."""
-    return base_loss + sum(scales[t.name] * (t.error[recipe[t.name]] - t.error[BASE_TYPE]) for t in tensors)
+    return base_loss + sum(scales[t.name] * (t.error[recipe[t.name]] - t.error[base_type]) for t in tensors)
 
 
 def fixed_bytes(file_bytes: int, tensors: list[Tensor]) -> int:

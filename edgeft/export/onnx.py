@@ -283,6 +283,30 @@ def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig,
     return path, done
 
 
+def _mixed_int4(c: OnnxExportConfig, folders: dict, out_dir: Path, tmp: Path, source, ref: OnnxLM, tokens, task,
+                calibration) -> dict:
+    """--budget: the int4 graph with int4 or int8 chosen per projection (export/onnx_mixed.py), written into
+    `tmp`; returns what was done for the ledger. The all-int8 graph is this export's int8 one when it made one."""
+    import tempfile
+
+    from . import onnx_mixed
+
+    fp32 = folders["fp32"] / "model.onnx"
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".mixed-") as work:
+        work = Path(work)
+        high = folders.get("int8", Path()) / "model.onnx"
+        if not high.is_file():
+            (work / "int8").mkdir()
+            high = quantize_graph(fp32, work / "int8", 8, c)[0]
+        (work / "int4").mkdir()
+        low, done = quantize_graph(fp32, work / "int4", 4, c, calibration)
+        model, info = onnx_mixed.choose(high, low, source.path, ref, c.budget, tokens, task, c.window, c.stride,
+                                        c.threads, work, bar)
+        onnx_mixed.save(model, tmp)
+    done["mixed"] = info
+    return done
+
+
 def _answer(lm: OnnxLM, tokenizer, max_new: int) -> dict:
     out = lm.generate(list(prompt_ids(tokenizer)), max_new, _eos_ids(tokenizer))
     text = tokenizer.decode(out["ids"], skip_special_tokens=True)
@@ -332,6 +356,13 @@ def _export_onnx(config: OnnxExportConfig, held: contextlib.ExitStack) -> Export
     if c.block_size < 16 or c.block_size & (c.block_size - 1):
         raise EdgeftError(f"--block-size {c.block_size}: use a power of two >= 16 (32, 64, 128)")
     made = [q for q in quants if q != "fp32"]
+    if c.budget:
+        from .onnx_mixed import budget_bytes
+
+        if "int4" not in made:
+            raise EdgeftError(f"--budget {c.budget}: with --format onnx it chooses int4 or int8 per projection of "
+                              f"the int4 graph; add int4 to --quant")
+        budget_bytes(c.budget, 1)  # its form, checked before any work
     gates = parse_gates(c.max_ppl_rise, ONNX_GATES, made)
     task_limits = task_gate_limits(c, made)
     source = resolve_source(c)
@@ -390,8 +421,11 @@ def _export_onnx(config: OnnxExportConfig, held: contextlib.ExitStack) -> Export
             with run.record(EXPORT_ONNX, to_dict(c), {**inputs, "quant": q, "from": "fp32"}) as entry:
                 with activity(f"MatMulNBits {ONNX_QUANTS[q]}-bit, block {c.block_size}"):
                     with atomic_dir(folders[q]) as tmp:
-                        done = quantize_graph(folders["fp32"] / "model.onnx", tmp, ONNX_QUANTS[q], c,
-                                              calibration)[1]
+                        if q == "int4" and c.budget:
+                            done = _mixed_int4(c, folders, out_dir, tmp, source, ref, tokens, task, calibration)
+                        else:
+                            done = quantize_graph(folders["fp32"] / "model.onnx", tmp, ONNX_QUANTS[q], c,
+                                                  calibration)[1]
                         copy_tokenizer(source.path, tmp, also=_MODEL_FILES)
                 lm = OnnxLM(folders[q] / "model.onnx", c.threads)
                 with bar(f"onnxruntime {q} vs fp32") as update:

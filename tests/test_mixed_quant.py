@@ -213,3 +213,32 @@ def test_task_answers_weigh_as_much_as_the_held_out_text():
         p.task_weight = weight
     assert probes[1].loss == pytest.approx(0.014 + weight * 0.0007)
     assert task_weight([Probe("base", [], kl=0.01), Probe("blk.0", ["a"], kl=0.02)]) == 1.0  # no task: text only
+
+
+def test_probe_kl_is_the_mean_kl_of_the_whole_rows():
+    """The probe reference keeps float32 log-probabilities and sums KL over blocks of positions: the same mean KL
+    (to float32's precision) as one float64 pass over every row, text and task apart."""
+    import numpy as np
+
+    from edgeft.export.mixed import ProbeReference
+    from edgeft.scoring import Piece
+
+    rng = np.random.default_rng(0)
+
+    class Fixed:
+        def __init__(self, table):
+            self.table = table
+
+        def logits(self, ids):
+            return self.table[: len(ids)]
+
+    ref, other = Fixed(rng.normal(0, 3, (300, 50))), Fixed(rng.normal(0, 3, (300, 50)))
+    pieces = [Piece(list(range(300)), tuple(range(1, 300))), Piece(list(range(40)), tuple(range(20, 40)))]
+    got = ProbeReference(ref, pieces).kl(other, 1)
+
+    def whole(piece):
+        at = np.asarray(piece.targets) - 1
+        a, b = (x - np.log(np.exp(x).sum(-1, keepdims=True)) for x in (ref.table[at], other.table[at]))
+        return (np.exp(a) * (a - b)).sum() / len(at)
+
+    assert got == pytest.approx((whole(pieces[0]), whole(pieces[1])), rel=1e-5)

@@ -91,14 +91,26 @@ def gates(run: Path) -> tuple[int, int]:
     return sum(g["passed"] for g in records), len(records)
 
 
+def ledger_peak_mb(run: Path) -> float:
+    """The highest peak RSS the run's ledger entries recorded. Each entry resets the process's high-water mark
+    (/proc/self/clear_refs) when it starts, and the kernel reports that same mark as the exited process's
+    ru_maxrss, so wait4's figure alone is only the last entry's peak."""
+    from edgeft.run import Run
+
+    return max((e.get("peak_rss_mb") or 0.0 for e in Run(run).steps()), default=0.0)
+
+
 def edgeft(args: list, env: dict, log: Path) -> dict:
     """One edgeft command measured (its output to `log`); a failure becomes a row with its last error line,
-    not a lost table."""
+    not a lost table. Its peak RSS is the larger of wait4's and its ledger's (see ledger_peak_mb)."""
     from edgeft.converters.compare import measured
 
     try:
         result = measured([sys.executable, "-m", "edgeft", *map(str, args)], env=env, cwd=str(ROOT))
         log.write_text(result["stderr"])
+        run = Path(args[args.index("--run") + 1])
+        if (run / "manifest.json").is_file():
+            result["peak_rss_mb"] = max(result["peak_rss_mb"], ledger_peak_mb(run))
         return result
     except RuntimeError as e:
         log.write_text(str(e))

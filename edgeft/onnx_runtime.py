@@ -21,6 +21,16 @@ import numpy as np
 REBUILD_CACHE_AT = "edgeft.rebuild_cache_at"
 
 
+def save_graph(model, folder: Path) -> Path:
+    """Write `model` as FOLDER/model.onnx, its weights in model.onnx.data beside it when the graph is over
+    protobuf's 2 GB limit (1.8 GB, leaving room for the rest of the proto)."""
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    path = Path(folder) / "model.onnx"
+    ONNXModel(model).save_model_to_file(str(path), use_external_data_format=model.ByteSize() > 1.8 * 2**30)
+    return path
+
+
 class OnnxLM:
     def __init__(self, path: Path, threads: int = 0):
         import onnxruntime as ort

@@ -205,6 +205,26 @@ def task_weight(probes: list[Probe]) -> float:
     return text / task if text > 0 and task > 0 else 1.0
 
 
+def weigh_task(probes: list[Probe]) -> float:
+    """Set every probe's task weight (task_weight) before the scales are fitted to their losses; returns it."""
+    weight = task_weight(probes)
+    for p in probes:
+        p.task_weight = weight
+    return weight
+
+
+def probe_pieces(tokens, task, window: int, stride: int) -> tuple[list, int]:
+    """What every probe is scored on: the first PROBE_TOKENS held-out ids in the run's window plan, then the
+    first PROBE_TASK_ITEMS task answers; and how many pieces are text."""
+    from ..scoring import text_pieces
+
+    pieces = text_pieces(tokens.ids[:PROBE_TOKENS], window, stride, tokens.bos)
+    split = len(pieces)
+    if task is not None:
+        pieces += task.pieces(PROBE_TASK_ITEMS)
+    return pieces, split
+
+
 MAX_LAYER_PROBES = 16
 
 
@@ -333,8 +353,8 @@ def allocate(tensors: list[Tensor], scales: dict[str, float], tensor_bytes: int)
 
 def predicted(tensors: list[Tensor], scales: dict[str, float], recipe: dict[str, str], base_loss: float,
               base_type: str = BASE_TYPE) -> float:
-    """The recipe's predicted loss (probe units: held-out KL + weight × task-answer KL): the all-q8_0 probe's, plus each
-    tensor's scaled error change from q8_0."""
+    """The recipe's predicted loss (probe units: held-out KL + weight × task-answer KL): the all-`base_type`
+    probe's, plus each tensor's scaled error change from `base_type`."""
     return base_loss + sum(scales[t.name] * (t.error[recipe[t.name]] - t.error[base_type]) for t in tensors)
 
 
@@ -378,8 +398,6 @@ def choose(ref_path: Path, ref: LlamaCpp, budget_bytes: int, tokens, task, windo
     """Steps 1-3 above for a budget in bytes (the whole file); returns the recipe and what decided it."""
     from gguf import GGUFReader
 
-    from ..scoring import text_pieces
-
     start = time.perf_counter()
     reader = GGUFReader(ref_path)
     tensors, ref_type = quantizable(reader)
@@ -389,17 +407,12 @@ def choose(ref_path: Path, ref: LlamaCpp, budget_bytes: int, tokens, task, windo
         measure_errors(reader, tensors, imatrix, update)
     del reader
     errors_s = time.perf_counter() - start
-    pieces = text_pieces(tokens.ids[:PROBE_TOKENS], window, stride, tokens.bos)
-    split = len(pieces)
-    if task is not None:
-        pieces += task.pieces(PROBE_TASK_ITEMS)
+    pieces, split = probe_pieces(tokens, task, window, stride)
     probes = probes_for(tensors)
     with tempfile.TemporaryDirectory(dir=work, prefix=".probes-") as tmp, \
             progress_bar(f"sensitivity: {len(probes)} probes ({PROBE_TYPE} in one part, {BASE_TYPE} elsewhere)") as update:
         run_probes(ref_path, ref, tensors, probes, pieces, split, Path(tmp), threads, imatrix, update)
-    weight = task_weight(probes)
-    for p in probes:
-        p.task_weight = weight
+    weight = weigh_task(probes)
     scales = fit_scales(tensors, probes)
     fixed = fixed_bytes(ref_path.stat().st_size, tensors)
     metrics = {

@@ -24,7 +24,7 @@ from ..gates import HF_MATCH, ONNX_GATES, Gate, check, parse_gates
 from ..ledger import artifact
 from ..locks import writing_files
 from ..models import copy_tokenizer, load_model
-from ..onnx_runtime import REBUILD_CACHE_AT, OnnxLM
+from ..onnx_runtime import REBUILD_CACHE_AT, OnnxLM, save_graph
 from ..progress import activity, bar
 from ..prompt import answer_ok, prompt_ids, prompt_text
 from ..run import EXPORT_ONNX, TOKENS_FILE
@@ -276,11 +276,7 @@ def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig,
         done["head"] = "int8"
     model = run(model, bits, done["algorithm"] if bits == 4 else "rtn", heads if c.keep_lm_head else [])
     done["embeddings"] = "int8" if c.int8_embeddings and int8_embeddings(model, c.block_size) else "fp32"
-    path = dst_folder / "model.onnx"
-    from onnxruntime.quantization.onnx_model import ONNXModel
-
-    ONNXModel(model).save_model_to_file(str(path), use_external_data_format=model.ByteSize() > 1.8 * 2**30)
-    return path, done
+    return save_graph(model, dst_folder), done
 
 
 def _mixed_int4(c: OnnxExportConfig, folders: dict, out_dir: Path, tmp: Path, source, ref: OnnxLM, tokens, task,
@@ -302,7 +298,7 @@ def _mixed_int4(c: OnnxExportConfig, folders: dict, out_dir: Path, tmp: Path, so
         low, done = quantize_graph(fp32, work / "int4", 4, c, calibration)
         model, info = onnx_mixed.choose(high, low, source.path, ref, c.budget, tokens, task, c.window, c.stride,
                                         c.threads, work, bar)
-        onnx_mixed.save(model, tmp)
+        save_graph(model, tmp)
     done["mixed"] = info
     return done
 

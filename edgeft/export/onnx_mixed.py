@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeftError
-from .mixed import (PROBE_TASK_ITEMS, PROBE_TOKENS, Probe, Tensor, allocate, fit_scales, layer_of, parse_budget,
-                    predicted, task_weight, ProbeReference)
+from .mixed import (PROBE_TOKENS, ProbeReference, Tensor, allocate, fit_scales, parse_budget, predicted,
+                    probe_pieces, probes_for, weigh_task)
 
 LOW, HIGH = "int4", "int8"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:\w+\.)*?(\w+)\.weight$")
@@ -99,20 +99,17 @@ def _tensors(names: dict[str, str], low_graph, high_graph) -> list[Tensor]:
         inits = {i.name: len(i.raw_data) or i.ByteSize() for i in graph.initializer}
         sizes.append({n.name.removesuffix(suffix): sum(inits.get(x, 0) for x in n.input[1:]) for n in graph.node
                       if n.op_type == "MatMulNBits"})
+    high_nodes = {n.name: n for n in high_graph.node}
     out = []
     for node, key in names.items():
         m = _LAYER.search(key)
-        k = next(a.i for a in _attrs(high_graph, node + "_Q8") if a.name == "K")
-        n = next(a.i for a in _attrs(high_graph, node + "_Q8") if a.name == "N")
+        shape = {a.name: a.i for a in high_nodes[node + "_Q8"].attribute}
+        k, n = shape["K"], shape["N"]
         t = Tensor(node, n, k, sizes[1][node], f"blk.{m.group(1)}", m.group(2), [LOW, HIGH])
         t.bytes = {LOW: sizes[0][node], HIGH: sizes[1][node]}
         t.error = {LOW: float(n * k), HIGH: 0.0}
         out.append(t)
     return out
-
-
-def _attrs(graph, name: str):
-    return next(n.attribute for n in graph.node if n.name == name)
 
 
 def combine(high_model, low_model, low_nodes: set[str]):
@@ -140,22 +137,13 @@ def combine(high_model, low_model, low_nodes: set[str]):
     return model
 
 
-def save(model, folder: Path) -> Path:
-    from onnxruntime.quantization.onnx_model import ONNXModel
-
-    path = folder / "model.onnx"
-    ONNXModel(model).save_model_to_file(str(path), use_external_data_format=model.ByteSize() > 1.8 * 2**30)
-    return path
-
-
 def choose(high_path: Path, low_path: Path, source: Path, ref, budget: str, tokens, task, window: int, stride: int,
            threads: int, work: Path, progress_bar) -> tuple[object, dict]:
     """Steps 1-3 above; returns the chosen model (int8 graph with the int4 projections put in) and what decided
     it, for the ledger."""
     import onnx
 
-    from ..onnx_runtime import OnnxLM
-    from ..scoring import text_pieces
+    from ..onnx_runtime import OnnxLM, save_graph
 
     start = time.perf_counter()
     high, low = onnx.load(str(high_path)), onnx.load(str(low_path))
@@ -171,32 +159,19 @@ def choose(high_path: Path, low_path: Path, source: Path, ref, budget: str, toke
     if target < low_size:
         raise EdgeftError(f"--budget {budget}: {target / 2**20:.1f} MiB is less than the all-int4 graph "
                           f"({low_size / 2**20:.1f} MiB); give at least that")
-    pieces = text_pieces(tokens.ids[:PROBE_TOKENS], window, stride, tokens.bos)
-    split = len(pieces)
-    if task is not None:
-        pieces += task.pieces(PROBE_TASK_ITEMS)
-    blocks = len({t.layer for t in tensors})
-    for t in tensors:
-        t.layer = layer_of(t, blocks)
-    probes = [Probe("base", [])]
-    for attr in ("layer", "kind"):
-        parts: dict[str, list[str]] = {}
-        for t in tensors:
-            parts.setdefault(getattr(t, attr), []).append(t.name)
-        probes += [Probe(k, v) for k, v in parts.items()]
+    pieces, split = probe_pieces(tokens, task, window, stride)
+    probes = probes_for(tensors)
     reference = ProbeReference(ref, pieces)
     with progress_bar(f"sensitivity: {len(probes)} probes ({LOW} in one part, {HIGH} elsewhere)") as update:
         for i, probe in enumerate(probes):
             began = time.perf_counter()
             with tempfile.TemporaryDirectory(dir=work, prefix=".probe-") as tmp:
-                model = OnnxLM(save(combine(high, low, set(probe.tensors)), Path(tmp)), threads)
+                model = OnnxLM(save_graph(combine(high, low, set(probe.tensors)), Path(tmp)), threads)
                 probe.kl, probe.task_kl = reference.kl(model, split)
                 del model
             probe.seconds = round(time.perf_counter() - began, 2)
             update(i + 1, len(probes))
-    weight = task_weight(probes)
-    for p in probes:
-        p.task_weight = weight
+    weight = weigh_task(probes)
     scales = fit_scales(tensors, probes, low=LOW, high=HIGH)
     types = allocate(tensors, scales, target - fixed)
     chosen = {t.name for t in tensors if types[t.name] == LOW}

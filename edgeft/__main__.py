@@ -3,4 +3,5 @@
 
 from .cli import main
 
-main()
+if __name__ == "__main__":  # a spawned child (export/onnx.py) imports this module too, and must not run the CLI
+    main()

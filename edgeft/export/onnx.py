@@ -197,12 +197,27 @@ def embeddings(graph) -> list:
     return found
 
 
-def int8_embeddings(model, block_size: int) -> int:
+def _values(init, folder: Path):
+    """An initializer's array, read from the graph's data file when it is stored there, without putting it into
+    the graph's protobuf (onnx's own loader does): see quantize_graph."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    if init.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(init)
+    where = {e.key: e.value for e in init.external_data}
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
+    count = int(np.prod(init.dims)) if len(init.dims) else 1
+    return np.fromfile(folder / where["location"], dtype=dtype, count=count,
+                       offset=int(where.get("offset", 0))).reshape(tuple(init.dims))
+
+
+def int8_embeddings(model, block_size: int, folder: Path | None = None) -> int:
     """Each token-embedding Gather becomes an 8-bit GatherBlockQuantized (onnxruntime's contrib op; its
     quantizer writes only 4-bit ones): symmetric blocks of `block_size` values along the hidden axis, one scale
     each, stored as uint8 around the op's default zero point 128. The fp32 table is the largest tensor of a
     small model's graph (113 MB of the default model's 230 MB int4 graph) and no MatMul quantizer touches it.
-    Returns how many were replaced."""
+    A table kept in the data file is read from `folder`. Returns how many were replaced."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -211,18 +226,23 @@ def int8_embeddings(model, block_size: int) -> int:
     inits = {i.name: i for i in graph.initializer}
     done = 0
     for node in embeddings(graph):
-        table = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+        table = _values(inits[node.input[0]], Path(folder or "."))
         rows, cols = table.shape
         if cols % block_size:
             continue
-        blocks = table.reshape(rows, cols // block_size, block_size)
-        scales = np.abs(blocks).max(-1) / 127.0
-        scales[scales == 0] = 1.0
-        q = (np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128).astype(np.uint8).reshape(rows, cols)
+        q = np.empty((rows, cols), dtype=np.uint8)
+        scales = np.empty((rows, cols // block_size), dtype=np.float32)
+        for at in range(0, rows, 8192):  # in slices: a 128k-token table's float temporaries would be gigabytes
+            blocks = table[at:at + 8192].astype(np.float32).reshape(-1, cols // block_size, block_size)
+            s = np.abs(blocks).max(-1) / 127.0
+            s[s == 0] = 1.0
+            q[at:at + 8192] = (np.clip(np.rint(blocks / s[..., None]), -127, 127) + 128).reshape(-1, cols)
+            scales[at:at + 8192] = s
+        del table
         name = node.input[0]
         graph.initializer.remove(inits[name])
         graph.initializer.extend([numpy_helper.from_array(q, name + "_Q8"),
-                                  numpy_helper.from_array(scales.astype(np.float32), name + "_scales")])
+                                  numpy_helper.from_array(scales, name + "_scales")])
         at = list(graph.node).index(node)
         graph.node.remove(node)
         graph.node.insert(at, helper.make_node("GatherBlockQuantized", [name + "_Q8", node.input[1], name + "_scales"],
@@ -234,52 +254,102 @@ def int8_embeddings(model, block_size: int) -> int:
     return done
 
 
-def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig,
-                   calibration: list[list[int]] | None = None) -> tuple[Path, dict]:
-    """MatMulNBits weight-only quantization; returns the graph and what was done (for the ledger). int4 uses
-    --int4-algo (HQQ by default: measured on the default model +8.4% perplexity where round-to-nearest and
-    k_quant cost +36%), and with --int8-head the output head (the tied embeddings' copy) goes to int8 first: it
-    is the largest single matrix and the one whose error reaches the logits directly."""
+def _quantizer(model, bits: int, algo: str, c: OnnxExportConfig, exclude: list[str], calibration=None):
+    """onnxruntime's MatMulNBits quantizer for `algo`, run on `model`; returns the quantized proto."""
     import logging
 
-    import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (GPTQWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig,
                                                                  KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
-    model = onnx.load(str(src))
-    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
-    heads = output_head(model.graph)
     # The quantizer logs every node at INFO; the progress line and the ledger say what matters.
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    # rtn is MatMulNBits' own default (round to nearest per block, what edgeft always used)
+    # gptq's block_size is how many columns one GPTQ step updates (its own default); the quantization
+    # blocks are the quantizer's block_size, as for the other algorithms
+    config = {"hqq": lambda: HQQWeightOnlyQuantConfig(block_size=c.block_size, bits=bits),
+              "k_quant": KQuantWeightOnlyQuantConfig,
+              "gptq": lambda: GPTQWeightOnlyQuantConfig(calibration_data_reader=_Rows(calibration or [],
+                                                                                      _empty_past(model.graph)),
+                                                        block_size=128)}.get(algo, lambda: None)()
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=c.block_size, is_symmetric=c.symmetric,
+                             accuracy_level=c.accuracy_level, nodes_to_exclude=exclude, algo_config=config)
+    with contextlib.redirect_stdout(io.StringIO()):  # k_quant prints a progress bar on stdout (--json's)
+        q.process()
+    return q.model.model if hasattr(q.model, "model") else q.model  # k_quant hands back the bare proto
+
+
+def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig,
+                   calibration: list[list[int]] | None = None) -> tuple[Path, dict]:
+    """MatMulNBits weight-only quantization; returns the graph and what was done (for the ledger). int4 uses
+    --int4-algo (HQQ by default: on the demo fine-tune's graph its held-out perplexity was -1.8% vs fp32, where
+    round-to-nearest gave +24% and k_quant +21%; README), and with --int8-head the output head (the tied embeddings' copy) goes to int8:
+    it is the largest single matrix and the one whose error reaches the logits directly.
+
+    One projection at a time: each MatMul and its weight, read from the fp32 graph's data file, go through
+    onnxruntime's quantizer as a graph of their own, and only what comes out joins the quantized graph, so the
+    fp32 weights are never all in memory. Quantizing the loaded graph in place (the quantizer's way) held them
+    all and their replacements too, since protobuf (upb) frees nothing removed from a message until the whole
+    message goes: 10 GB for the 1B shape's 6 GB fp32 graph, alone. GPTQ runs the whole graph on its calibration
+    rows, so it still gets the whole graph."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    src = Path(src)
     done = {"bits": bits, "block_size": c.block_size, "algorithm": "rtn" if bits == 8 else c.int4_algo,
             "head": "fp32" if c.keep_lm_head else f"int{bits}"}
     if done["algorithm"] == "gptq":
         done["calibration"] = {"rows": len(calibration or []), "tokens": sum(map(len, calibration or []))}
-
-    def run(model, bits: int, algo: str, exclude: list[str]):
-        # rtn is MatMulNBits' own default (round to nearest per block, what edgeft always used)
-        # gptq's block_size is how many columns one GPTQ step updates (its own default); the quantization
-        # blocks are the quantizer's block_size, as for the other algorithms
-        config = {"hqq": lambda: HQQWeightOnlyQuantConfig(block_size=c.block_size, bits=bits),
-                  "k_quant": KQuantWeightOnlyQuantConfig,
-                  "gptq": lambda: GPTQWeightOnlyQuantConfig(calibration_data_reader=_Rows(calibration or [],
-                                                                                          _empty_past(model.graph)),
-                                                            block_size=128)}.get(algo, lambda: None)()
-        q = MatMulNBitsQuantizer(model, bits=bits, block_size=c.block_size, is_symmetric=c.symmetric,
-                                 accuracy_level=c.accuracy_level, nodes_to_exclude=exclude, algo_config=config)
-        with contextlib.redirect_stdout(io.StringIO()):  # k_quant prints a progress bar on stdout (--json's)
-            q.process()
-        return q.model.model if hasattr(q.model, "model") else q.model  # k_quant hands back the bare proto
-
+    model = onnx.load(str(src), load_external_data=done["algorithm"] == "gptq")
+    graph = model.graph
+    heads = output_head(graph)
+    head_bits = bits
     if bits == 4 and c.int8_head and heads and not c.keep_lm_head:
-        model = run(model, 8, "rtn", [n for n in matmuls if n not in heads])  # the head alone, int8
-        done["head"] = "int8"
-    model = run(model, bits, done["algorithm"] if bits == 4 else "rtn", heads if c.keep_lm_head else [])
-    done["embeddings"] = "int8" if c.int8_embeddings and int8_embeddings(model, c.block_size) else "fp32"
+        head_bits, done["head"] = 8, "int8"
+    if done["algorithm"] == "gptq":
+        if head_bits != bits:  # the head alone in int8 first, then GPTQ over the rest
+            model = _quantizer(model, 8, "rtn", c, [n.name for n in graph.node if n.op_type == "MatMul"
+                                                    and n.name not in heads])
+        model = _quantizer(model, bits, "gptq", c, heads if c.keep_lm_head else [], calibration)
+    else:
+        inits = {i.name: i for i in graph.initializer}
+        nodes, uses = [], {}
+        for node in graph.node:
+            for x in node.input:
+                uses[x] = uses.get(x, 0) + 1
+        for node in list(graph.node):
+            weight = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else None
+            if weight not in inits or len(inits[weight].dims) != 2 or (node.name in heads and c.keep_lm_head):
+                nodes.append(node)
+                continue
+            nbits, algo = (head_bits, "rtn") if node.name in heads and head_bits != bits else \
+                (bits, done["algorithm"] if bits == 4 else "rtn")
+            one = helper.make_model(helper.make_graph(
+                [node], "one", [helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None)],
+                [helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)],
+                [numpy_helper.from_array(_values(inits[weight], src.parent), weight)]),
+                opset_imports=list(model.opset_import), ir_version=model.ir_version)
+            one = _quantizer(one, nbits, algo, c, [])
+            # Copied through bytes: a message taken from `one` by reference would keep all of `one` alive, and
+            # with it the fp32 weight.
+            nodes.extend(onnx.NodeProto.FromString(n.SerializeToString()) for n in one.graph.node)
+            for init in one.graph.initializer:
+                graph.initializer.add().ParseFromString(init.SerializeToString())
+            uses[weight] -= 1
+            del one
+        kept = [i for i in graph.initializer if uses.get(i.name, 1) > 0]
+        del graph.initializer[:], graph.node[:]
+        graph.initializer.extend(kept)
+        graph.node.extend(nodes)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    done["embeddings"] = "int8" if c.int8_embeddings and int8_embeddings(model, c.block_size, src.parent) else "fp32"
+    for i, init in enumerate(graph.initializer):  # what is left in the data file (norms, an fp32 table) comes in
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(_values(init, src.parent), init.name))
     return save_graph(model, dst_folder), done
 
 
-def _mixed_int4(c: OnnxExportConfig, folders: dict, out_dir: Path, tmp: Path, source, ref: OnnxLM, tokens, task,
+def _mixed_int4(c: OnnxExportConfig, folders: dict, out_dir: Path, tmp: Path, source, tokens, task,
                 calibration) -> dict:
     """--budget: the int4 graph with int4 or int8 chosen per projection (export/onnx_mixed.py), written into
     `tmp`; returns what was done for the ledger. The all-int8 graph is this export's int8 one when it made one."""
@@ -296,7 +366,7 @@ def _mixed_int4(c: OnnxExportConfig, folders: dict, out_dir: Path, tmp: Path, so
             high = quantize_graph(fp32, work / "int8", 8, c)[0]
         (work / "int4").mkdir()
         low, done = quantize_graph(fp32, work / "int4", 4, c, calibration)
-        model, info = onnx_mixed.choose(high, low, source.path, ref, c.budget, tokens, task, c.window, c.stride,
+        model, info = onnx_mixed.choose(high, low, source.path, fp32, c.budget, tokens, task, c.window, c.stride,
                                         c.threads, work, bar)
         save_graph(model, tmp)
     done["mixed"] = info
@@ -323,15 +393,44 @@ def _as_list(x):
     return x if isinstance(x, list) else [x]
 
 
-def _hf_greedy(model, tokenizer, max_new: int) -> list[int]:
+def _hf_greedy(model, prompt: list[int], max_new: int, pad_id: int, eos_id) -> list[int]:
     import torch
 
-    prompt = torch.tensor([prompt_ids(tokenizer)])
+    ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    ids = out[0, prompt.shape[1]:].tolist()
-    return [i for i in ids if i != tokenizer.eos_token_id]
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                             do_sample=False, pad_token_id=pad_id)
+    return [i for i in out[0, ids.shape[1]:].tolist() if i != eos_id]
+
+
+def _export_child(model_path: str, adapter_path: str | None, folder: str, prompt: list[int], max_new: int,
+                  pad_id: int, eos_id) -> list[int]:
+    """In a child process: the fp32 model exported into `folder`, and HF's greedy answer to `prompt` after it.
+    torch.onnx.export keeps the ONNX graph it built alive after it returns (onnxscript's rewrite rules hold the
+    last graph they matched), and that graph holds the model's torch weights: 6.2 GB of the 1B shape's stayed
+    in the process for the rest of the export. The child's exit gives them back."""
+    import os
+
+    os.dup2(2, 1)  # the exporter prints on stdout, which is --json's in the parent
+    model = load_model(Path(model_path), "float32")
+    if adapter_path:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+    export_graph(model, Path(folder))
+    return _hf_greedy(model, prompt, max_new, pad_id, eos_id)
+
+
+def _export_fp32(source, tokenizer, folder: Path, max_new: int) -> list[int]:
+    """_export_child in a spawned process (fork would copy this one's state, locks included); its errors are
+    raised here."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_export_child, str(source.path), str(source.adapter.path) if source.loras else None,
+                           str(folder), list(prompt_ids(tokenizer)), max_new, pad, tokenizer.eos_token_id).result()
 
 
 def export_onnx(config: OnnxExportConfig) -> ExportResult:
@@ -379,17 +478,10 @@ def _export_onnx(config: OnnxExportConfig, held: contextlib.ExitStack) -> Export
     entries: list[dict] = []
 
     with run.record(EXPORT_ONNX, to_dict(c), {**inputs, "quant": "fp32"}) as entry:
-        model = load_model(source.path, "float32")
-        if source.loras:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, source.adapter.path).merge_and_unload()
         with activity("torch.onnx.export (dynamo) of the KV-cache graph; minutes for a 100M+ model"):
             with atomic_dir(folders["fp32"]) as tmp:
-                export_graph(model, tmp)
+                reference_ids = _export_fp32(source, tokenizer, tmp, c.generate_tokens)
                 copy_tokenizer(source.path, tmp, also=_MODEL_FILES)
-        reference_ids = _hf_greedy(model, tokenizer, c.generate_tokens)
-        del model
         hf = hf_reference(source, tokens, task, tokenizer, c.window, c.stride, c.task_answers)
         ref = OnnxLM(folders["fp32"] / "model.onnx", c.threads)
         with bar("onnxruntime perplexity fp32") as update:
@@ -413,16 +505,19 @@ def _export_onnx(config: OnnxExportConfig, held: contextlib.ExitStack) -> Export
 
     failures = []
     for q in made:
+        # The quantizer gets the sessions' memory (the fp32 one is 4.7 GB at the 1B shape); they reopen after it.
+        ref = lm = None
         try:
             with run.record(EXPORT_ONNX, to_dict(c), {**inputs, "quant": q, "from": "fp32"}) as entry:
                 with activity(f"MatMulNBits {ONNX_QUANTS[q]}-bit, block {c.block_size}"):
                     with atomic_dir(folders[q]) as tmp:
                         if q == "int4" and c.budget:
-                            done = _mixed_int4(c, folders, out_dir, tmp, source, ref, tokens, task, calibration)
+                            done = _mixed_int4(c, folders, out_dir, tmp, source, tokens, task, calibration)
                         else:
                             done = quantize_graph(folders["fp32"] / "model.onnx", tmp, ONNX_QUANTS[q], c,
                                                   calibration)[1]
                         copy_tokenizer(source.path, tmp, also=_MODEL_FILES)
+                ref = OnnxLM(folders["fp32"] / "model.onnx", c.threads)
                 lm = OnnxLM(folders[q] / "model.onnx", c.threads)
                 with bar(f"onnxruntime {q} vs fp32") as update:
                     cmp = compare(ref, lm, tokens.ids, c.window, c.stride, progress=update,

@@ -137,23 +137,23 @@ def combine(high_model, low_model, low_nodes: set[str]):
     return model
 
 
-def choose(high_path: Path, low_path: Path, source: Path, ref, budget: str, tokens, task, window: int, stride: int,
-           threads: int, work: Path, progress_bar) -> tuple[object, dict]:
+def choose(high_path: Path, low_path: Path, source: Path, ref_path: Path, budget: str, tokens, task, window: int,
+           stride: int, threads: int, work: Path, progress_bar) -> tuple[object, dict]:
     """Steps 1-3 above; returns the chosen model (int8 graph with the int4 projections put in) and what decided
-    it, for the ledger."""
+    it, for the ledger. The fp32 graph (`ref_path`) is open only while its log-probs are taken."""
     import onnx
 
     from ..onnx_runtime import OnnxLM, save_graph
 
     start = time.perf_counter()
     high, low = onnx.load(str(high_path)), onnx.load(str(low_path))
-    names = projections(onnx.load(str(ref.path), load_external_data=False).graph, Path(ref.path).parent, source)
+    names = projections(onnx.load(str(ref_path), load_external_data=False).graph, Path(ref_path).parent, source)
     if not names:
         raise EdgeftError(f"--budget: no projection of {source} was found in the exported graph by its weights; "
                           f"export the merged model (edgeft merge) to choose per projection")
     tensors = _tensors(names, low.graph, high.graph)
     fp32_size, low_size, high_size = (sum(f.stat().st_size for f in Path(p).parent.glob("model.onnx*"))
-                                      for p in (ref.path, low_path, high_path))
+                                      for p in (ref_path, low_path, high_path))
     target = budget_bytes(budget, fp32_size // 4)
     fixed = low_size - sum(t.bytes[LOW] for t in tensors)
     if target < low_size:
@@ -161,7 +161,7 @@ def choose(high_path: Path, low_path: Path, source: Path, ref, budget: str, toke
                           f"({low_size / 2**20:.1f} MiB); give at least that")
     pieces, split = probe_pieces(tokens, task, window, stride)
     probes = probes_for(tensors)
-    reference = ProbeReference(ref, pieces)
+    reference = ProbeReference(OnnxLM(ref_path, threads), pieces)
     with progress_bar(f"sensitivity: {len(probes)} probes ({LOW} in one part, {HIGH} elsewhere)") as update:
         for i, probe in enumerate(probes):
             began = time.perf_counter()

@@ -22,6 +22,8 @@ RSS is its own (edgeft.converters.compare.measured):
                                                             with, every gate; its time and peak RSS are printed
                                                             as ratios to the stock export's above
   (--imatrix FILE gives both exports the same importance matrix; without it neither has one)
+  (--keep DIR --reuse-merged takes the merged model a former run left in DIR; --skip-stock leaves out the stock
+  GGUF export, e.g. to measure only the ONNX one)
   with --onnx fp32,int4 (issue 27), also, in another fresh run:
   edgeft export --format onnx --model MERGED --quant fp32,int4
                                                             its peak RSS against the fp32 graph's bytes
@@ -129,13 +131,23 @@ def run_shape(shape: str, folder: Path, work: Path, a) -> dict:
     merge_run, export_run, budget_run = work / f"{shape}-merge", work / f"{shape}-export", work / f"{shape}-budget"
     onnx_run = work / f"{shape}-onnx"
     imatrix = ["--imatrix", a.imatrix] if a.imatrix else []
-    for d in (merge_run, export_run, budget_run, onnx_run):
+    reuse = a.reuse_merged and (merge_run / "merged" / "config.json").is_file()
+    for d in (export_run, budget_run, onnx_run) if reuse else (merge_run, export_run, budget_run, onnx_run):
         shutil.rmtree(d, ignore_errors=True)
-    print(f"{shape}: edgeft merge ...", flush=True)
-    merge = edgeft(["merge", "--adapter", adapter, "--model", folder, "--run", merge_run, *heldout], env,
-                   work / f"{shape}-merge.log")
+    if reuse:  # its row is what its ledger measured when it ran
+        from edgeft.run import Run
+
+        entry = Run(merge_run).last("merge") or {}
+        merge = {"seconds": entry.get("wall_s", float("nan")), "peak_rss_mb": entry.get("peak_rss_mb", float("nan"))}
+        print(f"{shape}: the merged model in {merge_run} (--reuse-merged)", flush=True)
+    else:
+        print(f"{shape}: edgeft merge ...", flush=True)
+        merge = edgeft(["merge", "--adapter", adapter, "--model", folder, "--run", merge_run, *heldout], env,
+                       work / f"{shape}-merge.log")
     export = {"seconds": float("nan"), "peak_rss_mb": float("nan"), "failed": "no merged model"}
-    if "failed" not in merge:
+    if a.skip_stock:
+        export = {"seconds": float("nan"), "peak_rss_mb": float("nan"), "failed": "not run (--skip-stock)"}
+    elif "failed" not in merge:
         print(f"{shape}: edgeft export --format gguf --quant f16,q4_k_m ...", flush=True)
         export = edgeft(["export", "--format", "gguf", "--model", merge_run / "merged", "--run", export_run,
                          "--quant", "f16,q4_k_m", *imatrix, *heldout], env, work / f"{shape}-export.log")
@@ -167,6 +179,9 @@ def main() -> None:
     ap.add_argument("--onnx", default="", help="also export --format onnx --quant THIS (e.g. fp32,int4)")
     ap.add_argument("--imatrix", default="", help="a calibration text FILE for both exports' importance matrix")
     ap.add_argument("--keep", type=Path, help="leave the runs (merged model, GGUFs, ledgers) here")
+    ap.add_argument("--reuse-merged", action="store_true",
+                    help="with --keep: the merged model a former run left there instead of a new merge")
+    ap.add_argument("--skip-stock", action="store_true", help="no stock GGUF export (e.g. to measure only --onnx)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     a = ap.parse_args()
 

@@ -228,6 +228,25 @@ def test_budget_chooses_int4_or_int8_per_projection_within_the_bytes(tiny_merged
     assert_one_line_error(refused, "--budget 1MiB", "int4")
 
 
+def test_fused_adapter_export_is_base_plus_adapter(tiny_adapter_run, tiny_llama, tmp_path):
+    """--adapter: the child process that exports the graph fuses the adapter into the base first, so the fp32
+    graph scores as HF base+adapter does (through PEFT) and not as the base does."""
+    runner = CliRunner()
+    fused = runner.invoke(cli, ["export", "--format", "onnx", "--adapter", str(tiny_adapter_run / "adapter"),
+                                "--model", str(tiny_llama), "--quant", "fp32", "--run", str(tmp_path / "r"), "--json",
+                                *WINDOW])
+    assert fused.exit_code == 0, fused.output
+    (entry,) = json.loads(fused.output.strip().splitlines()[-1])
+    assert entry["reference"]["source"] == "measured now (torch, PEFT)" and entry["gate"]["passed"]
+    base = runner.invoke(cli, ["export", "--format", "onnx", "--model", str(tiny_llama), "--quant", "fp32",
+                               "--run", str(tmp_path / "b"), "--json", *WINDOW])
+    assert base.exit_code == 0, base.output
+    base_ppl = json.loads(base.output.strip().splitlines()[-1])[0]["perplexity"]["ppl"]
+    # the adapter moves perplexity (0.67% here) past twice the fp32 gate's 0.1%: a graph of the base alone would
+    # have failed that gate against the PEFT reference
+    assert abs(entry["perplexity"]["ppl"] / base_ppl - 1) > 2 * 0.001
+
+
 def _chain_graph(folder, layers: int, k: int, n: int, vocab: int):
     """A graph shaped like an exported model's, saved with its weights in model.onnx.data: input_ids through an
     embedding Gather, `layers` MatMuls (k x n, then n x k, ...) and an output head MatMul to `logits`."""

@@ -103,7 +103,9 @@ def test_every_onnx_artifact_records_the_task_against_the_merged_model(tiny_merg
     assert metrics[1:] == ["task perplexity rise vs fp32", "exact-answer drop vs fp32"]
 
 
-@pytest.mark.parametrize("algo", ["hqq", "k_quant", "rtn"])
+# hqq is the default and stays in the fast tier; the other two are the same path with another config (slow tier)
+@pytest.mark.parametrize("algo", ["hqq", pytest.param("k_quant", marks=pytest.mark.slow),
+                                  pytest.param("rtn", marks=pytest.mark.slow)])
 def test_int4_algorithm_and_int8_head_are_what_the_graph_holds(tiny_llama, algo, tmp_path):
     """--int4-algo picks onnxruntime's weight algorithm; with the int8 head (default) the output head is an 8-bit
     MatMulNBits and every other projection a 4-bit one; the ledger says which."""
@@ -228,6 +230,7 @@ def test_budget_chooses_int4_or_int8_per_projection_within_the_bytes(tiny_merged
     assert_one_line_error(refused, "--budget 1MiB", "int4")
 
 
+@pytest.mark.slow  # two exports (28 s); the fast tier's other exports run the same child without an adapter
 def test_fused_adapter_export_is_base_plus_adapter(tiny_adapter_run, tiny_llama, tmp_path):
     """--adapter: the child process that exports the graph fuses the adapter into the base first, so the fp32
     graph scores as HF base+adapter does (through PEFT) and not as the base does."""

@@ -50,7 +50,14 @@ def test_budget_recipe_fits_and_is_what_llama_cpp_stored(qwen2_run, tmp_path):
     assert plain["gates_passed"] is None and same["gates_passed"]
     assert mixed["metrics"]["kl_mean"] <= 0.7 * same["kl_mean"] and mixed["metrics"]["kl_mean"] <= 0.5 * plain["kl_mean"]
     assert mixed["task"]["exact_match"] >= same["exact_match"] and mixed["status"] == "ok"
-    assert choice["metrics"]["chosen"] == "mixed" and choice["inputs"]["budget_bytes"] == info["budget_bytes"]
+    # the choice ranks every candidate within the budget by the loss the recipe minimizes, measured alike
+    weight = info["probe"]["task_weight"]
+    rows = {r["quant"]: r for r in choice["metrics"]["candidates"]}
+    assert rows["mixed"]["loss"] == pytest.approx(mixed["metrics"]["kl_mean"] + weight * mixed["task"]["kl_mean"])
+    assert rows["q4_k_m"]["loss"] == pytest.approx(stock["metrics"]["kl_mean"] + weight * stock["task"]["kl_mean"])
+    fitting = [r for r in rows.values() if r["fits"] and r["gate_passed"]]
+    assert choice["metrics"]["chosen"] == min(fitting, key=lambda r: r["loss"])["quant"]
+    assert choice["inputs"]["budget_bytes"] == info["budget_bytes"] and "least loss" in choice["note"]
     assert info["probe"]["task_items"] > 0 and info["predicted_loss"] > 0 and info["measured_loss"] > 0
     # the frontier panel of the report: every GGUF, the unguided comparison and the budget's cut
     from edgeft.report import figure
@@ -242,3 +249,35 @@ def test_probe_kl_is_the_mean_kl_of_the_whole_rows():
         return (np.exp(a) * (a - b)).sum() / len(at)
 
     assert got == pytest.approx((whole(pieces[0]), whole(pieces[1])), rel=1e-5)
+
+
+def test_budget_choice_ranks_by_the_loss_the_recipe_minimizes(tiny_llama, tmp_path):
+    """--quant auto --budget ranks the candidates within the budget by held-out KL + the probes' task weight ×
+    task-answer KL, the loss the mixed recipe was chosen to minimize. The candidates are the demo fine-tune's
+    measured rows (2026-12-07): ranked by held-out KL alone, the choice was the mixed file, whose task-answer KL
+    was 7.9× stock Q4_K_M's; with no task, KL alone still decides."""
+    from edgeft.export.config import GGUFExportConfig
+    from edgeft.export.gguf import choose_for_device
+    from edgeft.run import Run
+
+    def entry(quant, size, kl, task_kl, weight=None):
+        e = {"inputs": {"quant": quant}, "status": "ok", "outputs": [{"path": f"gguf/{quant}.gguf", "bytes": size}],
+             "metrics": {"kl_mean": kl}, "gates": [{"passed": True}], "perplexity": {"ppl": 15.0}}
+        if task_kl is not None:
+            e["task"] = {"kl_mean": task_kl, "ppl": 1.02, "exact_match": 1.0}
+        if weight is not None:
+            e["metrics"]["mixed"] = {"probe": {"task_weight": weight}}
+        return e
+
+    budget = 105_453_920
+    c = GGUFExportConfig(budget=str(budget), quant=["auto"])
+    with_task = [entry("q4_k_m", budget, 0.0297, 0.0054), entry("q5_0", 105_163_616, 0.0405, 0.0051),
+                 entry("mixed", 105_426_272, 0.00464, 0.0427, weight=16.1)]
+    choice, failure = choose_for_device(Run(tmp_path / "a"), c, None, tiny_llama, with_task, budget)
+    assert failure is None and choice["metrics"]["chosen"] == "q4_k_m"
+    rows = {r["quant"]: r for r in choice["metrics"]["candidates"]}
+    assert rows["mixed"]["loss"] == pytest.approx(0.00464 + 16.1 * 0.0427) and rows["mixed"]["kl_mean"] < 0.0297
+    assert "16.1 × task-answer KL" in choice["note"]
+    no_task = [entry("q4_k_m", budget, 0.0297, None), entry("mixed", 105_426_272, 0.00464, None, weight=16.1)]
+    choice, failure = choose_for_device(Run(tmp_path / "b"), c, None, tiny_llama, no_task, budget)
+    assert failure is None and choice["metrics"]["chosen"] == "mixed" and "least KL" in choice["note"]

@@ -13,7 +13,8 @@ For every GGUF written, in the ledger:
   - for each quant, the tensor types llama.cpp stored (read back), and a note when a k-quant fell back to others.
 With --quant auto --budget SIZE also a per-tensor recipe ('mixed', export/mixed.py) chosen for the budget from
 the run's data, compared in its entry with stock Q4_K_M (same imatrix and none) and the stock recipe nearest in
-bytes, all measured on the same ids; the auto choice then takes the least KL within the budget.
+bytes, all measured on the same ids; the auto choice then takes, within the budget, the least of the loss the
+recipe minimizes (held-out KL + the probes' task weight × task-answer KL; KL alone for a run with no task).
 GGUFs are named after the base and the run (smollm2-135m-demo-Q4_K_M.gguf), general.name too.
 Next to each GGUF an Ollama Modelfile, so `ollama create NAME -f FILE.Modelfile` works.
 """
@@ -374,8 +375,9 @@ def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entr
                       budget_bytes: int | None = None) -> tuple[dict, str | None]:
     """--quant auto: the smallest quantized GGUF that passed its gate and fits the board's RAM (model + KV
     cache for --context + runtime), recorded as its own ledger entry with the reason. With --budget: of those
-    within the budget's bytes (and the board's RAM, when --device is given), the one with the least mean KL vs
-    the unquantized GGUF. Returns the entry and why no quant qualified (None when one did)."""
+    within the budget's bytes (and the board's RAM, when --device is given), the one with the least budget_loss
+    (mean KL vs the unquantized GGUF alone when the run has no task). Returns the entry and why no quant qualified
+    (None when one did)."""
     from ..devices import fits, memory_need
 
     config = json.loads((source / "config.json").read_text())
@@ -396,8 +398,14 @@ def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entr
                      "task_gates_passed": all(g["passed"] for g in (e.get("gates") or [])[1:]),
                      "ppl": e["perplexity"]["ppl"],
                      "task_ppl": (e.get("task") or {}).get("ppl"),
-                     "exact_match": (e.get("task") or {}).get("exact_match")})
-    key = (lambda r: (r["kl_mean"], r["bytes"])) if budget_bytes is not None else (lambda r: r["bytes"])
+                     "exact_match": (e.get("task") or {}).get("exact_match"),
+                     "task_kl_mean": (e.get("task") or {}).get("kl_mean")})
+    weight = task_weight_of(entries) if budget_bytes is not None else None
+    if weight is not None:
+        for r in rows:
+            r["loss"] = budget_loss(r, weight)
+    key = (lambda r: (r["loss"], r["bytes"])) if weight is not None else \
+        (lambda r: (r["kl_mean"], r["bytes"])) if budget_bytes is not None else (lambda r: r["bytes"])
     good = sorted((r for r in rows if r["fits"] and r["gate_passed"]), key=key)
     board = profile.name if profile else None
     inputs = {"device": board, "context": c.context, "usable_ram_bytes": usable, "budget": c.budget or None,
@@ -414,11 +422,29 @@ def choose_for_device(run: Run, c: GGUFExportConfig, profile, source: Path, entr
             best = good[0]
             entry["metrics"]["chosen"] = best["quant"]
             entry["outputs"] = [e["outputs"][0] for e in entries if e["inputs"]["quant"] == best["quant"]]
-            why = "least KL vs the unquantized GGUF of those" if budget_bytes is not None else "smallest"
+            why = ("smallest" if budget_bytes is None else "least KL vs the unquantized GGUF of those" if weight is None
+                   else f"least loss (held-out KL + {weight:g} × task-answer KL vs the unquantized GGUF, what the "
+                        f"mixed recipe minimizes) of those")
             entry["note"] = f"{best['quant'].upper()}: {why} that passed its gates and {within}"
     except GateFailed as e:
         return entry, str(e)
     return entry, None
+
+
+def task_weight_of(entries: list[dict]) -> float | None:
+    """The task weight the mixed recipe's probes set (export/mixed.weigh_task), when this export made one and
+    the run has a task; None otherwise."""
+    for e in entries:
+        if e["inputs"]["quant"] == MIXED and e.get("task"):
+            return (e["metrics"].get("mixed") or {}).get("probe", {}).get("task_weight")
+    return None
+
+
+def budget_loss(row: dict, weight: float) -> float:
+    """What --budget ranks the candidates by: the loss the mixed recipe was chosen to minimize, measured on every
+    candidate alike. Held-out KL alone preferred, on the demo fine-tune, a mixed file whose task-answer KL was 7.9×
+    stock Q4_K_M's (its held-out KL 0.16×)."""
+    return row["kl_mean"] + weight * (row["task_kl_mean"] or 0.0)
 
 
 def _budget_bytes(budget: Budget, c: GGUFExportConfig, profile, source: Path, ref_path: Path, paths: dict,

@@ -282,8 +282,9 @@ def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig,
                    calibration: list[list[int]] | None = None) -> tuple[Path, dict]:
     """MatMulNBits weight-only quantization; returns the graph and what was done (for the ledger). int4 uses
     --int4-algo (HQQ by default: on the demo fine-tune's graph its held-out perplexity was -1.8% vs fp32, where
-    round-to-nearest gave +24% and k_quant +21%; README), and with --int8-head the output head (the tied embeddings' copy) goes to int8:
-    it is the largest single matrix and the one whose error reaches the logits directly.
+    round-to-nearest gave +24% and k_quant +21%; README), and with --int8-head the output head (the tied
+    embeddings' copy) goes to int8: it is the largest single matrix and the one whose error reaches the logits
+    directly.
 
     One projection at a time: each MatMul and its weight, read from the fp32 graph's data file, go through
     onnxruntime's quantizer as a graph of their own, and only what comes out joins the quantized graph, so the
@@ -310,6 +311,7 @@ def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig,
             model = _quantizer(model, 8, "rtn", c, [n.name for n in graph.node if n.op_type == "MatMul"
                                                     and n.name not in heads])
         model = _quantizer(model, bits, "gptq", c, heads if c.keep_lm_head else [], calibration)
+        graph = model.graph
     else:
         inits = {i.name: i for i in graph.initializer}
         nodes, uses = [], {}

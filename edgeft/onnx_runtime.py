@@ -31,6 +31,23 @@ def save_graph(model, folder: Path) -> Path:
     return path
 
 
+def initializer_values(init, folder: Path, count: int | None = None) -> np.ndarray:
+    """An initializer's values (all, shaped; or the first `count`, flat), read from the graph's data file in
+    `folder` when it is stored there, without putting them into the graph's protobuf as onnx's own loader does:
+    upb frees nothing put into a message until the whole message goes (see export/onnx.quantize_graph)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if init.data_location != TensorProto.EXTERNAL:
+        values = numpy_helper.to_array(init)
+        return values if count is None else values.reshape(-1)[:count]
+    where = {e.key: e.value for e in init.external_data}
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
+    total = int(np.prod(init.dims)) if len(init.dims) else 1
+    values = np.fromfile(Path(folder) / where["location"], dtype=dtype, count=total if count is None else count,
+                         offset=int(where.get("offset", 0)))
+    return values.reshape(tuple(init.dims)) if count is None else values
+
+
 class OnnxLM:
     def __init__(self, path: Path, threads: int = 0):
         import onnxruntime as ort

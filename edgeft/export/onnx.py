@@ -24,7 +24,7 @@ from ..gates import HF_MATCH, ONNX_GATES, Gate, check, parse_gates
 from ..ledger import artifact
 from ..locks import writing_files
 from ..models import copy_tokenizer, load_model
-from ..onnx_runtime import REBUILD_CACHE_AT, OnnxLM, save_graph
+from ..onnx_runtime import REBUILD_CACHE_AT, OnnxLM, initializer_values, save_graph
 from ..progress import activity, bar
 from ..prompt import answer_ok, prompt_ids, prompt_text
 from ..run import EXPORT_ONNX, TOKENS_FILE
@@ -197,21 +197,6 @@ def embeddings(graph) -> list:
     return found
 
 
-def _values(init, folder: Path):
-    """An initializer's array, read from the graph's data file when it is stored there, without putting it into
-    the graph's protobuf (onnx's own loader does): see quantize_graph."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    if init.data_location != TensorProto.EXTERNAL:
-        return numpy_helper.to_array(init)
-    where = {e.key: e.value for e in init.external_data}
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
-    count = int(np.prod(init.dims)) if len(init.dims) else 1
-    return np.fromfile(folder / where["location"], dtype=dtype, count=count,
-                       offset=int(where.get("offset", 0))).reshape(tuple(init.dims))
-
-
 def int8_embeddings(model, block_size: int, folder: Path | None = None) -> int:
     """Each token-embedding Gather becomes an 8-bit GatherBlockQuantized (onnxruntime's contrib op; its
     quantizer writes only 4-bit ones): symmetric blocks of `block_size` values along the hidden axis, one scale
@@ -226,7 +211,7 @@ def int8_embeddings(model, block_size: int, folder: Path | None = None) -> int:
     inits = {i.name: i for i in graph.initializer}
     done = 0
     for node in embeddings(graph):
-        table = _values(inits[node.input[0]], Path(folder or "."))
+        table = initializer_values(inits[node.input[0]], Path(folder or "."))
         rows, cols = table.shape
         if cols % block_size:
             continue
@@ -328,7 +313,7 @@ def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig,
             one = helper.make_model(helper.make_graph(
                 [node], "one", [helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None)],
                 [helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)],
-                [numpy_helper.from_array(_values(inits[weight], src.parent), weight)]),
+                [numpy_helper.from_array(initializer_values(inits[weight], src.parent), weight)]),
                 opset_imports=list(model.opset_import), ir_version=model.ir_version)
             one = _quantizer(one, nbits, algo, c, [])
             # Copied through bytes: a message taken from `one` by reference would keep all of `one` alive, and
@@ -347,7 +332,7 @@ def quantize_graph(src: Path, dst_folder: Path, bits: int, c: OnnxExportConfig,
     done["embeddings"] = "int8" if c.int8_embeddings and int8_embeddings(model, c.block_size, src.parent) else "fp32"
     for i, init in enumerate(graph.initializer):  # what is left in the data file (norms, an fp32 table) comes in
         if init.data_location == onnx.TensorProto.EXTERNAL:
-            graph.initializer[i].CopyFrom(numpy_helper.from_array(_values(init, src.parent), init.name))
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(initializer_values(init, src.parent), init.name))
     return save_graph(model, dst_folder), done
 
 
@@ -429,7 +414,7 @@ def _export_fp32(source, tokenizer, folder: Path, max_new: int) -> list[int]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id or tokenizer.eos_token_id  # as generate was given it before the child
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_export_child, str(source.path), str(source.adapter.path) if source.loras else None,
                            str(folder), list(prompt_ids(tokenizer)), max_new, pad, tokenizer.eos_token_id).result()

@@ -23,9 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import EdgeftError
+from ..onnx_runtime import initializer_values
 from .mixed import (PROBE_TOKENS, ProbeReference, Tensor, allocate, fit_scales, parse_budget, predicted,
                     probe_pieces, probes_for, weigh_task)
 
@@ -74,22 +73,10 @@ def projections(graph, folder: Path, source: Path) -> dict[str, str]:
         if len(init.dims) != 2:
             continue
         cols, rows = int(init.dims[0]), int(init.dims[1])
-        key = wanted.get((cols, rows, _leading(init, folder, min(8, rows)).tobytes()))
+        key = wanted.get((cols, rows, initializer_values(init, folder, min(8, rows)).tobytes()))
         if key:
             found[node.name] = key
     return found
-
-
-def _leading(init, folder: Path, count: int) -> np.ndarray:
-    """The first `count` float32 values of an initializer, read from its raw data or its external file."""
-    if init.data_location == 1:  # TensorProto.EXTERNAL
-        where = {e.key: e.value for e in init.external_data}
-        with open(folder / where["location"], "rb") as f:
-            f.seek(int(where.get("offset", 0)))
-            return np.frombuffer(f.read(4 * count), dtype=np.float32)
-    if init.raw_data:
-        return np.frombuffer(init.raw_data[:4 * count], dtype=np.float32)
-    return np.asarray(init.float_data[:count], dtype=np.float32)
 
 
 def _tensors(names: dict[str, str], low_graph, high_graph) -> list[Tensor]:
